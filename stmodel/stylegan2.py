@@ -1,0 +1,290 @@
+"""StyleGAN2 generator in rosinality's module and key layout, pure PyTorch.
+
+No compiled extension: upfirdn2d is zero-insertion plus a depthwise convolution, the fused
+leaky ReLU is a bias add and a scaled `leaky_relu`. The modulated convolution scales the
+input by the style and the output by the demodulation factor around one shared-weight conv,
+which is the same linear map as the per-sample grouped conv of the reference code but lets
+the backend run one large batched convolution (`fused=True` keeps the grouped form).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+SQRT2 = math.sqrt(2.0)
+
+
+def make_kernel(k: list[int]) -> torch.Tensor:
+    k = torch.tensor(k, dtype=torch.float32)
+    if k.ndim == 1:
+        k = k[None, :] * k[:, None]
+    return k / k.sum()
+
+
+def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
+              pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Upsample by zero insertion, pad, FIR-filter (true convolution), downsample."""
+    b, c, h, w = x.shape
+    if up > 1:
+        z = x.new_zeros(b, c, h, up, w, up)
+        z[:, :, :, 0, :, 0] = x
+        x = z.view(b, c, h * up, w * up)
+    p0, p1 = pad
+    x = F.pad(x, [max(p0, 0), max(p1, 0), max(p0, 0), max(p1, 0)])
+    if p0 < 0 or p1 < 0:
+        x = x[:, :, max(-p0, 0): x.shape[2] - max(-p1, 0), max(-p0, 0): x.shape[3] - max(-p1, 0)]
+    kh, kw = kernel.shape
+    weight = torch.flip(kernel, [0, 1]).to(x.dtype).view(1, 1, kh, kw).expand(c, 1, kh, kw)
+    return F.conv2d(x, weight, stride=down, groups=c)
+
+
+def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor, negative_slope: float = 0.2,
+                     scale: float = SQRT2) -> torch.Tensor:
+    shape = [1, bias.shape[0]] + [1] * (x.ndim - 2)
+    return F.leaky_relu(x + bias.view(shape), negative_slope) * scale
+
+
+class PixelNorm(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(torch.mean(x * x, dim=1, keepdim=True) + 1e-8)
+
+
+class FusedLeakyReLU(nn.Module):
+    def __init__(self, channel: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channel))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_leaky_relu(x, self.bias)
+
+
+class Upsample(nn.Module):
+    def __init__(self, kernel: list[int], factor: int = 2):
+        super().__init__()
+        self.factor = factor
+        self.register_buffer("kernel", make_kernel(kernel) * factor ** 2)
+        p = self.kernel.shape[0] - factor
+        self.pad = ((p + 1) // 2 + factor - 1, p // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upfirdn2d(x, self.kernel, up=self.factor, pad=self.pad)
+
+
+class Blur(nn.Module):
+    def __init__(self, kernel: list[int], pad: tuple[int, int], upsample_factor: int = 1):
+        super().__init__()
+        k = make_kernel(kernel)
+        if upsample_factor > 1:
+            k = k * upsample_factor ** 2
+        self.register_buffer("kernel", k)
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upfirdn2d(x, self.kernel, pad=self.pad)
+
+
+class EqualLinear(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = True, bias_init: float = 0.0,
+                 lr_mul: float = 1.0, activation: str | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim).div_(lr_mul))
+        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init))) if bias else None
+        self.activation = activation
+        self.scale = lr_mul / math.sqrt(in_dim)
+        self.lr_mul = lr_mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias * self.lr_mul if self.bias is not None else None
+        if self.activation:
+            out = F.linear(x, self.weight * self.scale)
+            return fused_leaky_relu(out, bias) if bias is not None else F.leaky_relu(out, 0.2) * SQRT2
+        return F.linear(x, self.weight * self.scale, bias)
+
+
+class ModulatedConv2d(nn.Module):
+    def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
+                 demodulate: bool = True, upsample: bool = False, blur_kernel=(1, 3, 3, 1)):
+        super().__init__()
+        self.in_channel, self.out_channel, self.kernel_size = in_channel, out_channel, kernel_size
+        self.upsample, self.demodulate = upsample, demodulate
+        if upsample:
+            factor = 2
+            p = (len(blur_kernel) - factor) - (kernel_size - 1)
+            self.blur = Blur(list(blur_kernel), pad=((p + 1) // 2 + factor - 1, p // 2 + 1),
+                             upsample_factor=factor)
+        self.scale = 1 / math.sqrt(in_channel * kernel_size ** 2)
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
+        self.fused = False
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        s = self.modulation(style)  # [B, in]
+        w = self.scale * self.weight[0]  # [out, in, k, k]
+        demod = None
+        if self.demodulate:
+            # sum over (in, kh, kw) of (w * s)^2 == (s^2) @ sum_k(w^2)^T, without a [B, out, in, k, k] tensor
+            demod = torch.rsqrt(s.pow(2) @ w.pow(2).sum([2, 3]).t() + 1e-8)
+        if self.fused:
+            return self._grouped(x, s, w, demod)
+        x = x * s.view(b, -1, 1, 1).to(x.dtype)
+        if self.upsample:
+            out = F.conv_transpose2d(x, w.transpose(0, 1).to(x.dtype), stride=2)
+            out = self.blur(out)
+        else:
+            out = F.conv2d(x, w.to(x.dtype), padding=self.padding)
+        if demod is not None:
+            out = out * demod.view(b, -1, 1, 1).to(out.dtype)
+        return out
+
+    def _grouped(self, x, s, w, demod):
+        """The reference formulation: one grouped conv with per-sample weights."""
+        b, cin, h, wd = x.shape
+        weight = w.unsqueeze(0) * s.view(b, 1, cin, 1, 1)
+        if demod is not None:
+            weight = weight * demod.view(b, self.out_channel, 1, 1, 1)
+        k = self.kernel_size
+        x = x.reshape(1, b * cin, h, wd)
+        if self.upsample:
+            weight = weight.transpose(1, 2).reshape(b * cin, self.out_channel, k, k)
+            out = F.conv_transpose2d(x, weight.to(x.dtype), stride=2, groups=b)
+            out = self.blur(out.view(b, self.out_channel, out.shape[2], out.shape[3]))
+            return out
+        weight = weight.reshape(b * self.out_channel, cin, k, k)
+        out = F.conv2d(x, weight.to(x.dtype), padding=self.padding, groups=b)
+        return out.view(b, self.out_channel, out.shape[2], out.shape[3])
+
+
+class NoiseInjection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        if noise is None:
+            b, _, h, w = image.shape
+            noise = image.new_empty(b, 1, h, w).normal_()
+        return image + self.weight.to(image.dtype) * noise.to(image.dtype)
+
+
+class ConstantInput(nn.Module):
+    def __init__(self, channel: int, size: int = 4):
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, channel, size, size))
+
+    def forward(self, batch: int) -> torch.Tensor:
+        return self.input.expand(batch, -1, -1, -1)
+
+
+class StyledConv(nn.Module):
+    def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
+                 upsample: bool = False, blur_kernel=(1, 3, 3, 1)):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim,
+                                    upsample=upsample, blur_kernel=blur_kernel)
+        self.noise = NoiseInjection()
+        self.activate = FusedLeakyReLU(out_channel)
+
+    def forward(self, x, style, noise=None):
+        return self.activate(self.noise(self.conv(x, style), noise))
+
+
+class ToRGB(nn.Module):
+    def __init__(self, in_channel: int, style_dim: int, upsample: bool = True, blur_kernel=(1, 3, 3, 1)):
+        super().__init__()
+        if upsample:
+            self.upsample = Upsample(list(blur_kernel))
+        self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x, style, skip=None):
+        out = self.conv(x, style) + self.bias.to(x.dtype)
+        if skip is not None:
+            out = out + self.upsample(skip)
+        return out
+
+
+class Generator(nn.Module):
+    """Synthesis from W+ (`[B, n_latent, style_dim]`), or from z through the mapping net."""
+
+    def __init__(self, cfg: ModelConfig, blur_kernel=(1, 3, 3, 1)):
+        super().__init__()
+        self.cfg = cfg
+        self.size, self.style_dim = cfg.size, cfg.style_dim
+        self.style = nn.Sequential(PixelNorm(), *[
+            EqualLinear(cfg.style_dim, cfg.style_dim, lr_mul=cfg.lr_mlp, activation="fused_lrelu")
+            for _ in range(cfg.n_mlp)])
+        ch = cfg.channels
+        self.input = ConstantInput(ch(4))
+        self.conv1 = StyledConv(ch(4), ch(4), 3, cfg.style_dim, blur_kernel=blur_kernel)
+        self.to_rgb1 = ToRGB(ch(4), cfg.style_dim, upsample=False)
+        self.log_size, self.num_layers, self.n_latent = cfg.log_size, cfg.num_layers, cfg.n_latent
+        self.convs, self.to_rgbs = nn.ModuleList(), nn.ModuleList()
+        self.noises = nn.Module()
+        for i in range(self.num_layers):
+            res = 2 ** ((i + 5) // 2)
+            self.noises.register_buffer(f"noise_{i}", torch.randn(1, 1, res, res))
+        in_ch = ch(4)
+        for i in range(3, self.log_size + 1):
+            out_ch = ch(2 ** i)
+            self.convs.append(StyledConv(in_ch, out_ch, 3, cfg.style_dim, upsample=True, blur_kernel=blur_kernel))
+            self.convs.append(StyledConv(out_ch, out_ch, 3, cfg.style_dim, blur_kernel=blur_kernel))
+            self.to_rgbs.append(ToRGB(out_ch, cfg.style_dim, blur_kernel=blur_kernel))
+            in_ch = out_ch
+
+    def set_fused(self, fused: bool) -> None:
+        """Switch every modulated conv to the reference grouped-conv form (or back)."""
+        for m in self.modules():
+            if isinstance(m, ModulatedConv2d):
+                m.fused = fused
+
+    @torch.no_grad()
+    def mean_latent(self, n: int = 100_000, seed: int = 0, chunk: int = 10_000) -> torch.Tensor:
+        """Mean of the mapping net over `n` seeded z samples: `[style_dim]`."""
+        g = torch.Generator().manual_seed(seed)
+        dev = self.input.input.device
+        total = torch.zeros(self.style_dim, dtype=torch.float64, device=dev)
+        for start in range(0, n, chunk):
+            z = torch.randn(min(chunk, n - start), self.style_dim, generator=g).to(dev)
+            total += self.style(z).double().sum(0)
+        return (total / n).float()
+
+    def map(self, z: torch.Tensor) -> torch.Tensor:
+        return self.style(z)
+
+    def fixed_noise(self) -> list[torch.Tensor]:
+        return [getattr(self.noises, f"noise_{i}") for i in range(self.num_layers)]
+
+    def forward(self, w_plus: torch.Tensor, randomize_noise: bool = False,
+                noise: list[torch.Tensor] | None = None, truncation: float = 1.0,
+                truncation_latent: torch.Tensor | None = None) -> torch.Tensor:
+        """W+ `[B, >= n_latent, D]` (or W `[B, D]`, broadcast to every layer) -> image `[B, 3, size, size]`.
+
+        Codes beyond `n_latent` are ignored, as in the reference (cars-512 reads 16 of 18).
+        """
+        if w_plus.ndim == 2:
+            w_plus = w_plus.unsqueeze(1).expand(-1, self.n_latent, -1)
+        if truncation < 1.0:
+            if truncation_latent is None:
+                raise ValueError("truncation < 1 needs truncation_latent")
+            w_plus = truncation_latent + truncation * (w_plus - truncation_latent)
+        if noise is None:
+            noise = [None] * self.num_layers if randomize_noise else self.fixed_noise()
+        latent = w_plus
+        out = self.input(latent.shape[0])
+        out = self.conv1(out, latent[:, 0], noise=noise[0])
+        skip = self.to_rgb1(out, latent[:, 1])
+        i = 1
+        for conv1, conv2, n1, n2, to_rgb in zip(self.convs[::2], self.convs[1::2], noise[1::2],
+                                                noise[2::2], self.to_rgbs):
+            out = conv1(out, latent[:, i], noise=n1)
+            out = conv2(out, latent[:, i + 1], noise=n2)
+            skip = to_rgb(out, latent[:, i + 2], skip)
+            i += 2
+        return skip
