@@ -1,10 +1,10 @@
 """StyleGAN2 generator in rosinality's module and key layout, pure PyTorch.
 
 No compiled extension: upfirdn2d is zero-insertion plus a depthwise convolution, the fused
-leaky ReLU is a bias add and a scaled `leaky_relu`. The modulated convolution scales the
-input by the style and the output by the demodulation factor around one shared-weight conv,
-which is the same linear map as the per-sample grouped conv of the reference code but lets
-the backend run one large batched convolution (`fused=True` keeps the grouped form).
+leaky ReLU is a bias add and a scaled `leaky_relu`. The modulated convolution folds
+style, demodulation, the activation gain and bias into one grouped convolution (the
+reference's formulation), so the only full-resolution passes left per layer are the conv,
+the blur after an upsampling conv, one noise add and one in-place leaky ReLU.
 """
 from __future__ import annotations
 
@@ -27,20 +27,26 @@ def make_kernel(k: list[int]) -> torch.Tensor:
 
 
 def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
-              pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
-    """Upsample by zero insertion, pad, FIR-filter (true convolution), downsample."""
+              pad: tuple[int, int] = (0, 0), bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Upsample by zero insertion, pad, FIR-filter (true convolution), downsample; an optional
+    per-channel bias is added by the same depthwise conv."""
     b, c, h, w = x.shape
+    kh, kw = kernel.shape
+    p0, p1 = pad
+    if up > 1 and down == 1 and kh == kw and p0 - p1 == up - 1 and 0 <= kh - 1 - p0:
+        # Zero insertion + FIR == a depthwise transposed conv with stride `up` (no zeros stored).
+        weight = kernel.to(x.dtype).view(1, 1, kh, kw).expand(c, 1, kh, kw)
+        return F.conv_transpose2d(x, weight, bias=None if bias is None else bias.to(x.dtype),
+                                  stride=up, padding=kh - 1 - p0, groups=c)
     if up > 1:
         z = x.new_zeros(b, c, h, up, w, up)
         z[:, :, :, 0, :, 0] = x
         x = z.view(b, c, h * up, w * up)
-    p0, p1 = pad
     x = F.pad(x, [max(p0, 0), max(p1, 0), max(p0, 0), max(p1, 0)])
     if p0 < 0 or p1 < 0:
         x = x[:, :, max(-p0, 0): x.shape[2] - max(-p1, 0), max(-p0, 0): x.shape[3] - max(-p1, 0)]
-    kh, kw = kernel.shape
     weight = torch.flip(kernel, [0, 1]).to(x.dtype).view(1, 1, kh, kw).expand(c, 1, kh, kw)
-    return F.conv2d(x, weight, stride=down, groups=c)
+    return F.conv2d(x, weight, bias=None if bias is None else bias.to(x.dtype), stride=down, groups=c)
 
 
 def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor, negative_slope: float = 0.2,
@@ -84,8 +90,8 @@ class Blur(nn.Module):
         self.register_buffer("kernel", k)
         self.pad = pad
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upfirdn2d(x, self.kernel, pad=self.pad)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return upfirdn2d(x, self.kernel, pad=self.pad, bias=bias)
 
 
 class EqualLinear(nn.Module):
@@ -121,44 +127,56 @@ class ModulatedConv2d(nn.Module):
         self.padding = kernel_size // 2
         self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
-        self.fused = False
 
-    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
+    def forward(self, x: torch.Tensor, style: torch.Tensor, bias: torch.Tensor | None = None,
+                gain: float = 1.0) -> torch.Tensor:
+        """`gain * modulated_conv(x) + bias`, with bias and gain riding on the conv or blur."""
+        b, cin = x.shape[:2]
         s = self.modulation(style)  # [B, in]
-        w = self.scale * self.weight[0]  # [out, in, k, k]
+        w = (self.scale * gain) * self.weight[0]  # [out, in, k, k]
         demod = None
-        if self.demodulate:
-            # sum over (in, kh, kw) of (w * s)^2 == (s^2) @ sum_k(w^2)^T, without a [B, out, in, k, k] tensor
-            demod = torch.rsqrt(s.pow(2) @ w.pow(2).sum([2, 3]).t() + 1e-8)
-        if self.fused:
-            return self._grouped(x, s, w, demod)
-        x = x * s.view(b, -1, 1, 1).to(x.dtype)
-        if self.upsample:
-            out = F.conv_transpose2d(x, w.transpose(0, 1).to(x.dtype), stride=2)
-            out = self.blur(out)
-        else:
-            out = F.conv2d(x, w.to(x.dtype), padding=self.padding)
-        if demod is not None:
-            out = out * demod.view(b, -1, 1, 1).to(out.dtype)
-        return out
+        if self.demodulate:  # sum over (in, k, k) of (w * s)^2 == (s^2) @ sum_k(w^2)^T
+            demod = torch.rsqrt(s.pow(2) @ (self.scale * self.weight[0]).pow(2).sum([2, 3]).t() + 1e-8)
+        if b > 1 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return self._scaled_input(x, s, w, demod, bias)
+        return self._grouped(x, s, w, demod, bias)
 
-    def _grouped(self, x, s, w, demod):
-        """The reference formulation: one grouped conv with per-sample weights."""
+    def _grouped(self, x, s, w, demod, bias):
+        """Style and demodulation folded into per-sample weights: one grouped conv (the
+        reference formulation; a plain conv at batch 1)."""
         b, cin, h, wd = x.shape
         weight = w.unsqueeze(0) * s.view(b, 1, cin, 1, 1)
         if demod is not None:
             weight = weight * demod.view(b, self.out_channel, 1, 1, 1)
+        weight = weight.to(x.dtype)
         k = self.kernel_size
         x = x.reshape(1, b * cin, h, wd)
         if self.upsample:
             weight = weight.transpose(1, 2).reshape(b * cin, self.out_channel, k, k)
-            out = F.conv_transpose2d(x, weight.to(x.dtype), stride=2, groups=b)
-            out = self.blur(out.view(b, self.out_channel, out.shape[2], out.shape[3]))
-            return out
-        weight = weight.reshape(b * self.out_channel, cin, k, k)
-        out = F.conv2d(x, weight.to(x.dtype), padding=self.padding, groups=b)
+            out = F.conv_transpose2d(x, weight, stride=2, groups=b)
+            return self.blur(out.view(b, self.out_channel, out.shape[2], out.shape[3]), bias)
+        bias = None if bias is None else bias.to(x.dtype).repeat(b)
+        out = F.conv2d(x, weight.reshape(b * self.out_channel, cin, k, k), bias=bias,
+                       padding=self.padding, groups=b)
         return out.view(b, self.out_channel, out.shape[2], out.shape[3])
+
+    def _scaled_input(self, x, s, w, demod, bias):
+        """Batched channels-last form: scale the input by the style, one shared-weight conv,
+        then demodulate per output channel (same linear map, no per-sample weights)."""
+        b = x.shape[0]
+        x = x * s.view(b, -1, 1, 1).to(x.dtype)
+        w = w.to(x.dtype)
+        if self.upsample:
+            out = self.blur(F.conv_transpose2d(x, w.transpose(0, 1), stride=2))
+        else:
+            out = F.conv2d(x, w, padding=self.padding)
+        if demod is None and bias is None:
+            return out
+        scale = demod.view(b, -1, 1, 1).to(out.dtype) if demod is not None else None
+        if bias is None:
+            return out.mul_(scale) if not torch.is_grad_enabled() else out * scale
+        bias = bias.view(1, -1, 1, 1).to(out.dtype)
+        return torch.addcmul(bias, out, scale) if scale is not None else out + bias
 
 
 class NoiseInjection(nn.Module):
@@ -166,11 +184,14 @@ class NoiseInjection(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
 
-    def forward(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, noise: torch.Tensor | None = None, gain: float = 1.0) -> torch.Tensor:
         if noise is None:
             b, _, h, w = image.shape
             noise = image.new_empty(b, 1, h, w).normal_()
-        return image + self.weight.to(image.dtype) * noise.to(image.dtype)
+        term = (self.weight * gain).to(image.dtype) * noise.to(image.dtype)
+        if torch.is_grad_enabled():
+            return image + term
+        return image.add_(term)  # inference: no new full-size tensor
 
 
 class ConstantInput(nn.Module):
@@ -192,7 +213,11 @@ class StyledConv(nn.Module):
         self.activate = FusedLeakyReLU(out_channel)
 
     def forward(self, x, style, noise=None):
-        return self.activate(self.noise(self.conv(x, style), noise))
+        # leaky(z) * sqrt2 == leaky(sqrt2 * z): the gain and the activation bias are folded into
+        # the conv, leaving one noise add and one in-place activation per layer.
+        out = self.conv(x, style, bias=self.activate.bias * SQRT2, gain=SQRT2)
+        out = self.noise(out, noise, gain=SQRT2)
+        return F.leaky_relu(out, 0.2) if torch.is_grad_enabled() else F.leaky_relu_(out, 0.2)
 
 
 class ToRGB(nn.Module):
@@ -204,7 +229,7 @@ class ToRGB(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
     def forward(self, x, style, skip=None):
-        out = self.conv(x, style) + self.bias.to(x.dtype)
+        out = self.conv(x, style, bias=self.bias.view(3))
         if skip is not None:
             out = out + self.upsample(skip)
         return out
@@ -238,12 +263,6 @@ class Generator(nn.Module):
             self.to_rgbs.append(ToRGB(out_ch, cfg.style_dim, blur_kernel=blur_kernel))
             in_ch = out_ch
 
-    def set_fused(self, fused: bool) -> None:
-        """Switch every modulated conv to the reference grouped-conv form (or back)."""
-        for m in self.modules():
-            if isinstance(m, ModulatedConv2d):
-                m.fused = fused
-
     @torch.no_grad()
     def mean_latent(self, n: int = 100_000, seed: int = 0, chunk: int = 10_000) -> torch.Tensor:
         """Mean of the mapping net over `n` seeded z samples: `[style_dim]`."""
@@ -263,10 +282,12 @@ class Generator(nn.Module):
 
     def forward(self, w_plus: torch.Tensor, randomize_noise: bool = False,
                 noise: list[torch.Tensor] | None = None, truncation: float = 1.0,
-                truncation_latent: torch.Tensor | None = None) -> torch.Tensor:
+                truncation_latent: torch.Tensor | None = None, channels_last: bool = True) -> torch.Tensor:
         """W+ `[B, >= n_latent, D]` (or W `[B, D]`, broadcast to every layer) -> image `[B, 3, size, size]`.
 
         Codes beyond `n_latent` are ignored, as in the reference (cars-512 reads 16 of 18).
+        `channels_last` (default) runs the convolutions in NHWC, which oneDNN and cuDNN run
+        faster for the depthwise blurs and the narrow high-resolution layers.
         """
         if w_plus.ndim == 2:
             w_plus = w_plus.unsqueeze(1).expand(-1, self.n_latent, -1)
@@ -277,7 +298,9 @@ class Generator(nn.Module):
         if noise is None:
             noise = [None] * self.num_layers if randomize_noise else self.fixed_noise()
         latent = w_plus
-        out = self.input(latent.shape[0])
+        out = self.input(latent.shape[0]).to(latent.dtype)
+        if channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
         out = self.conv1(out, latent[:, 0], noise=noise[0])
         skip = self.to_rgb1(out, latent[:, 1])
         i = 1

@@ -60,3 +60,49 @@ def ray_local(s3_server):
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def seeded_tiny_model(preset: str = "tiny-32", seed: int = 0):
+    """A tiny inversion model with non-trivial noise weights and latent_avg (seeded)."""
+    import torch
+
+    from stmodel.config import get_preset
+    from stmodel.inversion import StyleTransformer
+
+    torch.manual_seed(seed)
+    m = StyleTransformer(get_preset(preset))
+    with torch.no_grad():
+        m.latent_avg.normal_()
+        for name, p in m.decoder.named_parameters():
+            if name.endswith("noise.weight"):
+                p.fill_(0.1)
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny-32 Style Transformer saved in the official layout; returns (path, sha256)."""
+    from stmodel.checkpoint import save_inversion
+
+    path = tmp_path_factory.mktemp("models") / "tiny32.pt"
+    digest = save_inversion(seeded_tiny_model(), str(path))
+    return str(path), digest
+
+
+def write_crops(folder, n: int, size: int = 64, seed: int = 0, prefix: str = "face") -> list:
+    """`n` distinct smooth RGB crops as PNG files (different bytes, so different image_ids)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        a, b, c = rng.uniform(0.5, 3.0, 3)
+        img = np.stack([np.sin(a * xx * 6 + i), np.cos(b * yy * 6 - i), np.sin(c * (xx + yy) * 4)], -1)
+        img = ((img + 1) * 127.5).clip(0, 255).astype(np.uint8)
+        p = os.path.join(folder, f"{prefix}_{seed}_{i:03d}.png")
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    return paths

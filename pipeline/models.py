@@ -1,0 +1,72 @@
+"""Model and metric construction from a job's config, shared by the jobs' actors.
+
+`model:` section of a config:
+    checkpoint: URI of an official (or our own) Style Transformer checkpoint
+    sha256:     optional expected hash of that file
+    preset:     with no checkpoint, build a seeded random model of this preset (tests, demos)
+    seed:       seed of that random model
+
+`metrics:` weights come from configured URIs only; `allow_random_init` (tests only) builds
+random backbones whose every output row is labelled as such.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import torch
+
+from stmodel.checkpoint import inversion_state, load_inversion, sha256_bytes
+from stmodel.config import get_preset
+from stmodel.inversion import StyleTransformer
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
+    """`auto`: bf16 autocast on CUDA, full fp32 on the CPU."""
+    if amp in (None, "none", False):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    try:
+        return AMP_DTYPES[amp]
+    except KeyError:
+        raise ValueError(f"amp must be auto, none, bf16 or fp16; got {amp!r}") from None
+
+
+def load_model(spec: dict) -> tuple[StyleTransformer, dict]:
+    """The inversion model of a `model:` config section, and a description for the tables:
+    `{"name", "sha256", "uri"}` (a seeded random model's hash is that of its saved state)."""
+    if spec.get("checkpoint"):
+        model, info = load_inversion(spec["checkpoint"], preset=spec.get("preset") or None,
+                                     sha256=spec.get("sha256") or None)
+        name = spec.get("name") or os.path.basename(str(spec["checkpoint"]).rstrip("/"))
+        return model, {"name": name, "sha256": info.sha256, "uri": spec["checkpoint"]}
+    preset = spec.get("preset")
+    if not preset:
+        raise ValueError("model: set model.checkpoint=URI (or model.preset=NAME with model.seed for a random model)")
+    seed = int(spec.get("seed", 0))
+    torch.manual_seed(seed)
+    model = StyleTransformer(get_preset(preset)).eval()
+    buf = io.BytesIO()
+    torch.save(inversion_state(model), buf)
+    return model, {"name": f"{preset}-random-seed{seed}", "sha256": sha256_bytes(buf.getvalue()), "uri": None}
+
+
+def build_metrics(spec: dict, device: torch.device):
+    """(LPIPSMetric, IDSimilarity) from a `metrics:` config section."""
+    from stmodel.metrics import IDSimilarity, LPIPSMetric
+
+    rnd = bool(spec.get("allow_random_init", False))
+    lp = LPIPSMetric(spec.get("lpips_alexnet") or None, allow_random_init=rnd, device=device,
+                     sha256=spec.get("lpips_alexnet_sha256") or None)
+    ident = IDSimilarity(spec.get("facenet") or None, allow_random_init=rnd, device=device,
+                         sha256=spec.get("facenet_sha256") or None)
+    return lp, ident

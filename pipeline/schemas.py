@@ -1,0 +1,231 @@
+"""Arrow schemas of the project's tables, and helpers other tables reuse.
+
+Arrays with a fixed shape (landmarks 5x2, quad 4x2, later w_plus n_latent x 512) are stored
+as *nested* FixedSizeLists of float32, e.g. `fixed_size_list(fixed_size_list(float32, 2), 5)`:
+pyarrow, pandas and DuckDB read them without this project installed and keep the shape visible
+(`landmarks[1]` in DuckDB is the first point, `w_plus[1]` the first layer).
+
+    nested_list_type(pa.float32(), (18, 512))       -> the Arrow type
+    nested_list_array(np_array_NxAxB, mask=None)    -> a nested FixedSizeListArray (nulls allowed)
+    nested_list_to_numpy(column)                    -> np.ndarray [N, A, B] (nulls -> NaN)
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+# ---------------------------------------------------------------------------------------------
+# Generic helpers
+
+
+def nested_list_type(value_type: pa.DataType, shape: Sequence[int]) -> pa.DataType:
+    """`fixed_size_list` nested once per dimension: shape (5, 2) -> list<list<v, 2>, 5>."""
+    t = value_type
+    for n in reversed(tuple(shape)):
+        t = pa.list_(t, int(n))
+    return t
+
+
+def nested_list_array(arr, value_type: pa.DataType = pa.float32(), mask=None,
+                      shape: Sequence[int] | None = None) -> pa.Array:
+    """A nested FixedSizeListArray from a numpy array [N, *shape].
+
+    `mask` (bool [N], True = null) marks missing rows; their values are ignored. With N == 0
+    pass `shape` (the per-row shape) so the type is still right."""
+    np_dtype = value_type.to_pandas_dtype()
+    a = np.asarray(arr, dtype=np_dtype)
+    if shape is not None:
+        a = a.reshape((-1, *shape))
+    if a.ndim < 2:
+        raise ValueError(f"expected an array [N, ...], got shape {a.shape}")
+    n, inner = a.shape[0], a.shape[1:]
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool).reshape(n)
+        a = np.where(mask.reshape((n,) + (1,) * len(inner)), np.zeros((), dtype=np_dtype), a)
+    out: pa.Array = pa.array(np.ascontiguousarray(a).reshape(-1), type=value_type)
+    for i, size in enumerate(reversed(inner)):
+        outermost = i == len(inner) - 1
+        if outermost and mask is not None:
+            out = pa.FixedSizeListArray.from_arrays(out, int(size), mask=pa.array(mask, type=pa.bool_()))
+        else:
+            out = pa.FixedSizeListArray.from_arrays(out, int(size))
+    return out
+
+
+def _list_shape(t: pa.DataType) -> tuple[tuple[int, ...], pa.DataType]:
+    shape = []
+    while pa.types.is_fixed_size_list(t):
+        shape.append(t.list_size)
+        t = t.value_type
+    return tuple(shape), t
+
+
+def nested_list_to_numpy(column, dtype=np.float32) -> np.ndarray:
+    """A nested FixedSizeList column (Array or ChunkedArray) back to numpy [N, *shape];
+    null rows come back as NaN (or 0 for integer types)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    shape, _ = _list_shape(column.type)
+    n = len(column)
+    if n == 0:
+        return np.zeros((0, *shape), dtype=dtype)
+    valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    filled = column if valid.all() else column.fill_null(
+        pa.scalar(np.zeros(shape, dtype=dtype).tolist(), type=column.type))
+    flat = filled
+    for _ in shape:
+        flat = flat.flatten()
+    out = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=dtype).reshape((n, *shape))
+    if not valid.all():
+        out = out.copy()
+        if np.issubdtype(out.dtype, np.floating):
+            out[~valid] = np.nan
+    return out
+
+
+def empty_table(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+def utc_now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The `faces` table
+
+FACE_STATUS_OK = "ok"
+# Failure statuses (one row per input file, error text says why).
+FACE_STATUSES_FAILED = (
+    "decode_error",   # empty, truncated, not an image, corrupt pixel data
+    "too_large",      # header declares more pixels than `max_pixels` (decompression bomb guard)
+    "too_small",      # image smaller than `min_image_side`, or every face below `min_face_px`
+    "no_face",        # the detector found nothing above `min_score`
+    "align_error",    # unexpected failure in detection / alignment / writing the crop
+)
+# Not written to the table: counted as skipped in the summary.
+FACE_STATUS_SKIPPED = "skipped"    # image_id already in a committed run
+FACE_STATUS_DUPLICATE = "duplicate"  # same bytes as another file of this run (row written, counted skipped)
+
+LANDMARKS_TYPE = nested_list_type(pa.float32(), (5, 2))
+QUAD_TYPE = nested_list_type(pa.float32(), (4, 2))
+BBOX_TYPE = nested_list_type(pa.float32(), (4,))
+
+FACES_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),   # hex sha256 of the source bytes
+    pa.field("source_uri", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("n_faces", pa.int32()),                     # faces detected above min_score
+    pa.field("face_index", pa.int32()),                  # rank by box area (0 = largest); null if none
+    pa.field("det_score", pa.float32()),
+    pa.field("bbox", BBOX_TYPE),                         # x0, y0, x1, y1 in source pixels
+    pa.field("landmarks", LANDMARKS_TYPE),               # eye l, eye r, nose, mouth l, mouth r (x, y)
+    pa.field("quad", QUAD_TYPE),                         # FFHQ quad: top-left, bottom-left, bottom-right, top-right
+    pa.field("aligned_uri", pa.string()),
+    pa.field("width", pa.int32()),                       # source size after EXIF orientation
+    pa.field("height", pa.int32()),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+], metadata={b"table": b"faces", b"version": b"1"})
+
+
+def faces_table(rows: Iterable[dict], run_id: str, created_at: _dt.datetime | None = None) -> pa.Table:
+    """Build a `faces` table from row dicts (missing keys -> null; arrays as numpy)."""
+    rows = list(rows)
+    n = len(rows)
+    created_at = created_at or utc_now()
+
+    def col(name, default=None):
+        return [r.get(name, default) for r in rows]
+
+    def fixed(name, shape):
+        vals = col(name)
+        mask = np.array([v is None for v in vals], dtype=bool)
+        arr = np.zeros((n, *shape), dtype=np.float32)
+        for i, v in enumerate(vals):
+            if v is not None:
+                arr[i] = np.asarray(v, dtype=np.float32).reshape(shape)
+        return nested_list_array(arr, pa.float32(), mask=mask if mask.any() else None, shape=shape)
+
+    arrays = {
+        "image_id": pa.array(col("image_id"), pa.string()),
+        "source_uri": pa.array(col("source_uri"), pa.string()),
+        "status": pa.array(col("status"), pa.string()),
+        "error": pa.array(col("error"), pa.string()),
+        "n_faces": pa.array(col("n_faces"), pa.int32()),
+        "face_index": pa.array(col("face_index"), pa.int32()),
+        "det_score": pa.array(col("det_score"), pa.float32()),
+        "bbox": fixed("bbox", (4,)),
+        "landmarks": fixed("landmarks", (5, 2)),
+        "quad": fixed("quad", (4, 2)),
+        "aligned_uri": pa.array(col("aligned_uri"), pa.string()),
+        "width": pa.array(col("width"), pa.int32()),
+        "height": pa.array(col("height"), pa.int32()),
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "created_at": pa.array([created_at] * n, pa.timestamp("us", tz="UTC")),
+    }
+    return pa.Table.from_arrays([arrays[f.name] for f in FACES_SCHEMA], schema=FACES_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# The `latents` table
+
+LATENT_STATUS_OK = "ok"
+LATENT_STATUSES_FAILED = ("read_error", "decode_error", "invert_error")
+
+METRIC_COLUMNS = ("psnr", "mse", "lpips", "id_similarity")
+
+
+def latents_schema(n_latent: int, style_dim: int) -> pa.Schema:
+    """`w_plus` as a nested FixedSizeList [n_latent][style_dim] of float32: pyarrow, pandas and
+    DuckDB read it without this project (`w_plus[1]` = layer 1 in DuckDB)."""
+    return pa.schema([
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("face_index", pa.int32(), nullable=False),
+        pa.field("source_uri", pa.string()),
+        pa.field("aligned_uri", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("w_plus", nested_list_type(pa.float32(), (n_latent, style_dim))),
+        pa.field("model", pa.string()),
+        pa.field("checkpoint_sha256", pa.string()),
+        # reconstruction metrics (null unless the run computed them)
+        pa.field("psnr", pa.float32()),
+        pa.field("mse", pa.float32()),
+        pa.field("lpips", pa.float32()),
+        pa.field("id_similarity", pa.float32()),
+        pa.field("metric_backbones", pa.string()),  # labels: says "RANDOM-INIT" for test backbones
+        pa.field("reconstruction_uri", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ], metadata={b"table": b"latents", b"version": b"1",
+                 b"w_plus_shape": f"{n_latent},{style_dim}".encode()})
+
+
+def latents_table(cols: dict, w_plus: np.ndarray, ok: np.ndarray, schema: pa.Schema,
+                  run_id: str, created_at: _dt.datetime | None = None) -> pa.Table:
+    """Build a `latents` table: `cols` maps column names to per-row lists/arrays (missing ->
+    null), `w_plus` is [N, n_latent, D] with rows where `ok` is False stored as null."""
+    n = len(ok)
+    created_at = created_at or utc_now()
+    shape = tuple(w_plus.shape[1:]) if w_plus.ndim == 3 else None
+    arrays = []
+    for f in schema:
+        if f.name == "w_plus":
+            mask = ~np.asarray(ok, dtype=bool)
+            arrays.append(nested_list_array(w_plus, pa.float32(), mask=mask if mask.any() else None,
+                                            shape=shape).cast(f.type))
+        elif f.name == "run_id":
+            arrays.append(pa.array([run_id] * n, pa.string()))
+        elif f.name == "created_at":
+            arrays.append(pa.array([created_at] * n, f.type))
+        elif f.name in cols:
+            v = cols[f.name]
+            arrays.append(pa.array(list(v) if not isinstance(v, np.ndarray) else v, f.type, from_pandas=True))
+        else:
+            arrays.append(pa.nulls(n, f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)

@@ -1,0 +1,219 @@
+"""The inversion job end to end (local Ray, tiny seeded model saved in the official layout)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs import invert
+from jobs.cli import load_config
+from pipeline import storage
+from pipeline.schemas import faces_table, nested_list_to_numpy
+from stmodel.checkpoint import load_inversion
+from tests.conftest import write_crops
+
+
+def _cfg(inp, out, ckpt, **over):
+    sets = [f"input={inp}", f"output={out}", f"model.checkpoint={ckpt}", "invert.batch_size=4",
+            "invert.load_batch_size=4", "progress=false"]
+    sets += [f"{k}={v}" for k, v in over.items()]
+    return load_config(invert.DEFAULTS, None, sets)
+
+
+def _table(out):
+    return storage.read_committed(out, "latents")
+
+
+def test_end_to_end_local_with_metrics_and_bad_crop(ray_local, tmp_path, tiny_checkpoint):
+    ckpt, digest = tiny_checkpoint
+    crops = tmp_path / "crops"
+    files = write_crops(crops, 6)
+    (crops / "broken.png").write_bytes(b"this is not a png")
+    out = str(tmp_path / "ds")
+    res = invert.run(_cfg(str(crops), out, ckpt, **{"metrics": "true",
+                                                      "metric_weights.allow_random_init": "true"}))
+    assert res["counts"] == {"in": 7, "ok": 6, "failed": 1, "skipped": 0}
+    t = _table(out)
+    assert t.num_rows == 7
+    bad = t.filter(pa.compute.equal(t["status"], "decode_error")).to_pylist()
+    assert len(bad) == 1 and bad[0]["w_plus"] is None and "not a recognised image" in bad[0]["error"]
+    ok = t.filter(pa.compute.equal(t["status"], "ok"))
+    assert set(ok["checkpoint_sha256"].to_pylist()) == {digest}
+    # the stored codes are the model's own inversion of the same crops
+    model, _ = load_inversion(ckpt)
+    from pipeline.invert_stage import to_model_input
+    from PIL import Image
+
+    by_src = {r["source_uri"]: r for r in ok.to_pylist()}
+    x = torch.from_numpy(np.stack([to_model_input(np.asarray(Image.open(f).convert("RGB")), 64) for f in files]))
+    with torch.no_grad():
+        expect = model.invert(x).numpy()
+    got = np.stack([np.asarray(by_src[f]["w_plus"], dtype=np.float32) for f in files])
+    assert got.shape == (6, 8, 64)
+    assert np.allclose(got, expect, atol=1e-5)
+    # metrics: present, finite, labelled as random-init backbones, reconstructions written
+    for r in ok.to_pylist():
+        assert np.isfinite(r["psnr"]) and np.isfinite(r["lpips"]) and -1 <= r["id_similarity"] <= 1
+        assert "RANDOM-INIT" in r["metric_backbones"]
+        assert os.path.exists(r["reconstruction_uri"])
+    m = res["extra"]["metrics"]
+    assert m["psnr"]["n"] == 6 and m["psnr"]["p50"] > 0
+    assert any("RANDOM-INIT" in b for b in m["backbones"])
+
+
+def test_latents_readable_without_this_project(ray_local, tmp_path, tiny_checkpoint):
+    ckpt, _ = tiny_checkpoint
+    write_crops(tmp_path / "c", 3)
+    out = str(tmp_path / "ds")
+    invert.run(_cfg(str(tmp_path / "c"), out, ckpt))
+    files = storage.committed_table_files(out, "latents")
+    # plain pyarrow: the nested fixed-size list keeps [n_latent, 512]-style shape
+    t = pq.read_table(files)
+    typ = t.schema.field("w_plus").type
+    assert pa.types.is_fixed_size_list(typ) and typ.list_size == 8
+    assert pa.types.is_fixed_size_list(typ.value_type) and typ.value_type.list_size == 64
+    assert typ.value_type.value_type == pa.float32()
+    arr = nested_list_to_numpy(t["w_plus"])
+    assert arr.shape == (3, 8, 64)
+    # pandas: nested lists of floats per row
+    df = t.to_pandas()
+    assert len(df["w_plus"][0]) == 8 and len(df["w_plus"][0][0]) == 64
+    # DuckDB: layer indexing works (1-based)
+    import duckdb
+
+    con = duckdb.connect()
+    typ = con.execute(f"SELECT typeof(w_plus) FROM read_parquet({files!r}) LIMIT 1").fetchone()[0]
+    assert typ in ("FLOAT[][]", "FLOAT[64][8]")  # nested lists: the layers stay visible
+    v = con.execute(f"SELECT w_plus[1][1], len(w_plus), len(w_plus[8]) FROM read_parquet({files!r}) "
+                    "ORDER BY image_id").fetchall()
+    first = t.sort_by("image_id")["w_plus"][0].as_py()[0][0]
+    assert v[0][1] == 8 and v[0][2] == 64 and abs(v[0][0] - first) < 1e-6
+
+
+def test_incremental_and_nothing_written_twice(ray_local, tmp_path, tiny_checkpoint):
+    ckpt, _ = tiny_checkpoint
+    crops = tmp_path / "crops"
+    write_crops(crops, 4, seed=1)
+    out = str(tmp_path / "ds")
+    r1 = invert.run(_cfg(str(crops), out, ckpt))
+    assert r1["counts"] == {"in": 4, "ok": 4, "failed": 0, "skipped": 0}
+    write_crops(crops, 3, seed=2)
+    r2 = invert.run(_cfg(str(crops), out, ckpt))
+    assert r2["counts"] == {"in": 7, "ok": 3, "failed": 0, "skipped": 4}
+    n_files = len(storage.committed_table_files(out, "latents"))
+    r3 = invert.run(_cfg(str(crops), out, ckpt))
+    assert r3["counts"] == {"in": 7, "ok": 0, "failed": 0, "skipped": 7}
+    assert len(storage.committed_table_files(out, "latents")) == n_files  # nothing written
+    t = _table(out)
+    keys = list(zip(t["image_id"].to_pylist(), t["face_index"].to_pylist()))
+    assert len(keys) == len(set(keys)) == 7
+
+
+def test_crash_before_publish_leaves_nothing_then_rerun_completes(ray_local, tmp_path, tiny_checkpoint):
+    ckpt, _ = tiny_checkpoint
+    write_crops(tmp_path / "c", 3, seed=3)
+    out = str(tmp_path / "ds")
+
+    def die(run):
+        raise KeyboardInterrupt("killed before publishing")
+
+    with pytest.raises(KeyboardInterrupt):
+        invert.run(_cfg(str(tmp_path / "c"), out, ckpt), before_commit=die)
+    assert _table(out) is None  # parts were written, but no manifest: invisible
+    assert storage.committed_manifests(out) == []
+    r = invert.run(_cfg(str(tmp_path / "c"), out, ckpt))
+    assert r["counts"]["ok"] == 3
+    assert _table(out).num_rows == 3
+    # the crashed run's files were swept
+    runs = [p for p in os.listdir(os.path.join(out, "latents"))]
+    assert runs == [f"run={r['run_id']}"]
+
+
+def test_actor_dies_on_one_batch_and_ray_retries(ray_local, tmp_path, tiny_checkpoint):
+    ckpt, _ = tiny_checkpoint
+    write_crops(tmp_path / "c", 8, seed=4)
+    from pipeline.decode import image_id
+
+    victim = image_id((tmp_path / "c" / "face_4_005.png").read_bytes())
+    marker = tmp_path / "crashed"
+    out = str(tmp_path / "ds")
+    r = invert.run(_cfg(str(tmp_path / "c"), out, ckpt, **{
+        "testing.crash_once": json.dumps({"image_id": victim, "marker": str(marker)})}))
+    assert marker.exists()  # the actor really died once
+    assert r["counts"] == {"in": 8, "ok": 8, "failed": 0, "skipped": 0}
+    t = _table(out)
+    ids = t["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 8 and victim in ids
+
+
+def test_reads_committed_align_output(ray_local, tmp_path, tiny_checkpoint):
+    """Input = a dataset root written by jobs.align: only ok faces of committed runs are inverted."""
+    ckpt, _ = tiny_checkpoint
+    root = str(tmp_path / "ds")
+    files = write_crops(tmp_path / "aligned_src", 3, seed=5)
+    from pipeline.decode import image_id
+
+    rows = []
+    for i, f in enumerate(files):
+        iid = image_id(open(f, "rb").read())
+        rows.append({"image_id": iid, "source_uri": f"s3://raw/photo{i}.jpg", "status": "ok", "n_faces": 1,
+                     "face_index": 0, "aligned_uri": f})
+    rows.append({"image_id": "f" * 64, "source_uri": "s3://raw/none.jpg", "status": "no_face",
+                 "error": "no face", "n_faces": 0})
+    run = storage.Run(root, "align", {})
+    run.write_table("faces", faces_table(rows, run.run_id))
+    run.commit({"in": 4})
+    crashed = storage.Run(root, "align", {})  # an unpublished align run: ignored
+    crashed.write_table("faces", faces_table([{**rows[0], "image_id": "e" * 64}], crashed.run_id))
+    r = invert.run(_cfg(root, root, ckpt))
+    assert r["counts"] == {"in": 3, "ok": 3, "failed": 0, "skipped": 0}
+    t = _table(root)
+    assert sorted(t["source_uri"].to_pylist()) == [f"s3://raw/photo{i}.jpg" for i in range(3)]
+
+
+def test_end_to_end_on_s3(ray_local, s3_bucket, tmp_path, tiny_checkpoint):
+    import s3fs
+
+    ckpt, digest = tiny_checkpoint
+    fs = s3fs.S3FileSystem()
+    files = write_crops(tmp_path / "c", 5, seed=6)
+    for f in files:
+        fs.put(f, f"{s3_bucket[5:]}/crops/{os.path.basename(f)}")
+    fs.put(ckpt, f"{s3_bucket[5:]}/models/tiny.pt")
+    out = f"{s3_bucket}/dataset"
+    r = invert.run(_cfg(f"{s3_bucket}/crops", out, f"{s3_bucket}/models/tiny.pt",
+                        **{"model.sha256": digest, "metrics": "true",
+                           "metric_weights.allow_random_init": "true"}))
+    assert r["counts"] == {"in": 5, "ok": 5, "failed": 0, "skipped": 0}
+    t = _table(out)
+    assert t.num_rows == 5
+    assert all(u.startswith(f"{s3_bucket}/dataset/reconstructions/") for u in t["reconstruction_uri"].to_pylist())
+    assert fs.exists(t["reconstruction_uri"][0].as_py())
+    assert len(fs.ls(f"{s3_bucket[5:]}/dataset/_runs")) == 1
+    r2 = invert.run(_cfg(f"{s3_bucket}/crops", out, f"{s3_bucket}/models/tiny.pt"))
+    assert r2["counts"]["skipped"] == 5
+
+
+def test_cli_help_and_summary_line(tmp_path, tiny_checkpoint):
+    h = subprocess.run([sys.executable, "-m", "jobs.invert", "--help"], capture_output=True, text=True, check=True)
+    assert "model.checkpoint" in h.stdout or "checkpoint:" in h.stdout
+    assert "--set" in h.stdout
+    ckpt, _ = tiny_checkpoint
+    write_crops(tmp_path / "c", 2, seed=7)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, "-m", "jobs.invert", "--quiet", "--set", f"input={tmp_path / 'c'}",
+                        "--set", f"output={tmp_path / 'ds'}", "--set", f"model.checkpoint={ckpt}",
+                        "--set", "ray.num_cpus=2"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["job"] == "invert" and summary["in"] == 2 and summary["ok"] == 2
+    assert summary["in"] == summary["ok"] + summary["failed"] + summary["skipped"]
+    assert summary["seconds"] > 0 and summary["run_id"]
