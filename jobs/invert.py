@@ -27,7 +27,7 @@ from jobs.cli import main
 from pipeline import storage
 from pipeline.compute import actor_pool, device_for, gpus_per_actor
 from pipeline.invert_stage import InvertBatch, hash_batch, load_crops
-from pipeline.schemas import latents_schema, latents_table
+from pipeline.schemas import latents_schema, make_table
 
 log = logging.getLogger("stbatch.invert")
 
@@ -213,7 +213,7 @@ def run(cfg: dict, before_commit=None) -> dict:
         cols = {k: [it[k] for it in lost] for k in ("image_id", "face_index", "source_uri", "aligned_uri")}
         cols.update(status=["invert_error"] * len(lost), error=["row lost by the pipeline"] * len(lost))
         w = np.zeros((len(lost), shapes["n_latent"], shapes["style_dim"]), np.float32)
-        r.write_table(TABLE, latents_table(cols, w, np.zeros(len(lost), bool), schema, r.run_id), part=part + 1)
+        r.write_table(TABLE, make_table(cols, schema, r.run_id, w_plus=w, ok=np.zeros(len(lost), bool)), part=part + 1)
     seconds = time.time() - t0
     extra = {"faces_per_s": round((counts["ok"] + counts["failed"]) / max(seconds, 1e-9), 3),
              "model": shapes["name"]}

@@ -21,18 +21,12 @@ import torch
 from PIL import Image
 
 from pipeline import storage
-from pipeline.align_stage import encode_png
 from pipeline.decode import STATUS_OK, decode_image, image_id as hash_image_id
-from pipeline.models import amp_dtype, build_metrics, load_model, pick_device
-from pipeline.schemas import latents_schema, latents_table
+from pipeline.models import amp_dtype, load_model, pick_device
+from pipeline.schemas import latents_schema, make_table
+from pipeline.scoring import ReconstructionScorer, empty_metrics
 
 log = logging.getLogger("stbatch.invert")
-
-
-def recon_key(image_id: str, face_index: int) -> str:
-    if not (len(image_id) == 64 and all(c in "0123456789abcdef" for c in image_id)):
-        raise ValueError(f"image_id must be a hex sha256, got {image_id!r}")
-    return storage.safe_key(f"reconstructions/{image_id}_{int(face_index)}.png")
 
 
 def hash_batch(batch: dict) -> dict:
@@ -50,14 +44,15 @@ def to_model_input(rgb: np.ndarray, size: int) -> np.ndarray:
     return x * (2.0 / 255.0) - 1.0
 
 
-def load_crops(batch: dict, input_size: int, target_size: int | None = None,
+def load_crops(batch: dict, input_size: int | None, target_size: int | None = None,
                max_pixels: int = 64_000_000) -> dict:
-    """Read and preprocess aligned crops. Adds `status`, `error`, `image` (encoder input) and,
-    when `target_size` is set, `target` (the crop at the reconstruction's size, for metrics)."""
+    """Read and preprocess aligned crops. Adds `status`, `error`, `image` (encoder input, when
+    `input_size` is set) and `target` (the crop at the reconstruction's size, for metrics, when
+    `target_size` is set)."""
     n = len(batch["aligned_uri"])
     status = np.array(["ok"] * n, dtype=object)
     error = np.array([None] * n, dtype=object)
-    image = np.zeros((n, 3, input_size, input_size), dtype=np.float32)
+    image = np.zeros((n, 3, input_size, input_size), dtype=np.float32) if input_size else None
     target = np.zeros((n, 3, target_size, target_size), dtype=np.float32) if target_size else None
     for i, uri in enumerate(batch["aligned_uri"]):
         try:
@@ -69,11 +64,14 @@ def load_crops(batch: dict, input_size: int, target_size: int | None = None,
         if d.status != STATUS_OK:
             status[i], error[i] = "decode_error", d.error
             continue
-        image[i] = to_model_input(d.image, input_size)
+        if image is not None:
+            image[i] = to_model_input(d.image, input_size)
         if target is not None:
             target[i] = to_model_input(d.image, target_size)
     out = dict(batch)
-    out.update(status=status, error=error, image=image)
+    out.update(status=status, error=error)
+    if image is not None:
+        out["image"] = image
     if target is not None:
         out["target"] = target
     return out
@@ -95,9 +93,7 @@ class InvertBatch:
         self.schema = latents_schema(cfg.n_latent, cfg.style_dim)
         self.run_id, self.output = run_id, output
         self.metrics = metrics
-        if metrics:
-            self.lpips, self.ident = build_metrics(metrics, self.device)
-            self.backbones = f"{self.lpips.label}; {self.ident.label}"
+        self.scorer = ReconstructionScorer(metrics, self.device, output) if metrics else None
         self.crash_once = crash_once
 
     def _maybe_crash(self, ids) -> None:
@@ -119,8 +115,7 @@ class InvertBatch:
         w = np.zeros((n, cfg.n_latent, cfg.style_dim), dtype=np.float32)
         cols = {k: batch[k] for k in ("image_id", "face_index", "source_uri", "aligned_uri")}
         cols["face_index"] = np.asarray(batch["face_index"], dtype=np.int32)
-        metric = {k: np.full(n, np.nan, dtype=np.float32) for k in ("psnr", "mse", "lpips", "id_similarity")}
-        recon_uri = np.array([None] * n, dtype=object)
+        metric = empty_metrics(n)
         idx = np.flatnonzero(ok)
         if len(idx):
             x = torch.from_numpy(np.ascontiguousarray(batch["image"][idx])).to(self.device)
@@ -130,30 +125,14 @@ class InvertBatch:
                     y = self.model.reconstruct(wp) if self.metrics else None
                 w[idx] = wp.float().cpu().numpy()
                 if y is not None:
-                    self._score(y.float(), batch, idx, ids, metric, recon_uri)
+                    self.scorer.score(y, batch["target"], idx, ids, np.asarray(batch["face_index"]), metric)
             except Exception as e:  # noqa: BLE001 - a failing batch becomes failed rows, not a crash
                 log.exception("inversion failed for a batch of %d", len(idx))
                 status[idx], error[idx] = "invert_error", f"{type(e).__name__}: {e}"
                 ok = status == "ok"
         cols.update(status=status, error=error, model=[self.info["name"]] * n,
-                    checkpoint_sha256=[self.info["sha256"]] * n, reconstruction_uri=recon_uri, **metric)
-        if self.metrics:
-            cols["metric_backbones"] = [self.backbones if o else None for o in ok]
-        return latents_table(cols, w, ok, self.schema, self.run_id)
+                    checkpoint_sha256=[self.info["sha256"]] * n, **metric)
+        if self.scorer:
+            cols["metric_backbones"] = [self.scorer.label if o else None for o in ok]
+        return make_table(cols, self.schema, self.run_id, w_plus=w, ok=ok)
 
-    def _score(self, y, batch, idx, ids, metric, recon_uri) -> None:
-        from stmodel.metrics import mse, psnr
-
-        t = torch.from_numpy(np.ascontiguousarray(batch["target"][idx])).to(self.device)
-        if t.shape[-1] != y.shape[-1]:
-            t = torch.nn.functional.adaptive_avg_pool2d(t, y.shape[-1])
-        metric["psnr"][idx] = psnr(y, t).cpu().numpy()
-        metric["mse"][idx] = mse(y, t).cpu().numpy()
-        metric["lpips"][idx] = self.lpips(y, t).cpu().numpy()
-        metric["id_similarity"][idx] = self.ident(y, t).cpu().numpy()
-        imgs = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        faces = np.asarray(batch["face_index"])
-        for j, i in enumerate(idx):
-            key = recon_key(ids[i], int(faces[i]))
-            storage.write_bytes(storage.join(self.output, key), encode_png(imgs[j]))
-            recon_uri[i] = storage.join(self.output, key)

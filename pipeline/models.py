@@ -65,8 +65,11 @@ def build_metrics(spec: dict, device: torch.device):
     from stmodel.metrics import IDSimilarity, LPIPSMetric
 
     rnd = bool(spec.get("allow_random_init", False))
-    lp = LPIPSMetric(spec.get("lpips_alexnet") or None, allow_random_init=rnd, device=device,
-                     sha256=spec.get("lpips_alexnet_sha256") or None)
-    ident = IDSimilarity(spec.get("facenet") or None, allow_random_init=rnd, device=device,
-                         sha256=spec.get("facenet_sha256") or None)
+    # Random-init backbones (tests) are seeded, so every actor and every job scores alike.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(spec.get("random_init_seed", 0)))
+        lp = LPIPSMetric(spec.get("lpips_alexnet") or None, allow_random_init=rnd, device=device,
+                         sha256=spec.get("lpips_alexnet_sha256") or None)
+        ident = IDSimilarity(spec.get("facenet") or None, allow_random_init=rnd, device=device,
+                             sha256=spec.get("facenet_sha256") or None)
     return lp, ident

@@ -206,19 +206,41 @@ def latents_schema(n_latent: int, style_dim: int) -> pa.Schema:
                  b"w_plus_shape": f"{n_latent},{style_dim}".encode()})
 
 
-def latents_table(cols: dict, w_plus: np.ndarray, ok: np.ndarray, schema: pa.Schema,
-                  run_id: str, created_at: _dt.datetime | None = None) -> pa.Table:
-    """Build a `latents` table: `cols` maps column names to per-row lists/arrays (missing ->
-    null), `w_plus` is [N, n_latent, D] with rows where `ok` is False stored as null."""
-    n = len(ok)
+def metrics_schema() -> pa.Schema:
+    """Per-face reconstruction metrics of `jobs.evaluate` (the run summary is in its manifest)."""
+    return pa.schema([
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("face_index", pa.int32(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("psnr", pa.float32()),
+        pa.field("mse", pa.float32()),
+        pa.field("lpips", pa.float32()),
+        pa.field("id_similarity", pa.float32()),
+        pa.field("metric_backbones", pa.string()),
+        pa.field("reconstruction_uri", pa.string()),
+        pa.field("aligned_uri", pa.string()),
+        pa.field("latents_run_id", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("checkpoint_sha256", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ], metadata={b"table": b"metrics", b"version": b"1"})
+
+
+def make_table(cols: dict, schema: pa.Schema, run_id: str, w_plus: np.ndarray | None = None,
+               ok: np.ndarray | None = None, created_at: _dt.datetime | None = None) -> pa.Table:
+    """Build a table of `schema`: `cols` maps column names to per-row lists/arrays (missing ->
+    null, NaN floats -> null); `w_plus` [N, n_latent, D] fills the `w_plus` column, with rows
+    where `ok` is False stored as null."""
+    n = len(next(iter(cols.values())))
     created_at = created_at or utc_now()
-    shape = tuple(w_plus.shape[1:]) if w_plus.ndim == 3 else None
     arrays = []
     for f in schema:
         if f.name == "w_plus":
             mask = ~np.asarray(ok, dtype=bool)
             arrays.append(nested_list_array(w_plus, pa.float32(), mask=mask if mask.any() else None,
-                                            shape=shape).cast(f.type))
+                                            shape=tuple(w_plus.shape[1:])).cast(f.type))
         elif f.name == "run_id":
             arrays.append(pa.array([run_id] * n, pa.string()))
         elif f.name == "created_at":

@@ -1,0 +1,73 @@
+"""Ray Data stage of the evaluate job: W+ codes from a `latents` table -> reconstructions ->
+per-face metrics against the aligned crops."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.invert_stage import load_crops
+from pipeline.models import amp_dtype, load_model, pick_device
+from pipeline.schemas import make_table, metrics_schema, nested_list_to_numpy
+from pipeline.scoring import ReconstructionScorer, empty_metrics
+
+log = logging.getLogger("stbatch.evaluate")
+
+PASS_COLUMNS = ("image_id", "face_index", "aligned_uri", "run_id", "checkpoint_sha256")
+
+
+def load_targets(batch: pa.Table, target_size: int, max_pixels: int = 64_000_000) -> dict:
+    """Latents rows (Arrow) -> numpy batch with the crop at the reconstruction's size and W+."""
+    cols = {k: np.array(batch[k].to_pylist(), dtype=object) for k in PASS_COLUMNS}
+    cols["face_index"] = np.asarray(batch["face_index"].to_numpy(zero_copy_only=False), dtype=np.int32)
+    out = load_crops(cols, input_size=None, target_size=target_size, max_pixels=max_pixels)
+    out["w_plus"] = nested_list_to_numpy(batch["w_plus"])
+    return out
+
+
+class EvaluateBatch:
+    """Actor: loads the generator (from the inversion checkpoint) and the metric backbones once."""
+
+    def __init__(self, model: dict, run_id: str, output: str, metrics: dict, device: str = "auto",
+                 amp: str = "auto", torch_threads: int = 0):
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        self.device = pick_device(device)
+        self.amp = amp_dtype(amp, self.device)
+        self.model, self.info = load_model(model)
+        self.model.to(self.device).requires_grad_(False)
+        self.scorer = ReconstructionScorer(metrics, self.device, output)
+        self.schema = metrics_schema()
+        self.run_id = run_id
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> pa.Table:
+        ids = [str(i) for i in batch["image_id"]]
+        n = len(ids)
+        status = np.array(batch["status"], dtype=object)
+        error = np.array(batch["error"], dtype=object)
+        sha = np.array(batch["checkpoint_sha256"], dtype=object)
+        wrong = (status == "ok") & (sha != self.info["sha256"])
+        status[wrong] = "model_mismatch"
+        error[wrong] = [f"latents were made with checkpoint {s[:12]}..., evaluating with "
+                        f"{self.info['sha256'][:12]}...: set model.checkpoint to the same file" for s in sha[wrong]]
+        metric = empty_metrics(n)
+        idx = np.flatnonzero(status == "ok")
+        if len(idx):
+            w = torch.from_numpy(np.ascontiguousarray(batch["w_plus"][idx])).to(self.device)
+            try:
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    y = self.model.reconstruct(w)
+                self.scorer.score(y, batch["target"], idx, ids, np.asarray(batch["face_index"]), metric)
+            except Exception as e:  # noqa: BLE001 - a failing batch becomes failed rows
+                log.exception("evaluation failed for a batch of %d", len(idx))
+                status[idx], error[idx] = "evaluate_error", f"{type(e).__name__}: {e}"
+        ok = status == "ok"
+        cols = {"image_id": ids, "face_index": np.asarray(batch["face_index"], dtype=np.int32),
+                "status": status, "error": error, "aligned_uri": batch["aligned_uri"],
+                "latents_run_id": batch["run_id"], "model": [self.info["name"]] * n,
+                "checkpoint_sha256": [self.info["sha256"]] * n,
+                "metric_backbones": [self.scorer.label if o else None for o in ok], **metric}
+        return make_table(cols, self.schema, self.run_id)

@@ -1,0 +1,58 @@
+"""Scoring reconstructions (or edits) against their targets, shared by the invert, evaluate
+and edit jobs: PSNR / MSE / LPIPS / ID similarity per face, and the image written to storage."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline import storage
+from pipeline.align_stage import encode_png
+from pipeline.models import build_metrics
+
+METRICS = ("psnr", "mse", "lpips", "id_similarity")
+
+
+def empty_metrics(n: int) -> dict:
+    """Per-row metric columns (NaN = not computed, stored as null) and the image URI column."""
+    out = {k: np.full(n, np.nan, dtype=np.float32) for k in METRICS}
+    out["reconstruction_uri"] = np.array([None] * n, dtype=object)
+    return out
+
+
+def image_key(folder: str, image_id: str, face_index: int, suffix: str = "") -> str:
+    """`<folder>/<image_id>_<face><suffix>.png`, from a hex id and integers only."""
+    if not (len(image_id) == 64 and all(c in "0123456789abcdef" for c in image_id)):
+        raise ValueError(f"image_id must be a hex sha256, got {image_id!r}")
+    return storage.safe_key(f"{folder}/{image_id}_{int(face_index)}{suffix}.png")
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW -> uint8 NHWC."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class ReconstructionScorer:
+    def __init__(self, weights: dict, device: torch.device, output: str, folder: str = "reconstructions"):
+        self.lpips, self.ident = build_metrics(weights, device)
+        self.label = f"{self.lpips.label}; {self.ident.label}"
+        self.device, self.output, self.folder = device, output, folder
+
+    def score(self, y: torch.Tensor, target: np.ndarray, idx: np.ndarray, ids: list[str],
+              faces: np.ndarray, metric: dict) -> None:
+        """Fill `metric[...]` at rows `idx` for reconstructions `y` (one per idx) against
+        `target[idx]`, and write each reconstruction as PNG."""
+        from stmodel.metrics import mse, psnr
+
+        y = y.float()
+        t = torch.from_numpy(np.ascontiguousarray(target[idx])).to(y.device)
+        if t.shape[-1] != y.shape[-1]:
+            t = torch.nn.functional.adaptive_avg_pool2d(t, y.shape[-1])
+        metric["psnr"][idx] = psnr(y, t).cpu().numpy()
+        metric["mse"][idx] = mse(y, t).cpu().numpy()
+        metric["lpips"][idx] = self.lpips(y, t).cpu().numpy()
+        metric["id_similarity"][idx] = self.ident(y, t).cpu().numpy()
+        imgs = to_uint8(y)
+        for j, i in enumerate(idx):
+            uri = storage.join(self.output, image_key(self.folder, ids[i], int(faces[i])))
+            storage.write_bytes(uri, encode_png(imgs[j]))
+            metric["reconstruction_uri"][i] = uri
