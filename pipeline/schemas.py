@@ -63,9 +63,36 @@ def _list_shape(t: pa.DataType) -> tuple[tuple[int, ...], pa.DataType]:
     return tuple(shape), t
 
 
+def _dense(x) -> np.ndarray:
+    if isinstance(x, np.ndarray) and x.dtype != object:
+        return x
+    if isinstance(x, (np.ndarray, list, tuple)):
+        return np.stack([_dense(e) for e in x])
+    return np.asarray(x)
+
+
 def nested_list_to_numpy(column, dtype=np.float32) -> np.ndarray:
-    """A nested FixedSizeList column (Array or ChunkedArray) back to numpy [N, *shape];
-    null rows come back as NaN (or 0 for integer types)."""
+    """A nested FixedSizeList column back to numpy [N, *shape]; null rows come back as NaN.
+
+    Accepts a pyarrow Array / ChunkedArray, or what Ray's `batch_format="numpy"` makes of such a
+    column (an object array of object arrays, None for null rows), or a dense ndarray."""
+    if isinstance(column, (pa.Array, pa.ChunkedArray)):
+        return _arrow_nested_to_numpy(column, dtype)
+    if isinstance(column, np.ndarray) and column.dtype != object:
+        return column.astype(dtype, copy=False)
+    rows = list(column)
+    present = [i for i, r in enumerate(rows) if r is not None]
+    if not present:
+        return np.full((len(rows), 0), np.nan, dtype=dtype)
+    dense = _dense([rows[i] for i in present]).astype(dtype, copy=False)
+    if len(present) == len(rows):
+        return dense
+    out = np.full((len(rows), *dense.shape[1:]), np.nan, dtype=dtype)
+    out[present] = dense
+    return out
+
+
+def _arrow_nested_to_numpy(column, dtype=np.float32) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     shape, _ = _list_shape(column.type)
