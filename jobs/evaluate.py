@@ -34,7 +34,8 @@ DEFAULTS = {
     "output": None,   # where metrics/ and reconstructions/ go (default: input)
     "progress": True,
     "model": {"checkpoint": None, "sha256": None, "preset": None, "seed": 0, "name": None},
-    "metric_weights": {"lpips_alexnet": None, "facenet": None, "allow_random_init": False},
+    "metric_weights": {"lpips_alexnet": None, "facenet": None, "allow_random_init": False,
+                       "skip_missing": False},
     "evaluate": {
         "batch_size": 8, "concurrency": 1, "num_gpus": "auto", "num_cpus": 1, "device": "auto",
         "amp": "auto", "load_batch_size": 16, "max_pixels": 64_000_000, "log_every_s": 30,

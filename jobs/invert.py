@@ -50,6 +50,7 @@ DEFAULTS = {
         "lpips_alexnet": None,   # torchvision AlexNet state_dict URI (LPIPS backbone)
         "facenet": None,         # facenet-pytorch VGGFace2 InceptionResnetV1 state_dict URI
         "allow_random_init": False,  # tests only: random backbones, labelled in every row
+        "skip_missing": False,       # leave a metric without weights uncomputed (null, labelled)
     },
     "invert": {
         "batch_size": 8,         # faces per model call (per actor)

@@ -61,15 +61,28 @@ def load_model(spec: dict) -> tuple[StyleTransformer, dict]:
 
 
 def build_metrics(spec: dict, device: torch.device):
-    """(LPIPSMetric, IDSimilarity) from a `metrics:` config section."""
+    """(LPIPSMetric | None, IDSimilarity | None) from a `metrics:` config section.
+
+    A metric without weights is an error, unless `allow_random_init` (tests only: seeded random
+    backbones, labelled in every row) or `skip_missing` (that metric is not computed, and its
+    columns stay null with a label saying so)."""
     from stmodel.metrics import IDSimilarity, LPIPSMetric
 
     rnd = bool(spec.get("allow_random_init", False))
+    skip = bool(spec.get("skip_missing", False)) and not rnd
     # Random-init backbones (tests) are seeded, so every actor and every job scores alike.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(spec.get("random_init_seed", 0)))
-        lp = LPIPSMetric(spec.get("lpips_alexnet") or None, allow_random_init=rnd, device=device,
-                         sha256=spec.get("lpips_alexnet_sha256") or None)
-        ident = IDSimilarity(spec.get("facenet") or None, allow_random_init=rnd, device=device,
-                             sha256=spec.get("facenet_sha256") or None)
+        lp = ident = None
+        if spec.get("lpips_alexnet") or not skip:
+            lp = LPIPSMetric(spec.get("lpips_alexnet") or None, allow_random_init=rnd, device=device,
+                             sha256=spec.get("lpips_alexnet_sha256") or None)
+        if spec.get("facenet") or not skip:
+            ident = IDSimilarity(spec.get("facenet") or None, allow_random_init=rnd, device=device,
+                                 sha256=spec.get("facenet_sha256") or None)
     return lp, ident
+
+
+def metric_label(lp, ident) -> str:
+    return "; ".join([lp.label if lp else "lpips: not computed (no weights configured)",
+                      ident.label if ident else "id: not computed (no weights configured)"])

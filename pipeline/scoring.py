@@ -7,7 +7,7 @@ import torch
 
 from pipeline import storage
 from pipeline.align_stage import encode_png
-from pipeline.models import build_metrics
+from pipeline.models import build_metrics, metric_label
 
 METRICS = ("psnr", "mse", "lpips", "id_similarity")
 
@@ -34,7 +34,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 class ReconstructionScorer:
     def __init__(self, weights: dict, device: torch.device, output: str, folder: str = "reconstructions"):
         self.lpips, self.ident = build_metrics(weights, device)
-        self.label = f"{self.lpips.label}; {self.ident.label}"
+        self.label = metric_label(self.lpips, self.ident)
         self.device, self.output, self.folder = device, output, folder
 
     def score(self, y: torch.Tensor, target: np.ndarray, idx: np.ndarray, ids: list[str],
@@ -49,8 +49,10 @@ class ReconstructionScorer:
             t = torch.nn.functional.adaptive_avg_pool2d(t, y.shape[-1])
         metric["psnr"][idx] = psnr(y, t).cpu().numpy()
         metric["mse"][idx] = mse(y, t).cpu().numpy()
-        metric["lpips"][idx] = self.lpips(y, t).cpu().numpy()
-        metric["id_similarity"][idx] = self.ident(y, t).cpu().numpy()
+        if self.lpips is not None:
+            metric["lpips"][idx] = self.lpips(y, t).cpu().numpy()
+        if self.ident is not None:
+            metric["id_similarity"][idx] = self.ident(y, t).cpu().numpy()
         imgs = to_uint8(y)
         for j, i in enumerate(idx):
             uri = storage.join(self.output, image_key(self.folder, ids[i], int(faces[i])))

@@ -53,7 +53,8 @@ def ray_local(s3_server):
     inherit it)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
+    # The dashboard stays on: Ray Train v2 watches its controller through the state API.
+    ray.init(num_cpus=2, ignore_reinit_error=True, log_to_driver=False,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
     from ray.data import DataContext
 
