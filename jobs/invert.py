@@ -56,7 +56,8 @@ DEFAULTS = {
         "batch_size": 8,         # faces per model call (per actor)
         "concurrency": 1,        # inversion actors (int, or [min, max])
         "num_gpus": "auto",      # per actor: auto = 1 when the cluster has GPUs
-        "num_cpus": 1,           # per actor (also its torch threads on the CPU)
+        "num_cpus": 1,           # per actor (Ray's accounting; leave CPUs for the read stage)
+        "torch_threads": 0,      # intra-op threads per actor on the CPU (0 = num_cpus)
         "device": "auto",
         "amp": "auto",           # auto (bf16 on CUDA, fp32 on CPU) | none | bf16 | fp16
         "load_batch_size": 16,   # crops per read/preprocess task
@@ -127,7 +128,7 @@ def build_dataset(items: list[dict], cfg: dict, run: storage.Run, target_size: i
             "model": cfg["model"], "run_id": run.run_id, "output": cfg["output"],
             "device": device_for(c["device"], num_gpus), "amp": c["amp"],
             "metrics": cfg["metric_weights"] if cfg["metrics"] else None,
-            "torch_threads": max(1, int(float(c["num_cpus"]))),
+            "torch_threads": int(c.get("torch_threads") or 0) or max(1, int(float(c["num_cpus"]))),
             "crash_once": (cfg.get("testing") or {}).get("crash_once"),
         })
 

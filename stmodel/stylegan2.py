@@ -35,18 +35,26 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
     p0, p1 = pad
     if up > 1 and down == 1 and kh == kw and p0 - p1 == up - 1 and 0 <= kh - 1 - p0:
         # Zero insertion + FIR == a depthwise transposed conv with stride `up` (no zeros stored).
-        weight = kernel.to(x.dtype).view(1, 1, kh, kw).expand(c, 1, kh, kw)
+        weight = kernel.to(x.dtype).view(1, 1, kh, kw).expand(c, 1, kh, kw).contiguous()
         return F.conv_transpose2d(x, weight, bias=None if bias is None else bias.to(x.dtype),
                                   stride=up, padding=kh - 1 - p0, groups=c)
     if up > 1:
         z = x.new_zeros(b, c, h, up, w, up)
         z[:, :, :, 0, :, 0] = x
         x = z.view(b, c, h * up, w * up)
-    x = F.pad(x, [max(p0, 0), max(p1, 0), max(p0, 0), max(p1, 0)])
-    if p0 < 0 or p1 < 0:
-        x = x[:, :, max(-p0, 0): x.shape[2] - max(-p1, 0), max(-p0, 0): x.shape[3] - max(-p1, 0)]
-    weight = torch.flip(kernel, [0, 1]).to(x.dtype).view(1, 1, kh, kw).expand(c, 1, kh, kw)
-    return F.conv2d(x, weight, bias=None if bias is None else bias.to(x.dtype), stride=down, groups=c)
+    conv_pad = 0
+    if p0 == p1 >= 0:
+        conv_pad = p0  # the conv pads itself: no padded copy, NHWC strides kept
+    else:
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        x = F.pad(x, [max(p0, 0), max(p1, 0), max(p0, 0), max(p1, 0)])
+        if p0 < 0 or p1 < 0:
+            x = x[:, :, max(-p0, 0): x.shape[2] - max(-p1, 0), max(-p0, 0): x.shape[3] - max(-p1, 0)]
+        if nhwc:
+            x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.flip(kernel, [0, 1]).to(x.dtype).view(1, 1, kh, kw).expand(c, 1, kh, kw).contiguous()
+    return F.conv2d(x, weight, bias=None if bias is None else bias.to(x.dtype), stride=down,
+                    padding=conv_pad, groups=c)
 
 
 def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor, negative_slope: float = 0.2,
@@ -150,15 +158,18 @@ class ModulatedConv2d(nn.Module):
             weight = weight * demod.view(b, self.out_channel, 1, 1, 1)
         weight = weight.to(x.dtype)
         k = self.kernel_size
-        x = x.reshape(1, b * cin, h, wd)
+        if b > 1:  # at batch 1 keep x as is: a reshape would lose its NHWC strides
+            x = x.reshape(1, b * cin, h, wd)
         if self.upsample:
             weight = weight.transpose(1, 2).reshape(b * cin, self.out_channel, k, k)
             out = F.conv_transpose2d(x, weight, stride=2, groups=b)
-            return self.blur(out.view(b, self.out_channel, out.shape[2], out.shape[3]), bias)
+            if b > 1:
+                out = out.view(b, self.out_channel, out.shape[2], out.shape[3])
+            return self.blur(out, bias)
         bias = None if bias is None else bias.to(x.dtype).repeat(b)
         out = F.conv2d(x, weight.reshape(b * self.out_channel, cin, k, k), bias=bias,
                        padding=self.padding, groups=b)
-        return out.view(b, self.out_channel, out.shape[2], out.shape[3])
+        return out.view(b, self.out_channel, out.shape[2], out.shape[3]) if b > 1 else out
 
     def _scaled_input(self, x, s, w, demod, bias):
         """Batched channels-last form: scale the input by the style, one shared-weight conv,

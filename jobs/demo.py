@@ -1,0 +1,242 @@
+"""The embedded demo: the whole system on one laptop, with nothing downloaded.
+
+    python -m jobs.demo [--set output=demo_out] [--set train.steps=1500]
+
+No pretrained weights exist here, so the demo builds what it needs and says so:
+  1. a seeded tiny StyleGAN2 generator (tiny-32), and a training set sampled from it whose true
+     W+ codes are known;
+  2. trains the tiny Style Transformer encoder on it (jobs.train_encoder, Ray Train) and shows
+     that it learned: reconstruction PSNR against the mean-latent baseline and its untrained
+     self, and the error to the true codes;
+  3. runs the real jobs on a local folder standing in for object storage: align (scikit-image's
+     astronaut and transformed copies, plus inputs that must fail), invert, fit_classifier
+     (labels defined from the known codes), fit_editor, edit and evaluate;
+  4. writes the HTML report (jobs.report) and prints where it is.
+LPIPS and ID similarity need real backbone weights, which this machine does not have: the
+demo leaves them uncomputed (null, labelled) rather than report numbers from random networks.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from jobs.cli import load_config, main
+from pipeline import storage
+from pipeline.schemas import nested_list_array
+
+log = logging.getLogger("stbatch.demo")
+
+JOB = "demo"
+ATTRIBUTES = ("synthetic_a", "synthetic_b", "synthetic_c")
+
+DEFAULTS = {
+    "output": "demo_out",   # local folder used as the object store
+    "progress": False,
+    "preset": "tiny-32",
+    "seed": 0,
+    "n_train": 384,
+    "n_val": 64,
+    "truncation": 0.7,
+    "train": {"steps": 1500, "batch_size": 8, "lr": 1e-3, "log_every": 25, "val_every": 250,
+              "checkpoint_every": 250},
+    "fit": {"classifier_epochs": 30, "editor_steps": 300},
+    "align_size": 256,
+}
+
+METRICS_NO_WEIGHTS = ["metric_weights.skip_missing=true"]
+
+
+def say(step: str, msg: str) -> None:
+    print(f"[demo] {step}: {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- 1. generator and data
+
+def build_generator(preset: str, seed: int):
+    from stmodel.config import get_preset
+    from stmodel.stylegan2 import Generator
+
+    torch.manual_seed(seed)
+    g = Generator(get_preset(preset)).eval()
+    with torch.no_grad():  # zero at init; a little noise makes the images less flat
+        for name, p in g.named_parameters():
+            if name.endswith("noise.weight"):
+                p.fill_(0.05)
+    return g
+
+
+def sample_dataset(g, root: str, n_train: int, n_val: int, truncation: float, seed: int) -> dict:
+    """PNG images of the generator with their true W+ codes (W broadcast to every layer) and
+    attribute labels defined from those codes: sign of the projection on fixed directions."""
+    from pipeline.align_stage import encode_png
+    from pipeline.decode import image_id
+    from pipeline.scoring import to_uint8
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    avg = g.mean_latent(20_000, seed=seed)
+    n = n_train + n_val
+    with torch.no_grad():
+        z = torch.randn(n, g.style_dim, generator=gen)
+        w = avg + truncation * (g.style(z) - avg)
+        w_plus = w.unsqueeze(1).repeat(1, g.n_latent, 1)
+        imgs = np.concatenate([to_uint8(g(w_plus[i:i + 64])) for i in range(0, n, 64)])
+    dirs = torch.randn(len(ATTRIBUTES), g.style_dim, generator=gen)
+    dirs = dirs / dirs.norm(dim=1, keepdim=True)
+    labels = ((w - avg) @ dirs.t() > 0).int().numpy()
+    files, ids = [], []
+    for i in range(n):
+        data = encode_png(imgs[i])
+        name = f"img_{i:05d}.png"
+        sub = "val" if i < n_val else "train"
+        storage.write_bytes(storage.join(root, "synthetic", sub, name), data)
+        files.append(name)
+        ids.append(image_id(data))
+    codes = pa.table({"file": files, "image_id": ids,
+                      "w_plus": nested_list_array(w_plus.numpy(), shape=(g.n_latent, g.style_dim))})
+    os.makedirs(storage.join(root, "synthetic_meta"), exist_ok=True)
+    pq.write_table(codes, storage.join(root, "synthetic_meta", "codes.parquet"))
+    attrs = pa.table({"image_id": ids, **{a: labels[:, k] for k, a in enumerate(ATTRIBUTES)}})
+    pq.write_table(attrs, storage.join(root, "synthetic_meta", "attributes.parquet"))
+    np.save(storage.join(root, "synthetic_meta", "direction_synthetic_a.npy"), dirs[0].numpy().astype(np.float32))
+    return {"avg": avg, "dirs": dirs, "ids": ids}
+
+
+# ---------------------------------------------------------------- 3. real photos
+
+def write_photos(folder: str) -> int:
+    """scikit-image's astronaut, transformed copies of it, and inputs that must fail."""
+    from PIL import Image
+    from skimage import data
+
+    base = Image.fromarray(data.astronaut())
+    photos = {"astronaut.png": base,
+              "astronaut_rot20.jpg": base.rotate(20, resample=Image.BICUBIC, expand=True),
+              "astronaut_small_shift.jpg": Image.fromarray(
+                  np.pad(np.asarray(base.resize((300, 300))), ((40, 100), (120, 20), (0, 0)), mode="edge")),
+              "astronaut_rot-12_big.png": base.resize((720, 720)).rotate(-12, resample=Image.BICUBIC)}
+    os.makedirs(folder, exist_ok=True)
+    for name, im in photos.items():
+        im.convert("RGB").save(os.path.join(folder, name))
+    grad = np.linspace(0, 255, 256 * 256 * 3).reshape(256, 256, 3).astype(np.uint8)
+    Image.fromarray(grad).save(os.path.join(folder, "no_face.png"))
+    with open(os.path.join(folder, "notes.jpg"), "w") as f:
+        f.write("not an image: the job must report it, not crash")
+    return len(photos) + 2
+
+
+# ---------------------------------------------------------------- the demo
+
+def run(cfg: dict) -> dict:
+    from jobs import align, evaluate, fit_classifier, fit_editor, invert, report, train_encoder
+    from stmodel.checkpoint import save_generator
+
+    t_start = time.time()
+    root = os.path.abspath(cfg["output"])
+    os.makedirs(root, exist_ok=True)
+    timings, summaries = {}, {}
+
+    def job(name, module, sets, **kw):
+        t = time.time()
+        c = load_config(module.DEFAULTS, None, sets + ["progress=false"])
+        res = module.run(c, **kw)
+        timings[name] = round(time.time() - t, 1)
+        summaries[name] = res
+        say(name, f"{json.dumps(res['counts'])} in {timings[name]} s")
+        return res
+
+    say("1/9 generator", f"seeded {cfg['preset']} StyleGAN2 generator, {cfg['n_train']} training + "
+                         f"{cfg['n_val']} validation images with known W+ codes")
+    g = build_generator(cfg["preset"], int(cfg["seed"]))
+    gen_uri = storage.join(root, "models", "generator.pt")
+    save_generator(g, gen_uri, latent_avg=g.mean_latent(20_000, seed=int(cfg["seed"])))
+    data = sample_dataset(g, root, int(cfg["n_train"]), int(cfg["n_val"]), float(cfg["truncation"]),
+                          int(cfg["seed"]))
+
+    tr = cfg["train"]
+    say("2/9 train_encoder", f"{tr['steps']} steps of the pSp L2 objective (LPIPS/ID off: no backbone "
+                             "weights here), Ray Train, one CPU worker")
+    res = job("train_encoder", train_encoder, [
+        f"input={root}/synthetic/train", f"val_input={root}/synthetic/val", f"output={root}",
+        f"val_codes={root}/synthetic_meta/codes.parquet", f"model.generator={gen_uri}", f"model.preset={cfg['preset']}",
+        f"model.seed={cfg['seed']}", "train.lpips=0", "train.id=0", f"train.steps={tr['steps']}",
+        f"train.batch_size={tr['batch_size']}", f"train.lr={tr['lr']}", f"train.log_every={tr['log_every']}",
+        f"train.val_every={tr['val_every']}", f"train.checkpoint_every={tr['checkpoint_every']}",
+        f"train.val_images={min(64, int(cfg['n_val']))}"])
+    ev = res["extra"]["eval"]
+    say("2/9 train_encoder", "validation PSNR: trained {:.2f} dB | mean latent {:.2f} dB | untrained {:.2f} dB; "
+        "W+ MSE to true codes: trained {:.4f} | mean latent {:.4f} | untrained {:.4f}".format(
+            ev["trained"]["psnr"], ev["mean_latent"]["psnr"], ev["untrained"]["psnr"],
+            ev["trained"]["w_mse"], ev["mean_latent"]["w_mse"], ev["untrained"]["w_mse"]))
+    ckpt = res["extra"]["checkpoint"]
+    model_sets = [f"model.checkpoint={ckpt}", "model.name=demo-tiny-encoder"]
+
+    photos = write_photos(os.path.join(root, "photos"))
+    say("3/9 align", f"{photos} photos: the astronaut and transformed copies, a photo without a face, "
+                     "a text file named .jpg")
+    job("align", align, [f"input={root}/photos", f"output={root}", f"align.size={cfg['align_size']}"])
+
+    say("4/9 invert", "aligned astronaut faces, then the synthetic images (with reconstructions and PSNR)")
+    job("invert_faces", invert, [f"input={root}", f"output={root}", "metrics=true", *model_sets, *METRICS_NO_WEIGHTS])
+    job("invert_synthetic", invert, [f"input={root}/synthetic", f"output={root}", "metrics=true",
+                                     *model_sets, *METRICS_NO_WEIGHTS])
+
+    say("5/9 fit_classifier", f"latent classifier for {', '.join(ATTRIBUTES)} (labels from the true codes)")
+    job("fit_classifier", fit_classifier, [f"latents={root}", f"attributes={root}/synthetic_meta/attributes.parquet",
+                                           f"output={root}", f"train.epochs={cfg['fit']['classifier_epochs']}"])
+
+    say("6/9 fit_editor", "reference-based edit transformer for synthetic_a")
+    job("fit_editor", fit_editor, [f"latents={root}", f"classifier={root}/models/classifier.pt", f"output={root}",
+                                   "attributes=[synthetic_a]", f"train.steps={cfg['fit']['editor_steps']}"])
+
+    say("7/9 edit", "label, reference and direction edits of the astronaut faces and some synthetic images")
+    requests = edit_requests(root, data["ids"][:4])
+    job("edit", __import__("jobs.edit", fromlist=["run"]), [
+        f"latents={root}", f"requests={requests}", f"output={root}", *model_sets,
+        f"classifier={root}/models/classifier.pt", f"editors.synthetic_a={root}/models/editor_synthetic_a.pt",
+        *METRICS_NO_WEIGHTS])
+
+    say("8/9 evaluate", "reconstruction metrics of the latents table against the crops")
+    job("evaluate", evaluate, [f"input={root}", *model_sets, *METRICS_NO_WEIGHTS])
+
+    say("9/9 report", "HTML report")
+    rep = job("report", report, [f"input={root}"])
+    seconds = round(time.time() - t_start, 1)
+    out = {"root": root, "report": rep["extra"].get("report"), "eval": ev, "timings": timings}
+    storage.write_bytes(storage.join(root, "demo_summary.json"), json.dumps(out, indent=2, default=str).encode())
+    say("done", f"{seconds} s; open {out['report']}")
+    counts = {"in": len(summaries), "ok": len(summaries), "failed": 0, "skipped": 0}
+    return {"run_id": None, "counts": counts, "extra": {"report": out["report"], "eval": ev, "timings": timings}}
+
+
+def edit_requests(root: str, synthetic_ids: list[str]) -> str:
+    """One request of each kind per source face: the aligned astronauts and a few synthetic ones."""
+    lat = storage.read_committed(root, "latents", columns=["image_id", "face_index", "status"])
+    ok = [r for r in lat.to_pylist() if r["status"] == "ok"]
+    faces = [r for r in ok if r["image_id"] not in set(synthetic_ids)][:4]
+    sources = faces + [{"image_id": i, "face_index": 0} for i in synthetic_ids[:2]]
+    ref = synthetic_ids[-1]
+    rows = []
+    for s in sources:
+        base = {"image_id": s["image_id"], "face_index": int(s["face_index"]), "attribute": "synthetic_a"}
+        rows += [{**base, "kind": "label", "strength": 3.0, "target": 1},
+                 {**base, "kind": "label", "strength": 3.0, "target": 0},
+                 {**base, "kind": "reference", "reference_image_id": ref},
+                 {**base, "kind": "direction", "strength": 4.0,
+                  "direction_uri": f"{root}/synthetic_meta/direction_synthetic_a.npy"}]
+    uri = storage.join(root, "requests", "edit_requests.parquet")
+    os.makedirs(os.path.dirname(uri), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), uri)
+    return uri
+
+
+if __name__ == "__main__":
+    main(JOB, __doc__, DEFAULTS, run)
