@@ -251,3 +251,22 @@ def test_evaluate_matches_inline_metrics_and_refuses_other_model(ray_local, tmp_
     assert r2["counts"] == {"in": 4, "ok": 0, "failed": 4, "skipped": 0}
     rows = storage.read_committed(str(tmp_path / "ev2"), "metrics").to_pylist()
     assert {x["status"] for x in rows} == {"model_mismatch"} and "same file" in rows[0]["error"]
+
+
+def test_gpu_path_on_cpu_autocast_and_several_actors(ray_local, tmp_path, tiny_checkpoint):
+    """The CUDA code path minus the device: autocast (bf16 on the CPU) and a pool of two
+    actors; codes stay close to the fp32 ones and every face is written once."""
+    ckpt, _ = tiny_checkpoint
+    write_crops(tmp_path / "c", 10, seed=9)
+    ref = invert.run(_cfg(str(tmp_path / "c"), str(tmp_path / "fp32"), ckpt))
+    assert ref["counts"]["ok"] == 10
+    r = invert.run(_cfg(str(tmp_path / "c"), str(tmp_path / "bf16"), ckpt, **{
+        "invert.amp": "bf16", "invert.concurrency": 2, "invert.num_cpus": 0.5, "invert.batch_size": 2}))
+    assert r["counts"] == {"in": 10, "ok": 10, "failed": 0, "skipped": 0}
+    a = {x["image_id"]: np.asarray(x["w_plus"]) for x in _table(str(tmp_path / "fp32")).to_pylist()}
+    b = {x["image_id"]: np.asarray(x["w_plus"]) for x in _table(str(tmp_path / "bf16")).to_pylist()}
+    assert a.keys() == b.keys()
+    diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    scale = max(float(np.abs(a[k]).max()) for k in a)
+    print(f"bf16 autocast vs fp32: max |dW+| = {diff:.4f} (max |W+| = {scale:.2f})")
+    assert 0 < diff < 0.05 * scale
