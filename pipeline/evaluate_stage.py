@@ -9,7 +9,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.invert_stage import load_crops
-from pipeline.models import amp_dtype, load_model, pick_device
+from pipeline.models import ModelActor
 from pipeline.schemas import make_table, metrics_schema, nested_list_to_numpy
 from pipeline.scoring import ReconstructionScorer, empty_metrics
 
@@ -27,17 +27,12 @@ def load_targets(batch: pa.Table, target_size: int, max_pixels: int = 64_000_000
     return out
 
 
-class EvaluateBatch:
+class EvaluateBatch(ModelActor):
     """Actor: loads the generator (from the inversion checkpoint) and the metric backbones once."""
 
     def __init__(self, model: dict, run_id: str, output: str, metrics: dict, device: str = "auto",
                  amp: str = "auto", torch_threads: int = 0):
-        if torch_threads:
-            torch.set_num_threads(int(torch_threads))
-        self.device = pick_device(device)
-        self.amp = amp_dtype(amp, self.device)
-        self.model, self.info = load_model(model)
-        self.model.to(self.device).requires_grad_(False)
+        super().__init__(model, device, amp, torch_threads)
         self.scorer = ReconstructionScorer(metrics, self.device, output)
         self.schema = metrics_schema()
         self.run_id = run_id
@@ -58,7 +53,7 @@ class EvaluateBatch:
         if len(idx):
             w = torch.from_numpy(np.ascontiguousarray(batch["w_plus"][idx])).to(self.device)
             try:
-                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                with self.autocast():
                     y = self.model.reconstruct(w)
                 self.scorer.score(y, batch["target"], idx, ids, np.asarray(batch["face_index"]), metric)
             except Exception as e:  # noqa: BLE001 - a failing batch becomes failed rows

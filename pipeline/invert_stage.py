@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.decode import STATUS_OK, decode_image, image_id as hash_image_id
-from pipeline.models import amp_dtype, load_model, pick_device
+from pipeline.models import ModelActor
 from pipeline.schemas import latents_schema, make_table
 from pipeline.scoring import ReconstructionScorer, empty_metrics
 
@@ -77,18 +77,13 @@ def load_crops(batch: dict, input_size: int | None, target_size: int | None = No
     return out
 
 
-class InvertBatch:
+class InvertBatch(ModelActor):
     """Actor: loads the inversion model (and metric backbones) once, maps a batch of
     preprocessed crops to `latents` rows."""
 
     def __init__(self, model: dict, run_id: str, output: str, device: str = "auto", amp: str = "auto",
                  metrics: dict | None = None, torch_threads: int = 0, crash_once: dict | None = None):
-        if torch_threads:
-            torch.set_num_threads(int(torch_threads))
-        self.device = pick_device(device)
-        self.amp = amp_dtype(amp, self.device)
-        self.model, self.info = load_model(model)
-        self.model.to(self.device).requires_grad_(False)
+        super().__init__(model, device, amp, torch_threads)
         cfg = self.model.cfg
         self.schema = latents_schema(cfg.n_latent, cfg.style_dim)
         self.run_id, self.output = run_id, output
@@ -120,7 +115,7 @@ class InvertBatch:
         if len(idx):
             x = torch.from_numpy(np.ascontiguousarray(batch["image"][idx])).to(self.device)
             try:
-                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                with self.autocast():
                     wp = self.model.invert(x)
                     y = self.model.reconstruct(wp) if self.metrics else None
                 w[idx] = wp.float().cpu().numpy()

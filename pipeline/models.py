@@ -86,3 +86,19 @@ def build_metrics(spec: dict, device: torch.device):
 def metric_label(lp, ident) -> str:
     return "; ".join([lp.label if lp else "lpips: not computed (no weights configured)",
                       ident.label if ident else "id: not computed (no weights configured)"])
+
+
+class ModelActor:
+    """Base of the stages' actor classes: thread count, device, autocast dtype and the
+    inversion model, set up once per actor."""
+
+    def __init__(self, model: dict, device: str = "auto", amp: str = "auto", torch_threads: int = 0):
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        self.device = pick_device(device)
+        self.amp = amp_dtype(amp, self.device)
+        self.model, self.info = load_model(model)
+        self.model.to(self.device).requires_grad_(False)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
