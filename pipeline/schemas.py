@@ -278,3 +278,58 @@ def make_table(cols: dict, schema: pa.Schema, run_id: str, w_plus: np.ndarray | 
         else:
             arrays.append(pa.nulls(n, f.type))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# The `edits` table (jobs.edit) and the `classifier_eval` table (jobs.fit_classifier)
+
+EDIT_KINDS = ("label", "reference", "direction")
+
+
+def edits_schema() -> pa.Schema:
+    """One row per edit request. `edit_id` = sha256 of the request's canonical fields, so a
+    rerun finds what is done and the image key never comes from a user-supplied name."""
+    return pa.schema([
+        pa.field("edit_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string()),
+        pa.field("face_index", pa.int32()),
+        pa.field("kind", pa.string()),                 # label | reference | direction
+        pa.field("attribute", pa.string()),
+        pa.field("strength", pa.float32()),
+        pa.field("target", pa.int8()),                 # label edits: 1 add, 0 remove
+        pa.field("reference_image_id", pa.string()),
+        pa.field("reference_face_index", pa.int32()),
+        pa.field("direction_uri", pa.string()),
+        pa.field("order", pa.int8()),                  # label edits: 1 or 2
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("output_uri", pa.string()),           # the edited image (PNG)
+        pa.field("source_reconstruction_uri", pa.string()),
+        pa.field("id_similarity", pa.float32()),       # edited vs source reconstruction
+        pa.field("lpips", pa.float32()),               # edited vs source reconstruction
+        pa.field("logit_before", pa.float32()),        # classifier logit of `attribute`
+        pa.field("logit_after", pa.float32()),
+        pa.field("metric_backbones", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("checkpoint_sha256", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ], metadata={b"table": b"edits", b"version": b"1"})
+
+
+def classifier_eval_schema() -> pa.Schema:
+    """Held-out quality of a trained latent classifier, one row per attribute."""
+    return pa.schema([
+        pa.field("attribute", pa.string(), nullable=False),
+        pa.field("attribute_index", pa.int32(), nullable=False),
+        pa.field("n_train", pa.int64()),                # training rows with a label for it
+        pa.field("n_val", pa.int64()),                  # held-out rows with a label for it
+        pa.field("accuracy", pa.float64()),             # threshold: logit > 0
+        pa.field("auc", pa.float64()),                  # ROC AUC (null when one class only)
+        pa.field("positive_rate", pa.float64()),        # share of positives among held-out labels
+        pa.field("predicted_positive_rate", pa.float64()),
+        pa.field("classifier_uri", pa.string()),
+        pa.field("classifier_sha256", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ], metadata={b"table": b"classifier_eval", b"version": b"1"})

@@ -1,0 +1,196 @@
+"""Fit job: reference-based edit transformers, one per attribute, against a frozen latent
+classifier (the official objective), on Ray Train.
+
+    python -m jobs.fit_editor --set classifier=URI --set output=URI --set attributes=[Smiling,Male] \\
+        --set latents=URI
+    python -m jobs.fit_editor --set classifier=URI --set output=URI --set attributes=[Smiling] \\
+        --set model.checkpoint=URI --set sample.n=20000 [--set sample.truncation=0.7]
+
+Codes come from a committed `latents` table (status ok; a deterministic share `val_fraction`
+of image ids is held out for the before/after figures), or are sampled through the inversion
+model's own mapping network (`model.checkpoint`, W codes broadcast to W+, truncation `psi`
+towards the mapping net's mean; `sample.n_val` more are drawn for the figures). Each batch is
+split in halves, sources and references; loss `l2 * MSE(w_s, w_e) + ref * MSE(emb_k(w_e),
+emb_k(w_r)) + src * MSE(emb_notk(w_e), emb_notk(w_s))` (weights `loss.*`, all 1.0), Adam lr 1e-4,
+weight decay 5e-4 (MODEL.md). Writes, per attribute,
+
+    <output>/models/editor_<attribute>.pt    official layout (encoder.module.transformerlayer.*,
+                                             classifier.module.*, opts with the figures)
+
+and a manifest `<output>/_runs/<id>.json`. The summary gives, per attribute, the loss parts on
+the held-out pairs before and after training (`ref` is the target-embedding distance of the
+edited code to the reference; `identity_ref` what leaving the source unchanged scores).
+
+Counts, one per code: in = ok + failed + skipped; ok = codes used (train or held out),
+skipped = latents rows whose inversion had failed; failed = 0 (no per-code failure here).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from jobs.cli import main
+from pipeline import storage
+from pipeline.compute import device_for, gpus_per_actor
+from pipeline.fit_loops import (SampleCodes, codes_batch, committed_latent_files, editor_loop, fit, id_split_batch,
+                                latents_index, split_of)
+
+log = logging.getLogger("stbatch.fit_editor")
+
+JOB = "fit_editor"
+
+DEFAULTS = {
+    "classifier": None,        # URI of the latent classifier (jobs.fit_classifier, or official)
+    "classifier_sha256": None,
+    "output": None,            # models/editor_<attribute>.pt, _runs/
+    "attributes": None,        # [Smiling, ...]: one editor each (names known to the classifier)
+    "latents": None,           # dataset root with a committed latents table ...
+    "val_fraction": 0.05,      # ... held-out share of its image ids (for the figures)
+    "split_seed": 0,
+    "model": {"checkpoint": None, "sha256": None, "preset": None, "seed": 0},  # ... or sample codes
+    "sample": {
+        "n": 0,                # training codes drawn through model's mapping net (when no latents)
+        "n_val": 512,          # held-out codes drawn the same way (other ids)
+        "truncation": 0.7,     # psi towards the mapping net's mean
+        "mean_n": 4096,        # samples averaged for that mean
+        "seed": 0,
+        "batch_size": 1024,
+        "num_gpus": "auto",
+    },
+    "editor": {"n_heads": 4, "ff_dim": 1024, "dropout": 0.1, "query_norm": False},
+    "loss": {"l2": 1.0, "ref": 1.0, "src": 1.0},
+    "train": {
+        "steps": 10000, "batch_size": 64, "lr": 1e-4, "weight_decay": 5e-4, "seed": 0,
+        "num_workers": 1, "use_gpu": "auto", "torch_threads": 0, "shuffle_buffer": 4096,
+        "materialize": True, "log_every": 500, "ray_storage": None,
+    },
+    "eval": {"max_pairs": 256},  # held-out (source, reference) pairs for the figures
+    "progress": True,
+}
+
+
+def _safe_attr(a: str) -> str:
+    try:
+        return storage.safe_key(f"models/editor_{a}.pt")
+    except ValueError:
+        raise SystemExit(f"fit_editor: attribute name {a!r} cannot be part of a file name") from None
+
+
+def build_datasets(cfg: dict) -> tuple[dict, dict, dict]:
+    """(datasets, counts, source description)."""
+    import ray
+
+    t = cfg["train"]
+    if cfg.get("latents"):
+        index = latents_index(cfg["latents"])
+        st = index["status"].to_pylist()
+        n_ok = st.count("ok")
+        ids = [i for i, s in zip(index["image_id"].to_pylist(), st) if s == "ok"]
+        n_val = sum(split_of(i, float(cfg["val_fraction"]), int(cfg["split_seed"])) == "val" for i in ids)
+        if n_ok - n_val < 2:
+            raise SystemExit(f"fit_editor: {n_ok - n_val} training codes in {cfg['latents']}; need at least 2")
+        paths, fs = committed_latent_files(cfg["latents"])
+        base = ray.data.read_parquet(paths, filesystem=fs).select_columns(["image_id", "face_index", "status",
+                                                                            "w_plus"])
+        ds = {s: base.map_batches(codes_batch, batch_format="pyarrow", batch_size=1024,
+                                  fn_kwargs={"val_fraction": float(cfg["val_fraction"]),
+                                             "seed": int(cfg["split_seed"]), "keep": s})
+              for s in ("train", "val")}
+        counts = {"in": index.num_rows, "ok": n_ok, "failed": 0, "skipped": index.num_rows - n_ok}
+        source = {"latents": cfg["latents"], "n_train": n_ok - n_val, "n_val": n_val}
+    else:
+        s = cfg["sample"]
+        n, n_val = int(s["n"] or 0), int(s["n_val"] or 0)
+        if n < 2:
+            raise SystemExit("fit_editor: set latents=URI, or model.checkpoint=URI with sample.n=N (N >= 2)")
+        if not (cfg["model"].get("checkpoint") or cfg["model"].get("preset")):
+            raise SystemExit("fit_editor: sampling codes needs model.checkpoint=URI (the inversion model)")
+        from pipeline.compute import actor_pool
+
+        num_gpus = gpus_per_actor(s.get("num_gpus", "auto"))
+        kw = {"num_gpus": num_gpus} if num_gpus > 0 else {}
+        ctor = {"model": cfg["model"], "truncation": float(s["truncation"]), "seed": int(s["seed"]),
+                "mean_n": int(s["mean_n"]), "device": device_for("auto", num_gpus)}
+        # the actor is started once: the train and held-out codes are drawn in one pass (ids
+        # [0, n) and [n, n + n_val)), then split by id
+        codes = ray.data.range(n + n_val).map_batches(
+            SampleCodes, batch_size=int(s["batch_size"]), batch_format="numpy", compute=actor_pool(1),
+            fn_constructor_kwargs=ctor, **kw).materialize()
+        ds = {sp: codes.map_batches(id_split_batch, batch_format="numpy", batch_size=1024,
+                                    fn_kwargs={"n_train": n, "keep": sp}) for sp in ("train", "val")}
+        counts = {"in": n + n_val, "ok": n + n_val, "failed": 0, "skipped": 0}
+        source = {"sampled_from": cfg["model"].get("checkpoint") or cfg["model"].get("preset"),
+                  "truncation": float(s["truncation"]), "n_train": n, "n_val": n_val}
+    ds["train"] = ds["train"].select_columns(["w_plus"])
+    if t.get("materialize", True):
+        ds = {k: v.materialize() for k, v in ds.items()}
+    return ds, counts, source
+
+
+def format_figures(res: dict) -> str:
+    lines = [f"{'attribute':<22} {'ref before':>11} {'ref after':>10} {'identity':>9} {'src after':>10} "
+             f"{'l2 after':>9} {'loss before':>12} {'loss after':>11}"]
+    for a, r in res.items():
+        b, f = r["before"] or {}, r["after"] or {}
+        lines.append(f"{a:<22} {b.get('ref', float('nan')):>11.4f} {f.get('ref', float('nan')):>10.4f} "
+                     f"{f.get('identity_ref', float('nan')):>9.4f} {f.get('src', float('nan')):>10.4f} "
+                     f"{f.get('l2', float('nan')):>9.4f} {b.get('total', float('nan')):>12.4f} "
+                     f"{f.get('total', float('nan')):>11.4f}")
+    return "\n".join(lines)
+
+
+def run(cfg: dict) -> dict:
+    import ray
+
+    from stmodel.classifier import load_classifier
+
+    for k in ("classifier", "output"):
+        if not cfg.get(k):
+            raise SystemExit(f"fit_editor: set {k}=URI")
+    attrs = cfg.get("attributes")
+    if isinstance(attrs, str):
+        attrs = [attrs]
+    if not attrs:
+        raise SystemExit("fit_editor: set attributes=[Name,...] (one editor per attribute)")
+    t0 = time.time()
+    clf = load_classifier(cfg["classifier"], sha256=cfg.get("classifier_sha256"))
+    unknown = [a for a in attrs if a not in clf.attributes]
+    if unknown:
+        raise SystemExit(f"fit_editor: unknown attribute(s) {unknown}; the classifier knows {clf.attributes}")
+    keys = {a: _safe_attr(a) for a in attrs}
+    r = storage.Run(cfg["output"], JOB, cfg)
+    datasets, counts, source = build_datasets(cfg)
+    shape = datasets["train"].take_batch(1, batch_format="numpy")["w_plus"].shape[1:]
+    if tuple(shape) != (clf.n_latent, clf.style_dim):
+        raise SystemExit(f"fit_editor: codes of shape {list(shape)} but the classifier takes "
+                         f"[{clf.n_latent}, {clf.style_dim}]")
+    uris = {a: storage.join(cfg["output"], keys[a]) for a in attrs}
+    t = cfg["train"]
+    log.info("fit_editor: %d attribute(s) %s, %s, %d steps each -> %s", len(attrs), attrs, source, int(t["steps"]),
+             storage.join(cfg["output"], "models"))
+    res = fit(editor_loop, {"attributes": attrs, "classifier_uri": cfg["classifier"],
+                            "classifier_sha256": cfg.get("classifier_sha256"), "editor": cfg["editor"],
+                            "loss": cfg["loss"], "train": t, "eval": cfg["eval"], "editor_uris": uris,
+                            "run_id": r.run_id},
+              datasets, t, f"{JOB}-{r.run_id}")
+    print(format_figures(res), file=sys.stderr, flush=True)
+    editors = {a: {"uri": v["uri"], "sha256": v["sha256"], "steps": v["steps"],
+                   "loss_before": (v["before"] or {}).get("total"), "loss_after": (v["after"] or {}).get("total"),
+                   "ref_before": (v["before"] or {}).get("ref"), "ref_after": (v["after"] or {}).get("ref"),
+                   "identity_ref": (v["after"] or {}).get("identity_ref"),
+                   "src_after": (v["after"] or {}).get("src"), "l2_after": (v["after"] or {}).get("l2"),
+                   "pairs": (v["after"] or {}).get("pairs", 0)} for a, v in res.items()}
+    extra = {"editors": editors, "source": source}
+    r.commit({**counts, "seconds": round(time.time() - t0, 2), **extra},
+             extra={"inputs": {"classifier": cfg["classifier"], **source},
+                    "figures": {a: {"before": v["before"], "after": v["after"]} for a, v in res.items()},
+                    "history": {a: v["history"] for a, v in res.items()}, "ray": {"version": ray.__version__}})
+    return {"run_id": r.run_id, "counts": counts, "extra": extra}
+
+
+DESCRIPTION = __doc__
+
+
+if __name__ == "__main__":
+    main(JOB, DESCRIPTION, DEFAULTS, run)
