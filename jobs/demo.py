@@ -191,11 +191,13 @@ def run(cfg: dict) -> dict:
 
     say("5/9 fit_classifier", f"latent classifier for {', '.join(ATTRIBUTES)} (labels from the true codes)")
     job("fit_classifier", fit_classifier, [f"latents={root}", f"attributes={root}/synthetic_meta/attributes.parquet",
-                                           f"output={root}", f"train.epochs={cfg['fit']['classifier_epochs']}"])
+                                           f"output={root}", f"train.epochs={cfg['fit']['classifier_epochs']}",
+                                           "train.batch_size=32", "train.lr=0.001"])
 
     say("6/9 fit_editor", "reference-based edit transformer for synthetic_a")
     job("fit_editor", fit_editor, [f"latents={root}", f"classifier={root}/models/classifier.pt", f"output={root}",
-                                   "attributes=[synthetic_a]", f"train.steps={cfg['fit']['editor_steps']}"])
+                                   "attributes=[synthetic_a]", f"train.steps={cfg['fit']['editor_steps']}",
+                                   "train.batch_size=32", "train.lr=0.001"])
 
     say("7/9 edit", "label, reference and direction edits of the astronaut faces and some synthetic images")
     requests = edit_requests(root, data["ids"][:4])
@@ -232,6 +234,9 @@ def edit_requests(root: str, synthetic_ids: list[str]) -> str:
                  {**base, "kind": "reference", "reference_image_id": ref},
                  {**base, "kind": "direction", "strength": 4.0,
                   "direction_uri": f"{root}/synthetic_meta/direction_synthetic_a.npy"}]
+    cols = ["image_id", "face_index", "kind", "attribute", "strength", "target", "reference_image_id",
+            "direction_uri"]
+    rows = [{c: r.get(c) for c in cols} for r in rows]  # from_pylist takes its columns from row 0
     uri = storage.join(root, "requests", "edit_requests.parquet")
     os.makedirs(os.path.dirname(uri), exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), uri)

@@ -74,6 +74,7 @@ DEFAULTS = {
     "metric_weights": {
         "lpips_alexnet": None, "facenet": None,
         "allow_random_init": False,  # tests only: random backbones, labelled in every row
+        "skip_missing": False,       # leave a metric without weights uncomputed (null, labelled)
     },
     "retry_failed": True,          # rerun requests whose committed rows failed
     "direction_prefixes": [],      # when set, direction_uri must start with one of these
@@ -149,9 +150,9 @@ def run(cfg: dict, before_commit=None) -> dict:
             raise SystemExit(f"edit: set {k}=URI")
     if cfg["metrics"]:
         w = cfg["metric_weights"]
-        if not w.get("allow_random_init") and not (w.get("lpips_alexnet") and w.get("facenet")):
+        if not (w.get("allow_random_init") or w.get("skip_missing")) and not (w.get("lpips_alexnet") and w.get("facenet")):
             raise SystemExit("edit: metrics need metric_weights.lpips_alexnet and metric_weights.facenet "
-                             "(weights URIs), or set metrics=false")
+                             "(weights URIs), metric_weights.skip_missing=true, or metrics=false")
     c = cfg["edit"]
     t0 = time.time()
     r = storage.Run(cfg["output"], JOB, cfg)

@@ -29,7 +29,7 @@ import torch
 
 from pipeline import storage
 from pipeline.align_stage import encode_png
-from pipeline.models import amp_dtype, build_metrics, load_model, pick_device
+from pipeline.models import ModelActor, build_metrics, metric_label
 from pipeline.schemas import EDIT_KINDS, edits_schema, make_table, nested_list_to_numpy
 from pipeline.scoring import image_key, to_uint8
 
@@ -236,7 +236,7 @@ def work_table(rows: list[dict], codes: dict, n_latent: int, style_dim: int) -> 
 
 # ---------------------------------------------------------------------------- the actor
 
-class EditBatch:
+class EditBatch(ModelActor):
     """Actor: model, classifier, editors and metric backbones loaded once; a batch of work rows
     -> `edits` rows (edited PNG under `<output>/edits/images/<edit_id>.png`, source reconstruction
     under `<output>/edit_sources/<image_id>_<face>.png`)."""
@@ -247,12 +247,7 @@ class EditBatch:
         from stmodel.classifier import load_classifier
         from stmodel.editor import load_editor
 
-        if torch_threads:
-            torch.set_num_threads(int(torch_threads))
-        self.device = pick_device(device)
-        self.amp = amp_dtype(amp, self.device)
-        self.model, self.info = load_model(model)
-        self.model.to(self.device).requires_grad_(False)
+        super().__init__(model, device, amp, torch_threads)
         self.n_latent, self.style_dim = self.model.cfg.n_latent, self.model.cfg.style_dim
         self.clf = None
         if classifier:
@@ -265,7 +260,7 @@ class EditBatch:
         self.label = None
         if metrics:
             self.lpips, self.ident = build_metrics(metrics, self.device)
-            self.label = f"{self.lpips.label}; {self.ident.label}"
+            self.label = metric_label(self.lpips, self.ident)
         self.run_id, self.output = run_id, output
         self.schema = edits_schema()
         self.directions: dict[str, torch.Tensor] = {}
@@ -362,13 +357,14 @@ class EditBatch:
         src_keys = [(meta[i]["image_id"], int(meta[i]["face_index"])) for i in ok]
         uniq = list(dict.fromkeys(src_keys))
         first = {k: src_keys.index(k) for k in uniq}
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+        with self.autocast():
             src_img = self.model.reconstruct(w_src[[first[k] for k in uniq]]).float()
             edit_img = self.model.reconstruct(w_edit).float()
         row_src = src_img[[uniq.index(k) for k in src_keys]]
-        if self.lpips is not None:
-            lp = self.lpips(edit_img, row_src).cpu().numpy()
-            idsim = self.ident(edit_img, row_src).cpu().numpy()
+        if self.label is not None:
+            nan = np.full(len(ok), np.nan, np.float32)
+            lp = self.lpips(edit_img, row_src).cpu().numpy() if self.lpips is not None else nan
+            idsim = self.ident(edit_img, row_src).cpu().numpy() if self.ident is not None else nan
             for j, i in enumerate(ok):
                 nums["lpips"][i], nums["id_similarity"][i] = lp[j], idsim[j]
                 out["metric_backbones"][i] = self.label
