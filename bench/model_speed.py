@@ -57,7 +57,7 @@ def count_flops(model: StyleTransformer, x: torch.Tensor, mode: str) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         w = model.invert(x)
         if mode == "full":
-            model.decoder(w)
+            model.reconstruct(w, resize=False)
     return fc.get_total_flops()
 
 
@@ -82,7 +82,7 @@ def run_one(args) -> dict:
         with torch.no_grad(), torch.autocast(args.device, dtype=amp, enabled=amp is not None):
             w = m.invert(x)
             if args.mode == "full":
-                m.decoder(w)
+                m.reconstruct(w, resize=False)
         return w
 
     w = step()  # warm-up (allocations, oneDNN primitive creation, cuDNN autotune)
