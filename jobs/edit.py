@@ -142,7 +142,7 @@ def check_editors(editors: dict[str, str], style_dim: int) -> tuple[dict, dict]:
 def run(cfg: dict, before_commit=None) -> dict:
     import ray
 
-    from pipeline.models import load_model
+    from pipeline.models import describe_model
     from stmodel.classifier import load_classifier
 
     for k in ("latents", "output"):
@@ -159,9 +159,8 @@ def run(cfg: dict, before_commit=None) -> dict:
     swept = r.sweep_uncommitted([TABLE])
     if swept:
         log.info("removed files of unpublished runs: %s", swept)
-    model, info = load_model(cfg["model"])
-    n_latent, style_dim = model.cfg.n_latent, model.cfg.style_dim
-    del model
+    mc, info = describe_model(cfg["model"])
+    n_latent, style_dim = mc.n_latent, mc.style_dim
     attributes = None
     if cfg.get("classifier"):
         clf = load_classifier(cfg["classifier"], sha256=cfg.get("classifier_sha256"))

@@ -134,13 +134,12 @@ def build_dataset(items: list[dict], cfg: dict, run: storage.Run, target_size: i
 
 
 def model_shapes(spec: dict) -> dict:
-    """Sizes the driver needs (encoder input, reconstruction size) without loading weights twice."""
-    from pipeline.models import load_model
+    """Sizes and identity the driver needs, without building the model."""
+    from pipeline.models import describe_model
 
-    model, info = load_model(spec)
-    return {"input_size": model.cfg.input_size, "pool_size": model.cfg.pool_size,
-            "n_latent": model.cfg.n_latent, "style_dim": model.cfg.style_dim,
-            "name": info["name"], "sha256": info["sha256"]}
+    mc, info = describe_model(spec)
+    return {"input_size": mc.input_size, "pool_size": mc.pool_size, "n_latent": mc.n_latent,
+            "style_dim": mc.style_dim, "name": info["name"], "sha256": info["sha256"]}
 
 
 def metric_summary(parts: list[pa.Table]) -> dict:

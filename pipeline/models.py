@@ -11,13 +11,13 @@ random backbones whose every output row is labelled as such.
 """
 from __future__ import annotations
 
-import io
+import hashlib
 import os
 
 import torch
 
-from stmodel.checkpoint import inversion_state, load_inversion, sha256_bytes
-from stmodel.config import get_preset
+from stmodel.checkpoint import inversion_config, load_bytes, load_inversion, read_bytes
+from stmodel.config import ModelConfig, get_preset
 from stmodel.inversion import StyleTransformer
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,23 +41,42 @@ def amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
         raise ValueError(f"amp must be auto, none, bf16 or fp16; got {amp!r}") from None
 
 
+def random_model_info(preset: str, seed: int) -> dict:
+    # A seeded random model has no file: its identity is its recipe.
+    return {"name": f"{preset}-random-seed{seed}", "uri": None,
+            "sha256": hashlib.sha256(f"random-init:{preset}:{seed}".encode()).hexdigest()}
+
+
 def load_model(spec: dict) -> tuple[StyleTransformer, dict]:
     """The inversion model of a `model:` config section, and a description for the tables:
-    `{"name", "sha256", "uri"}` (a seeded random model's hash is that of its saved state)."""
+    `{"name", "sha256", "uri"}` (a seeded random model is identified by preset and seed)."""
     if spec.get("checkpoint"):
         model, info = load_inversion(spec["checkpoint"], preset=spec.get("preset") or None,
                                      sha256=spec.get("sha256") or None)
-        name = spec.get("name") or os.path.basename(str(spec["checkpoint"]).rstrip("/"))
-        return model, {"name": name, "sha256": info.sha256, "uri": spec["checkpoint"]}
-    preset = spec.get("preset")
-    if not preset:
-        raise ValueError("model: set model.checkpoint=URI (or model.preset=NAME with model.seed for a random model)")
-    seed = int(spec.get("seed", 0))
+        return model, {"name": _name(spec), "sha256": info.sha256, "uri": spec["checkpoint"]}
+    preset, seed = _random_spec(spec)
     torch.manual_seed(seed)
-    model = StyleTransformer(get_preset(preset)).eval()
-    buf = io.BytesIO()
-    torch.save(inversion_state(model), buf)
-    return model, {"name": f"{preset}-random-seed{seed}", "sha256": sha256_bytes(buf.getvalue()), "uri": None}
+    return StyleTransformer(get_preset(preset)).eval(), random_model_info(preset, seed)
+
+
+def describe_model(spec: dict) -> tuple[ModelConfig, dict]:
+    """What the driver needs (shape, identity) without building the model or its weights."""
+    if spec.get("checkpoint"):
+        data, digest = read_bytes(spec["checkpoint"], spec.get("sha256") or None)
+        cfg = inversion_config(load_bytes(data, spec["checkpoint"]), spec.get("preset") or None)
+        return cfg, {"name": _name(spec), "sha256": digest, "uri": spec["checkpoint"]}
+    preset, seed = _random_spec(spec)
+    return get_preset(preset), random_model_info(preset, seed)
+
+
+def _name(spec: dict) -> str:
+    return spec.get("name") or os.path.basename(str(spec["checkpoint"]).rstrip("/"))
+
+
+def _random_spec(spec: dict) -> tuple[str, int]:
+    if not spec.get("preset"):
+        raise ValueError("model: set model.checkpoint=URI (or model.preset=NAME with model.seed for a random model)")
+    return spec["preset"], int(spec.get("seed", 0))
 
 
 def build_metrics(spec: dict, device: torch.device):

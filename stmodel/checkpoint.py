@@ -134,16 +134,21 @@ def _config_for(opts: dict, preset: str | ModelConfig | None) -> ModelConfig:
     raise CheckpointError("cannot tell the model shape: no preset given and opts has no output_size")
 
 
+def inversion_config(ckpt: dict, preset: str | ModelConfig | None = None) -> ModelConfig:
+    """The model shape of an inversion checkpoint dict, without building the model."""
+    cfg = _config_for(dict(ckpt.get("opts") or {}), preset)
+    z = (ckpt.get("state_dict") or {}).get("encoder.module.z")
+    if isinstance(z, torch.Tensor) and z.ndim == 3 and z.shape[1] != cfg.n_queries:
+        cfg = cfg.replace(n_queries=int(z.shape[1]))
+    return cfg
+
+
 def inversion_from_dict(ckpt: dict, preset: str | ModelConfig | None = None,
                         source: str = "<checkpoint>") -> StyleTransformer:
     if "state_dict" not in ckpt:
         raise CheckpointError(f"{source}: no 'state_dict' (is this a plain StyleGAN2 file? use load_generator)")
-    opts = dict(ckpt.get("opts") or {})
-    cfg = _config_for(opts, preset)
+    cfg = inversion_config(ckpt, preset)
     sd = ckpt["state_dict"]
-    z = sd.get("encoder.module.z")
-    if isinstance(z, torch.Tensor) and z.ndim == 3 and z.shape[1] != cfg.n_queries:
-        cfg = cfg.replace(n_queries=int(z.shape[1]))
     model = StyleTransformer(cfg)
     load_strict(model.encoder, strip_prefix(sd, "encoder.module."), f"{source} (encoder)")
     load_strict(model.decoder, strip_prefix(sd, "decoder.module."), f"{source} (decoder)")
