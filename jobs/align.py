@@ -175,9 +175,7 @@ def run(cfg: dict, before_commit=None) -> dict:
         raise SystemExit(f"align.face_policy must be 'largest' or 'all', got {a['face_policy']!r}")
     t0 = time.time()
     r = storage.Run(cfg["output"], JOB, cfg)
-    swept = r.sweep_uncommitted([TABLE])
-    if swept:
-        log.info("removed files of unpublished runs: %s", swept)
+    r.sweep_uncommitted([TABLE])
     files = storage.list_files(cfg["input"])
     done = storage.committed_values(cfg["output"], TABLE, "image_id")
     log.info("align %s -> %s: %d files, %d image_ids already committed, run %s",

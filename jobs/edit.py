@@ -156,9 +156,7 @@ def run(cfg: dict, before_commit=None) -> dict:
     c = cfg["edit"]
     t0 = time.time()
     r = storage.Run(cfg["output"], JOB, cfg)
-    swept = r.sweep_uncommitted([TABLE])
-    if swept:
-        log.info("removed files of unpublished runs: %s", swept)
+    r.sweep_uncommitted([TABLE])
     mc, info = describe_model(cfg["model"])
     n_latent, style_dim = mc.n_latent, mc.style_dim
     attributes = None

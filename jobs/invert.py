@@ -165,9 +165,7 @@ def run(cfg: dict, before_commit=None) -> dict:
     c = cfg["invert"]
     t0 = time.time()
     r = storage.Run(cfg["output"], JOB, cfg)
-    swept = r.sweep_uncommitted([TABLE])
-    if swept:
-        log.info("removed files of unpublished runs: %s", swept)
+    r.sweep_uncommitted([TABLE])
     shapes = model_shapes(cfg["model"])
     cfg = {**cfg, "_input_size": shapes["input_size"]}
     items, dups = discover(cfg)

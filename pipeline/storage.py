@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import subprocess
@@ -26,6 +27,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger("stbatch.storage")
 
 RUNS_DIR = "_runs"
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*(/[A-Za-z0-9][A-Za-z0-9._=-]*)*$")
@@ -231,4 +234,6 @@ class Run:
                 if name.startswith("run=") and name[4:] not in done and name[4:] != self.run_id:
                     fs.rm(p, recursive=True)
                     removed.append(name[4:])
+        if removed:
+            log.info("removed the files of unpublished runs: %s", ", ".join(removed))
         return removed
