@@ -21,14 +21,26 @@ class SEModule(nn.Module):
         return x * torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
 
 
+class Subsample(nn.Module):
+    """`MaxPool2d(1, stride)` of the reference, as the strided view it is (no keys either way);
+    the pooling kernel costs ~7 % of the encoder under bf16 autocast on a CPU."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.stride == 1 else x[:, :, ::self.stride, ::self.stride]
+
+
 class BottleneckIRSE(nn.Module):
-    """Improved-residual unit with squeeze-excitation; shortcut is a strided 1x1 MaxPool
+    """Improved-residual unit with squeeze-excitation; shortcut is a strided subsample
     (no parameters) when the shape is kept, else conv1x1 + BN."""
 
     def __init__(self, in_channel: int, depth: int, stride: int, se_reduction: int):
         super().__init__()
         if in_channel == depth:
-            self.shortcut_layer = nn.MaxPool2d(1, stride)
+            self.shortcut_layer = Subsample(stride)
         else:
             self.shortcut_layer = nn.Sequential(nn.Conv2d(in_channel, depth, 1, stride, bias=False),
                                                 nn.BatchNorm2d(depth))

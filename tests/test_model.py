@@ -392,3 +392,11 @@ def test_load_from_s3(s3_bucket):
     with torch.no_grad():
         assert torch.equal(m.invert(x), m2.invert(x))
     assert info.uri == uri
+
+
+def test_subsample_equals_reference_maxpool():
+    from stmodel.encoder import Subsample
+
+    x = torch.randn(2, 8, 15, 16)
+    for s in (1, 2):
+        assert torch.equal(Subsample(s)(x), torch.nn.MaxPool2d(1, s)(x))
