@@ -60,7 +60,6 @@ def main() -> None:
 
     bare()  # warm-up
     t_bare = bare()
-    del model
 
     ray.init(num_cpus=os.cpu_count(), num_gpus=1 if args.device == "cuda" else 0, log_to_driver=False)
     from ray.data import DataContext

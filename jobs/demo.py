@@ -17,10 +17,8 @@ demo leaves them uncomputed (null, labelled) rather than report numbers from ran
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
-import math
 import os
 import time
 

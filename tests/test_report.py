@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pyarrow as pa
-import pytest
 from PIL import Image
 
 from jobs import report

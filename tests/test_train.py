@@ -8,7 +8,6 @@ import torch
 from jobs import train_encoder
 from jobs.cli import load_config
 from jobs.demo import build_generator, sample_dataset
-from pipeline import storage
 from pipeline.train_loop import checkpoint_steps, read_log
 from stmodel.checkpoint import load_inversion, save_generator
 
