@@ -77,6 +77,11 @@ def run_one(args) -> dict:
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     amp = DTYPES[args.amp]
+    ref = None
+    if amp is not None:
+        with torch.no_grad():
+            ref = m.invert(x)  # the fp32 codes, before the weights are cast
+        m.cast_encoder_weights(amp)
 
     def step():
         with torch.no_grad(), torch.autocast(args.device, dtype=amp, enabled=amp is not None):
@@ -104,9 +109,7 @@ def run_one(args) -> dict:
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
     else:
         out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    if amp is not None and args.mode == "invert":
-        with torch.no_grad():
-            ref = m.invert(x.float())
+    if ref is not None and args.mode == "invert":
         out["max_abs_wplus_diff_vs_fp32"] = (w.float() - ref).abs().max().item()
     return out
 

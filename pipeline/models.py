@@ -118,6 +118,8 @@ class ModelActor:
         self.amp = amp_dtype(amp, self.device)
         self.model, self.info = load_model(model)
         self.model.to(self.device).requires_grad_(False)
+        if self.amp is not None:
+            self.model.cast_encoder_weights(self.amp)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)

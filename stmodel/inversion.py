@@ -2,6 +2,8 @@
 batch job can run the encoder alone."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,22 @@ class StyleTransformer(nn.Module):
     # GPUs, and training (batch statistics), take the whole batch.
     cpu_micro_batch: int = 1
 
+    weights_dtype: torch.dtype | None = None
+
+    def cast_encoder_weights(self, dtype: torch.dtype | None) -> None:
+        """Hold the encoder's conv / linear weights in the autocast dtype (bf16 / fp16) for
+        inference. Autocast casts fp32 weights again on every call (it caches only tensors that
+        require grad): ~5 % of bf16 encoder time on a CPU. Norms and biases stay fp32, and
+        `invert` then always runs under autocast with this dtype. `None` casts back to fp32
+        (the values keep their rounding)."""
+        target = dtype or torch.float32
+        for m in self.encoder.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.data = m.weight.data.to(target)
+            elif isinstance(m, nn.MultiheadAttention):
+                m.in_proj_weight.data = m.in_proj_weight.data.to(target)
+        self.weights_dtype = dtype
+
     def _chunks(self, x: torch.Tensor):
         n = self.cpu_micro_batch
         if x.device.type != "cpu" or self.training or torch.is_grad_enabled() or not n or x.shape[0] <= n:
@@ -57,6 +75,12 @@ class StyleTransformer(nn.Module):
             images = F.interpolate(images, size=(self.cfg.input_size,) * 2, mode="bilinear",
                                    align_corners=False, antialias=True)
         images = images.contiguous(memory_format=torch.channels_last)
+        dev = images.device.type
+        cast = self.weights_dtype is not None and not torch.is_autocast_enabled(dev)
+        with torch.autocast(dev, dtype=self.weights_dtype) if cast else nullcontext():
+            return self._encode(images)
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
         # Under autocast the queries (18 tokens through the mapping net) and the final offset stay
         # in fp32: cheap, and bf16 rounding of |W+| ~ 4 codes alone would cost ~0.02.
         with torch.autocast(images.device.type, enabled=False):

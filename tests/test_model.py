@@ -400,3 +400,22 @@ def test_subsample_equals_reference_maxpool():
     x = torch.randn(2, 8, 15, 16)
     for s in (1, 2):
         assert torch.equal(Subsample(s)(x), torch.nn.MaxPool2d(1, s)(x))
+
+
+def test_encoder_weights_held_in_autocast_dtype():
+    m = _tiny(seed=6, preset="tiny-64")
+    x = _images(m.cfg, n=2)
+    with torch.no_grad():
+        ref = m.invert(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = m.invert(x)
+        m.cast_encoder_weights(torch.bfloat16)
+        assert m.encoder.latlayer1.weight.dtype == torch.bfloat16
+        assert m.encoder.input_layer[1].weight.dtype == torch.float32  # norms stay fp32
+        held = m.invert(x)  # runs under autocast by itself
+        m.cast_encoder_weights(None)
+        back = m.invert(x)
+    assert held.dtype == torch.float32
+    assert torch.allclose(held, auto, atol=1e-2)
+    assert 0 < (held - ref).abs().max() < 0.1
+    assert torch.allclose(back, ref, atol=1e-2)  # fp32 again (weights were rounded to bf16 once)
