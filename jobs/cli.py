@@ -80,10 +80,8 @@ def init_ray(cfg: dict) -> None:
         for k in ("num_cpus", "num_gpus"):
             if rc.get(k) is not None:
                 kw[k] = rc[k]
-        # Workers must see the same object-store endpoint as the driver.
-        env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-        if env:
-            kw["runtime_env"] = {"env_vars": env}
+        # A local Ray's workers inherit this environment (S3 endpoint and credentials included);
+        # credentials are never copied into a runtime_env, where the dashboard would show them.
     ray.init(**kw)
     from ray.data import DataContext
 
