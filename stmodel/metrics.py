@@ -111,11 +111,11 @@ class LPIPSMetric:
                              "state_dict path/URI); pass allow_random_init=True only in tests")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torchvision's `pretrained=` deprecation
-            # pnet_rand=True: lpips builds alexnet(pretrained=False), so torchvision downloads
-            # nothing. pretrained=True with model_path=None reads the heads from the package dir.
-            net = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True,
+            # pnet_rand=True: lpips builds alexnet(weights=None), so torchvision downloads nothing;
+            # the v0.1 linear heads are read below from the file the lpips package ships.
+            net = lpips.LPIPS(net="alex", version="0.1", pretrained=False, pnet_rand=True,
                               pnet_tune=False, verbose=False)
-        self._check_heads(net)
+        self._load_heads(net)
         if backbone is not None:
             load_strict(net.net, alexnet_to_lpips(_read_state(backbone, sha256), net.net),
                         f"{backbone} (LPIPS AlexNet backbone)")
@@ -128,15 +128,17 @@ class LPIPSMetric:
         self.device = torch.device(device)
 
     @staticmethod
-    def _check_heads(net: torch.nn.Module) -> None:
-        # lpips loads its heads with strict=False: make sure they really arrived.
+    def _load_heads(net: torch.nn.Module) -> None:
+        """The v0.1 AlexNet linear heads from the lpips package, through the safe loader, and
+        every head accounted for (lpips' own loader is non-strict)."""
         import lpips
         path = os.path.join(os.path.dirname(inspect.getfile(lpips.LPIPS)), "weights", "v0.1", "alex.pth")
         heads = load_bytes(read_bytes(path)[0], path)
         own = net.state_dict()
-        for k, v in heads.items():
-            if k not in own or not torch.equal(own[k], v):
-                raise CheckpointError(f"lpips linear head {k} was not loaded from {path}")
+        expected = {k for k in own if k.startswith("lin") and not k.startswith("lins.")}
+        if set(heads) != expected or any(own[k].shape != v.shape for k, v in heads.items()):
+            raise CheckpointError(f"{path}: lpips linear heads {sorted(heads)} do not fit {sorted(expected)}")
+        net.load_state_dict(heads, strict=False)
 
     @torch.no_grad()
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -113,3 +113,21 @@ def test_id_similarity_identical_and_weights(tmp_path):
     assert torch.equal(real.net.state_dict()["last_linear.weight"], sd["last_linear.weight"])
     assert torch.allclose(real(a, a), torch.ones(2), atol=1e-5)
     assert not torch.allclose(real.embed(a), m.embed(a))
+
+
+def test_lpips_uses_the_shipped_v01_heads():
+    import inspect
+    import os
+
+    import lpips
+
+    from stmodel.checkpoint import load_bytes, read_bytes
+    from stmodel.metrics import LPIPSMetric
+
+    path = os.path.join(os.path.dirname(inspect.getfile(lpips.LPIPS)), "weights", "v0.1", "alex.pth")
+    heads = load_bytes(read_bytes(path)[0], path)
+    m = LPIPSMetric(allow_random_init=True)
+    own = m.net.state_dict()
+    assert len(heads) == 5
+    for k, v in heads.items():
+        assert torch.equal(own[k], v), k
