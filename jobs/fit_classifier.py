@@ -33,7 +33,8 @@ import pyarrow as pa
 
 from jobs.cli import main
 from pipeline import storage
-from pipeline.fit_loops import (attribute_key, classifier_loop, committed_latent_files, fit, labelled_codes_batch,
+from pipeline.compute import fit
+from pipeline.fit_loops import (attribute_key, classifier_loop, committed_latent_files, labelled_codes_batch,
                                 latent_key, latents_index, load_attributes, split_of)
 from pipeline.schemas import classifier_eval_schema, make_table
 

@@ -33,7 +33,8 @@ import time
 from jobs.cli import main
 from pipeline import storage
 from pipeline.compute import device_for, gpus_per_actor
-from pipeline.fit_loops import (SampleCodes, codes_batch, committed_latent_files, editor_loop, fit, id_split_batch,
+from pipeline.compute import fit
+from pipeline.fit_loops import (SampleCodes, codes_batch, committed_latent_files, editor_loop, id_split_batch,
                                 latents_index, split_of)
 
 log = logging.getLogger("stbatch.fit_editor")

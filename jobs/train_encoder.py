@@ -30,6 +30,7 @@ import torch
 
 from jobs.cli import main
 from pipeline import storage
+from pipeline.compute import fit, use_gpu
 from pipeline.train_loop import build_model, checkpoint_steps, decode_for_training, train_loop_per_worker
 
 log = logging.getLogger("stbatch.train")
@@ -110,8 +111,6 @@ def _true_codes(uri: str | None, names: list[str]) -> np.ndarray | None:
 
 def run(cfg: dict) -> dict:
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from stmodel.checkpoint import load_inversion
 
@@ -139,21 +138,14 @@ def run(cfg: dict) -> dict:
               "skipped": 0}
     val_files = storage.list_files(cfg["val_input"]) if cfg.get("val_input") else files
     val = _decode_all(val_files[: int(t["val_images"])], mc.input_size, mc.pool_size)
-    use_gpu = t["use_gpu"]
-    if use_gpu == "auto":
-        use_gpu = float(ray.cluster_resources().get("GPU", 0)) >= 1
     done = checkpoint_steps(cfg["output"])
     log.info("train_encoder: %d images (%d not trainable), %s, steps %d (resuming from %d), %d worker(s)%s",
              len(files), len(bad), mc.name, int(t["steps"]), done[-1] if done else 0, int(t["num_workers"]),
-             " on GPU" if use_gpu else "")
+             " on GPU" if use_gpu(t["use_gpu"]) else "")
     loop_cfg = {**cfg, "_val": {"image": val["image"], "target": val["target"]}}
-    run_cfg = {"name": f"train_encoder-{abs(hash(cfg['output'])) % 10**8}"}
-    if t.get("ray_storage"):
-        run_cfg["storage_path"] = t["ray_storage"]
-    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_cfg,
-                           scaling_config=ScalingConfig(num_workers=int(t["num_workers"]), use_gpu=bool(use_gpu)),
-                           datasets={"train": ds.filter(lambda r: bool(r["ok"])).select_columns(["image", "target"])}, run_config=RunConfig(**run_cfg))
-    trainer.fit()
+    fit(train_loop_per_worker, loop_cfg,
+        {"train": ds.filter(lambda r: bool(r["ok"])).select_columns(["image", "target"])}, t,
+        f"train_encoder-{abs(hash(cfg['output'])) % 10**8}")
     steps = checkpoint_steps(cfg["output"])
     last = steps[-1] if steps else 0
     extra = {"steps": last, "checkpoint": storage.join(cfg["output"], "checkpoints", f"step_{last:06d}.pt")}

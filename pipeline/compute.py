@@ -1,14 +1,45 @@
-"""How a job's stage asks Ray for resources: actor pools and GPUs per actor from the config."""
+"""How a job asks Ray for resources: actor pools, GPUs per actor, and Ray Train trainers."""
 from __future__ import annotations
+
+
+def cluster_has_gpu() -> bool:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) >= 1
 
 
 def gpus_per_actor(value) -> float:
     """`auto`: one GPU per actor when the cluster has GPUs, none otherwise."""
     if value in (None, "auto"):
-        import ray
-
-        return 1.0 if float(ray.cluster_resources().get("GPU", 0)) >= 1 else 0.0
+        return 1.0 if cluster_has_gpu() else 0.0
     return float(value)
+
+
+def use_gpu(value) -> bool:
+    """A `use_gpu` setting of a training job: `auto` = whether the cluster has GPUs."""
+    return cluster_has_gpu() if value in (None, "auto") else bool(value)
+
+
+def fit(loop, loop_config: dict, datasets: dict, t: dict, name: str):
+    """Run `loop` on a TorchTrainer (data parallel: `train` split across `t["num_workers"]`
+    workers, other datasets whole to each); returns rank 0's return value, raising the
+    training error if there is one. `t["ray_storage"]`: Ray Train's run folder (shared storage
+    on a multi-node cluster)."""
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    rc = {"name": name}
+    if t.get("ray_storage"):
+        rc["storage_path"] = t["ray_storage"]
+    trainer = TorchTrainer(loop, train_loop_config=loop_config,
+                           scaling_config=ScalingConfig(num_workers=int(t.get("num_workers", 1)),
+                                                        use_gpu=use_gpu(t.get("use_gpu", "auto"))),
+                           datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
+                           run_config=RunConfig(**rc))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result.return_value
 
 
 def actor_pool(concurrency):

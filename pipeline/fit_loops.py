@@ -563,37 +563,6 @@ def editor_loop(config: dict) -> dict | None:
     return results if rank == 0 else None
 
 
-# ---------------------------------------------------------------------------- driver helpers
-
-def use_gpu_of(value) -> bool:
-    if value in (None, "auto"):
-        import ray
-
-        return float(ray.cluster_resources().get("GPU", 0)) >= 1
-    return bool(value)
-
-
-def fit(loop, loop_config: dict, datasets: dict, t: dict, name: str) -> dict | None:
-    """Run `loop` on a TorchTrainer (train split across workers, val whole to each); returns
-    rank 0's return value, raising the training error if there is one."""
-    from ray.train import DataConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    use_gpu = use_gpu_of(t.get("use_gpu", "auto"))
-    rc = {"name": name}
-    if t.get("ray_storage"):
-        rc["storage_path"] = t["ray_storage"]
-    trainer = TorchTrainer(loop, train_loop_config=loop_config,
-                           scaling_config=ScalingConfig(num_workers=int(t.get("num_workers", 1)), use_gpu=use_gpu),
-                           datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
-                           run_config=RunConfig(**rc))
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    return result.return_value
-
-
 __all__ = ["latent_key", "hash_fraction", "split_of", "read_table_uri", "committed_latent_files", "latents_index",
            "read_latent_codes", "load_attributes", "attribute_key", "labelled_codes_batch", "codes_batch",
-           "SampleCodes", "id_split_batch", "auc_score", "classifier_metrics", "masked_bce", "classifier_loop", "editor_loop",
-           "fit", "use_gpu_of"]
+           "SampleCodes", "id_split_batch", "auc_score", "classifier_metrics", "masked_bce", "classifier_loop", "editor_loop"]
