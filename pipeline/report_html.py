@@ -234,9 +234,7 @@ def svg_histogram(values: Iterable, title: str, bins: int = 20, width: int = 360
     v = finite(values)
     out = [_svg_open(width, height, "hist", title)]
     if v.size == 0:
-        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" font-size="12" fill="#888">'
-                   "no values</text></svg>")
-        return "".join(out)
+        return "".join(out) + _no_values(width, height)
     lo, hi = float(v.min()), float(v.max())
     if hi <= lo:
         pad = abs(lo) * 0.05 or 0.5
@@ -268,6 +266,27 @@ def svg_histogram(values: Iterable, title: str, bins: int = 20, width: int = 360
     return "".join(out)
 
 
+def _no_values(width: int, height: int) -> str:
+    return (f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" font-size="12" fill="#888">'
+            "no values</text></svg>")
+
+
+def _y_gridline(ml, pw, y: float, label: str) -> str:
+    return (f'<line x1="{ml - 4}" y1="{y:.1f}" x2="{ml + pw}" y2="{y:.1f}" stroke="#eee"/>'
+            f'<text x="{ml - 6}" y="{y + 3:.1f}" text-anchor="end" font-size="10">{esc(label)}</text>')
+
+
+def _axis_titles(ml, mt, pw, ph, height: int, xlabel: str, ylabel: str) -> str:
+    out = ""
+    if xlabel:
+        out += (f'<text x="{ml + pw / 2:.1f}" y="{height - 4}" text-anchor="middle" '
+                f'font-size="11">{esc(xlabel)}</text>')
+    if ylabel:
+        out += (f'<text x="12" y="{mt + ph / 2:.1f}" text-anchor="middle" font-size="11" '
+                f'transform="rotate(-90 12 {mt + ph / 2:.1f})">{esc(ylabel)}</text>')
+    return out
+
+
 def _axes(ml, mt, pw, ph) -> str:
     return (f'<line x1="{ml}" y1="{mt + ph}" x2="{ml + pw}" y2="{mt + ph}" stroke="#444"/>'
             f'<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{mt + ph}" stroke="#444"/>')
@@ -285,9 +304,7 @@ def svg_line_chart(series: dict[str, tuple[Sequence, Sequence]], title: str, xla
             clean[name] = sorted(pts)
     out = [_svg_open(width, height, "line", title)]
     if not clean:
-        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" font-size="12" fill="#888">'
-                   "no values</text></svg>")
-        return "".join(out)
+        return "".join(out) + _no_values(width, height)
     tr = (lambda y: math.log10(y)) if log_y else (lambda y: y)  # noqa: E731
     xs = [p[0] for pts in clean.values() for p in pts]
     ys = [tr(p[1]) for pts in clean.values() for p in pts]
@@ -321,16 +338,8 @@ def svg_line_chart(series: dict[str, tuple[Sequence, Sequence]], title: str, xla
         out.append(f'<line x1="{x:.1f}" y1="{mt + ph}" x2="{x:.1f}" y2="{mt + ph + 4}" stroke="#444"/>'
                    f'<text x="{x:.1f}" y="{mt + ph + 15}" text-anchor="middle" font-size="10">{esc(fmt(t, 3))}</text>')
     for t in _ticks(y0, y1, 4):
-        y = sy(t)
-        lab = fmt(10 ** t, 3) if log_y else fmt(t, 3)
-        out.append(f'<line x1="{ml - 4}" y1="{y:.1f}" x2="{ml + pw}" y2="{y:.1f}" stroke="#eee"/>'
-                   f'<text x="{ml - 6}" y="{y + 3:.1f}" text-anchor="end" font-size="10">{esc(lab)}</text>')
-    if xlabel:
-        out.append(f'<text x="{ml + pw / 2:.1f}" y="{height - 4}" text-anchor="middle" '
-                   f'font-size="11">{esc(xlabel)}</text>')
-    if ylabel:
-        out.append(f'<text x="12" y="{mt + ph / 2:.1f}" text-anchor="middle" font-size="11" '
-                   f'transform="rotate(-90 12 {mt + ph / 2:.1f})">{esc(ylabel)}</text>')
+        out.append(_y_gridline(ml, pw, sy(t), fmt(10 ** t, 3) if log_y else fmt(t, 3)))
+    out.append(_axis_titles(ml, mt, pw, ph, height, xlabel, ylabel))
     out.append("</svg>")
     return "".join(out)
 
@@ -344,9 +353,7 @@ def svg_bar_chart(values: Sequence, labels: Sequence[str], title: str, ylabel: s
     out = [_svg_open(width, height, "bars", title)]
     good = [v for v in vals if v is not None and math.isfinite(v)]
     if not good:
-        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" font-size="12" fill="#888">'
-                   "no values</text></svg>")
-        return "".join(out)
+        return "".join(out) + _no_values(width, height)
     tops = [v + (e or 0) for v, e in zip(vals, errs) if v is not None]
     y0, y1 = min(0.0, min(good)), max(max(tops), 1e-12)
     ml, mr, mt, mb = 52, 12, 28, 36
@@ -369,15 +376,8 @@ def svg_bar_chart(values: Sequence, labels: Sequence[str], title: str, ylabel: s
                        f'font-size="9">{esc(lab)}</text>')
     out.append(_axes(ml, mt, pw, ph))
     for t in _ticks(y0, y1, 4):
-        y = sy(t)
-        out.append(f'<line x1="{ml - 4}" y1="{y:.1f}" x2="{ml + pw}" y2="{y:.1f}" stroke="#eee"/>'
-                   f'<text x="{ml - 6}" y="{y + 3:.1f}" text-anchor="end" font-size="10">{esc(fmt(t, 3))}</text>')
-    if ylabel:
-        out.append(f'<text x="12" y="{mt + ph / 2:.1f}" text-anchor="middle" font-size="11" '
-                   f'transform="rotate(-90 12 {mt + ph / 2:.1f})">{esc(ylabel)}</text>')
-    if xlabel:
-        out.append(f'<text x="{ml + pw / 2:.1f}" y="{height - 4}" text-anchor="middle" '
-                   f'font-size="11">{esc(xlabel)}</text>')
+        out.append(_y_gridline(ml, pw, sy(t), fmt(t, 3)))
+    out.append(_axis_titles(ml, mt, pw, ph, height, xlabel, ylabel))
     out.append("</svg>")
     return "".join(out)
 
