@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import re
 import subprocess
 import uuid
@@ -27,6 +26,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
+from stmodel.uri import write_bytes  # the one implementation, also used as storage.write_bytes
 
 log = logging.getLogger("stbatch.storage")
 
@@ -86,21 +87,6 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole object; local files go through a temporary name and a rename so a reader
-    never sees half a file (an S3 PUT is atomic already)."""
-    fs, path = url_to_fs(uri)
-    if isinstance(fs, LocalFileSystem):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
-
-
 def code_version() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -130,7 +116,6 @@ def committed_manifests(output: str, job: str | None = None) -> list[dict]:
 
 def committed_table_files(output: str, table: str) -> list[str]:
     """Parquet files of `table` that belong to published runs only."""
-    fs, _ = url_to_fs(output)
     files = []
     for m in committed_manifests(output):
         for rel in m.get("tables", {}).get(table, []):

@@ -9,18 +9,17 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
-import uuid
 import zipfile
 from dataclasses import dataclass, field
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import torch
 from torch import nn
 
 from .config import ModelConfig, get_preset, preset_for_output_size
 from .inversion import StyleTransformer
 from .stylegan2 import Generator
+from .uri import write_bytes
 
 MEAN_LATENT_SAMPLES = 100_000  # z samples averaged when a StyleGAN2 file has no latent_avg
 MEAN_LATENT_SEED = 0
@@ -94,22 +93,6 @@ def load_strict(module: nn.Module, state: dict, what: str) -> None:
     if problems:
         raise CheckpointError(f"{what}: " + "; ".join(problems))
     module.load_state_dict(state, strict=True)
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole file; on a local filesystem through a temporary name and a rename."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    else:  # object stores publish a single PUT atomically
-        with fs.open(path, "wb") as f:
-            f.write(data)
 
 
 def save_obj(obj: dict, uri: str) -> str:
