@@ -31,9 +31,7 @@ FACE_POLICIES = ("largest", "all")
 
 def aligned_key(image_id: str, face_index: int) -> str:
     """Object key of an aligned crop: built from the image id and face index only."""
-    if not (len(image_id) == 64 and all(c in "0123456789abcdef" for c in image_id)):
-        raise ValueError(f"image_id must be a hex sha256, got {image_id!r}")
-    return storage.safe_key(f"aligned/{image_id}_{int(face_index)}.png")
+    return storage.image_key("aligned", image_id, face_index)
 
 
 def source_uri_of(path: str, protocol: str | None) -> str:

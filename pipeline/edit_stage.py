@@ -31,7 +31,8 @@ from pipeline import storage
 from pipeline.align_stage import encode_png
 from pipeline.models import ModelActor, build_metrics, metric_label
 from pipeline.schemas import EDIT_KINDS, edits_schema, make_table, nested_list_to_numpy
-from pipeline.scoring import image_key, to_uint8
+from pipeline.scoring import to_uint8
+from pipeline.storage import image_key
 
 log = logging.getLogger("stbatch.edit")
 

@@ -8,6 +8,7 @@ import torch
 from pipeline import storage
 from pipeline.align_stage import encode_png
 from pipeline.models import build_metrics, metric_label
+from pipeline.storage import image_key
 
 METRICS = ("psnr", "mse", "lpips", "id_similarity")
 
@@ -17,13 +18,6 @@ def empty_metrics(n: int) -> dict:
     out = {k: np.full(n, np.nan, dtype=np.float32) for k in METRICS}
     out["reconstruction_uri"] = np.array([None] * n, dtype=object)
     return out
-
-
-def image_key(folder: str, image_id: str, face_index: int, suffix: str = "") -> str:
-    """`<folder>/<image_id>_<face><suffix>.png`, from a hex id and integers only."""
-    if not (len(image_id) == 64 and all(c in "0123456789abcdef" for c in image_id)):
-        raise ValueError(f"image_id must be a hex sha256, got {image_id!r}")
-    return storage.safe_key(f"{folder}/{image_id}_{int(face_index)}{suffix}.png")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -56,6 +56,13 @@ def safe_key(key: str) -> str:
     return key
 
 
+def image_key(folder: str, image_id: str, face_index: int, suffix: str = "") -> str:
+    """`<folder>/<image_id>_<face><suffix>.png`, from a hex sha256 and an integer only."""
+    if not (len(image_id) == 64 and all(c in "0123456789abcdef" for c in image_id)):
+        raise ValueError(f"image_id must be a hex sha256, got {image_id!r}")
+    return safe_key(f"{folder}/{image_id}_{int(face_index)}{suffix}.png")
+
+
 def protocol_of(uri: str) -> str:
     fs, _ = url_to_fs(uri)
     return "file" if isinstance(fs, LocalFileSystem) else (fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0])
