@@ -68,14 +68,12 @@ def build_dataset(files: list[str], cfg: dict, run: storage.Run, skip_ids: np.nd
     import ray
 
     a = cfg["align"]
-    fs, _ = storage.url_to_fs(cfg["input"])
     protocol = storage.protocol_of(cfg["input"])
     local = protocol == "file"
-    paths = [storage.url_to_fs(u)[1] for u in files] if not local else files
+    paths, fs = storage.ray_paths(cfg["input"], files)
     num_gpus = gpus_per_actor(a.get("num_gpus", "auto"))
     device = device_for(a["device"], num_gpus)
-    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=None if local else fs,
-                                    ignore_missing_paths=True)
+    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs, ignore_missing_paths=True)
     ds = ds.map_batches(decode_batch, batch_size=int(a["decode_batch_size"]), batch_format="numpy",
                         fn_kwargs={"max_pixels": int(a["max_pixels"]), "min_side": int(a["min_image_side"]),
                                    "skip_ids": skip_ids, "protocol": None if local else protocol})

@@ -27,7 +27,7 @@ from jobs.cli import main
 from pipeline import storage
 from pipeline.compute import actor_pool, device_for, gpus_per_actor
 from pipeline.invert_stage import InvertBatch, hash_batch, load_crops
-from pipeline.schemas import latents_schema, make_table
+from pipeline.schemas import METRIC_COLUMNS, latents_schema, make_table
 
 log = logging.getLogger("stbatch.invert")
 
@@ -85,11 +85,9 @@ def discover(cfg: dict) -> tuple[list[dict], int]:
     if not files:
         return [], 0
     log.info("input %s: plain folder of %d crops, hashing", src, len(files))
-    fs, _ = storage.url_to_fs(src)
-    local = storage.protocol_of(src) == "file"
-    paths = files if local else [storage.url_to_fs(u)[1] for u in files]
+    paths, fs = storage.ray_paths(src, files)
     uri_of = dict(zip(paths, files))
-    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=None if local else fs)
+    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
     hashed = ds.map_batches(hash_batch, batch_format="numpy", batch_size=64).take_all()
     seen = {h["path"]: h["image_id"] for h in hashed}
     items = []
@@ -149,7 +147,7 @@ def metric_summary(parts: list[pa.Table]) -> dict:
     if not parts:
         return out
     t = pa.concat_tables(parts)
-    for col in ("psnr", "mse", "lpips", "id_similarity"):
+    for col in METRIC_COLUMNS:
         v = t[col].to_numpy(zero_copy_only=False).astype(np.float64)
         out[col] = {k: (round(x, 4) if isinstance(x, float) else x) for k, x in summarize(v).items()}
     labels = [x for x in t["metric_backbones"].unique().to_pylist() if x]
@@ -193,7 +191,7 @@ def run(cfg: dict, before_commit=None) -> dict:
             pending.append(batch)
             pending_rows += batch.num_rows
             if cfg["metrics"]:
-                metric_parts.append(batch.select(["psnr", "mse", "lpips", "id_similarity", "metric_backbones"]))
+                metric_parts.append(batch.select([*METRIC_COLUMNS, "metric_backbones"]))
             if pending_rows >= int(c["rows_per_part"]):
                 r.write_table(TABLE, pa.concat_tables(pending), part=part)
                 part, pending, pending_rows = part + 1, [], 0

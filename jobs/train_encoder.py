@@ -123,10 +123,8 @@ def run(cfg: dict) -> dict:
         raise SystemExit(f"train_encoder: no images under {cfg['input']}")
     initial = build_model(cfg["model"])
     mc = initial.cfg
-    fs, _ = storage.url_to_fs(cfg["input"])
-    local = storage.protocol_of(cfg["input"]) == "file"
-    paths = files if local else [storage.url_to_fs(u)[1] for u in files]
-    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=None if local else fs)
+    paths, fs = storage.ray_paths(cfg["input"], files)
+    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
     ds = ds.map_batches(decode_for_training, batch_format="numpy", batch_size=32,
                         fn_kwargs={"input_size": mc.input_size, "target_size": mc.pool_size})
     # The check pass: every file accounted for before any training.

@@ -85,10 +85,7 @@ def committed_latent_files(uri: str) -> tuple[list[str], object]:
     files = storage.committed_table_files(uri, LATENTS_TABLE)
     if not files:
         raise SystemExit(f"no committed latents table under {uri} (run jobs.invert first)")
-    fs, _ = storage.url_to_fs(uri)
-    if storage.protocol_of(uri) == "file":
-        return [storage.url_to_fs(f)[1] for f in files], None
-    return [storage.url_to_fs(f)[1] for f in files], fs
+    return storage.ray_paths(uri, files)
 
 
 def latents_index(uri: str) -> pa.Table:

@@ -201,9 +201,6 @@ def faces_table(rows: Iterable[dict], run_id: str, created_at: _dt.datetime | No
 # ---------------------------------------------------------------------------------------------
 # The `latents` table
 
-LATENT_STATUS_OK = "ok"
-LATENT_STATUSES_FAILED = ("read_error", "decode_error", "invert_error")
-
 METRIC_COLUMNS = ("psnr", "mse", "lpips", "id_similarity")
 
 

@@ -8,14 +8,14 @@ import torch
 from pipeline import storage
 from pipeline.align_stage import encode_png
 from pipeline.models import build_metrics, metric_label
+from pipeline.schemas import METRIC_COLUMNS
 from pipeline.storage import image_key
 
-METRICS = ("psnr", "mse", "lpips", "id_similarity")
 
 
 def empty_metrics(n: int) -> dict:
     """Per-row metric columns (NaN = not computed, stored as null) and the image URI column."""
-    out = {k: np.full(n, np.nan, dtype=np.float32) for k in METRICS}
+    out = {k: np.full(n, np.nan, dtype=np.float32) for k in METRIC_COLUMNS}
     out["reconstruction_uri"] = np.array([None] * n, dtype=object)
     return out
 

@@ -89,6 +89,14 @@ def list_files(uri: str) -> list[str]:
     return out
 
 
+def ray_paths(root: str, uris: list[str]) -> tuple[list[str], fsspec.AbstractFileSystem | None]:
+    """Paths and filesystem for Ray Data's readers: local paths with Ray's own local reader,
+    else protocol-less keys with this fsspec filesystem (endpoint and credentials from the
+    environment)."""
+    fs, _ = url_to_fs(root)
+    return [url_to_fs(u)[1] for u in uris], (None if isinstance(fs, LocalFileSystem) else fs)
+
+
 def read_bytes(uri: str) -> bytes:
     with fsspec.open(uri, "rb") as f:
         return f.read()

@@ -285,9 +285,6 @@ class Generator(nn.Module):
             total += self.style(z).double().sum(0)
         return (total / n).float()
 
-    def map(self, z: torch.Tensor) -> torch.Tensor:
-        return self.style(z)
-
     def fixed_noise(self) -> list[torch.Tensor]:
         return [getattr(self.noises, f"noise_{i}") for i in range(self.num_layers)]
 
