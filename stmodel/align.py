@@ -15,6 +15,8 @@ in for the means of the 68-point eye contours and the mouth corners 48 / 54.
     crop_from_quad(image, quad, size, ...) -> HxWx3 uint8 crop (re-crop without re-detection)
     align_face(image, landmarks5, size)    -> (crop, quad float32 [4, 2] in source pixels)
     crop_to_source(quad, size)             -> 3x3 affine: crop pixel (u, v, 1) -> source (x, y, 1)
+    paste_back(photo, crop, quad)          -> photo with the (edited) crop warped back, soft-blended
+    paste_mask(shape, quad)                -> HxW float32 blend weight paste_back uses (0 outside the quad)
 """
 from __future__ import annotations
 
@@ -175,3 +177,92 @@ def source_to_crop(points, quad, size: int) -> np.ndarray:
     m = np.linalg.inv(crop_to_source(quad, size))
     p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     return (p @ m[:2, :2].T) + m[:2, 2]
+
+
+def _radii(radii) -> tuple[float, float]:
+    r = np.broadcast_to(np.asarray(radii, dtype=np.float64), (2,))
+    return float(np.clip(r[0], 1e-3, 1.0)), float(np.clip(r[1], 1e-3, 1.0))
+
+
+def _mask_box(quad, hw, radii) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the ellipse's bounding box, inside the quad's, clipped to the photo.
+    Only this window is warped and blended (a rotated quad's box is up to 2x its area)."""
+    q = np.asarray(quad, dtype=np.float64).reshape(4, 2)
+    rx, ry = _radii(radii)
+    c, h1, h2 = (q[0] + q[2]) / 2, (q[3] - q[0]) / 2, (q[1] - q[0]) / 2
+    ext = np.hypot(rx * h1, ry * h2)  # per axis: half extent of c + rx cos(a) h1 + ry sin(a) h2
+    lo, hi = np.maximum(c - ext, q.min(0)), np.minimum(c + ext, q.max(0))
+    x0, y0 = (max(int(np.floor(v)), 0) for v in lo)
+    x1, y1 = (int(np.ceil(v)) + 1 for v in hi)
+    return x0, y0, max(min(x1, int(hw[1])), x0), max(min(y1, int(hw[0])), y0)
+
+
+def _ellipse_mask(quad, box, feather: float, radii) -> np.ndarray:
+    """The soft face mask over the photo window `box`, computed in the quad's own frame."""
+    q = np.asarray(quad, dtype=np.float64).reshape(4, 2)
+    x0, y0, x1, y1 = box
+    rx, ry = _radii(radii)
+    # (s, t) in [-1, 1]^2 is the crop square exactly: by crop_to_source, photo pixel
+    # q0 + a (q3 - q0) + b (q1 - q0) is continuous crop coordinate (a, b) * size.
+    inv = 2.0 * np.linalg.inv(np.stack([q[3] - q[0], q[1] - q[0]], axis=1)) / [[rx], [ry]]
+    s0, t0 = inv @ ([x0, y0] - q[0]) - [1.0 / rx, 1.0 / ry]
+    xs, ys = np.arange(x1 - x0, dtype=np.float32), np.arange(y1 - y0, dtype=np.float32)
+    s = np.float32(s0) + np.float32(inv[0, 0]) * xs[None, :] + np.float32(inv[0, 1]) * ys[:, None]
+    t = np.float32(t0) + np.float32(inv[1, 0]) * xs[None, :] + np.float32(inv[1, 1]) * ys[:, None]
+    m = np.sqrt(s * s + t * t)
+    np.subtract(1.0, m, out=m)
+    np.clip(m / np.float32(max(float(feather), 1e-3)), 0.0, 1.0, out=m)
+    return m * m * (3.0 - 2.0 * m)  # smoothstep: no kink in the weight, hence no visible seam
+
+
+def paste_mask(shape, quad, feather: float = 0.25, radii=(0.8, 0.9)) -> np.ndarray:
+    """Blend weight [H, W] float32 in [0, 1] that `paste_back` uses (for PSNR inside / outside).
+
+    A soft ellipse centred in the quad, radii as fractions of its half side (clipped to <= 1, so
+    the mask is exactly 0 on and outside the quad), fading to 0 over the outer `feather`
+    fraction of the radius: the seam falls on a smooth ramp, never on the crop's square edge."""
+    h, w = int(shape[0]), int(shape[1])
+    out = np.zeros((h, w), np.float32)
+    x0, y0, x1, y1 = box = _mask_box(quad, (h, w), radii)
+    if x1 > x0 and y1 > y0:
+        out[y0:y1, x0:x1] = _ellipse_mask(quad, box, feather, radii)
+    return out
+
+
+def paste_back(photo: np.ndarray, crop: np.ndarray, quad, *, feather: float = 0.25, radii=(0.8, 0.9),
+               pad: int = 4) -> np.ndarray:
+    """A copy of `photo` with `crop` (the aligned, possibly edited crop of `quad`) warped back
+    and blended in with `paste_mask`'s weight.
+
+    The warp is the exact inverse of `crop_to_source`, so an unedited crop lands where it came
+    from, and it runs only over the mask's window inside the quad's bounding box. A crop larger
+    than the face is first Lanczos-resized to the face's size, since PIL's bicubic transform
+    does not antialias; `pad` edge-replicated pixels around the crop keep the transform's black
+    fill out of the bicubic support. Where the weight is 0 (everywhere outside the quad) the
+    pixels stay bit-exact."""
+    out = np.array(photo, dtype=np.uint8, copy=True)
+    q = np.asarray(quad, dtype=np.float64).reshape(4, 2)
+    x0, y0, x1, y1 = box = _mask_box(q, out.shape[:2], radii)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    img = _as_pil(crop)
+    size = img.size[0]
+    if img.size[1] != size:
+        raise ValueError(f"aligned crops are square, got {img.size[0]}x{img.size[1]}")
+    qsize = float(max(np.hypot(*(q[3] - q[0])), np.hypot(*(q[1] - q[0]))))
+    if size > 1.1 * qsize:  # within 10% bicubic alone barely aliases, and the resize costs ~25%
+        size = max(1, int(np.ceil(qsize)))
+        img = img.resize((size, size), LANCZOS)
+    # Window pixel (i, j) is photo pixel (x0 + i, y0 + j); PIL's transform maps continuous
+    # coordinates (index + 0.5) at both ends, and the padded crop is shifted by `pad`.
+    inv = np.linalg.inv(crop_to_source(q, size))
+    a = inv[:2, :2]
+    off = a @ np.array([x0 - 0.5, y0 - 0.5]) + inv[:2, 2] + 0.5 + pad
+    src = Image.fromarray(np.pad(np.asarray(img), ((pad, pad), (pad, pad), (0, 0)), mode="edge"), "RGB")
+    coeffs = (a[0, 0], a[0, 1], off[0], a[1, 0], a[1, 1], off[1])
+    warped = src.transform((x1 - x0, y1 - y0), Image.Transform.AFFINE, coeffs, Image.Resampling.BICUBIC)
+    m = _ellipse_mask(q, box, feather, radii)[..., None]
+    win = out[y0:y1, x0:x1]
+    base = win.astype(np.float32)
+    win[...] = np.rint(base + m * (np.asarray(warped, dtype=np.float32) - base)).astype(np.uint8)
+    return out
