@@ -222,6 +222,16 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return out
 
 
+def _tick_labels(ticks: Sequence[float], digits: int = 3) -> list[str]:
+    """`fmt` labels with the fewest significant digits (>= `digits`) that tell the ticks apart:
+    at 3 digits a range like 0.9997-1.0 would label every tick "1"."""
+    for d in range(digits, 16):
+        labels = [fmt(t, d) for t in ticks]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
+
+
 def _svg_open(w: int, h: int, cls: str, title: str) -> str:
     return (f'<svg class="chart {esc(cls)}" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
             f'viewBox="0 0 {w} {h}" role="img" aria-label="{esc(title)}"><title>{esc(title)}</title>'
@@ -255,10 +265,11 @@ def svg_histogram(values: Iterable, title: str, bins: int = 20, width: int = 360
                    f'height="{mt + ph - sy(c):.2f}" fill="{color}">'
                    f'<title>[{fmt(a)}, {fmt(b)}): {int(c)}</title></rect>')
     out.append(_axes(ml, mt, pw, ph))
-    for t in _ticks(lo, hi, 4):
+    ticks = _ticks(lo, hi, 4)
+    for t, label in zip(ticks, _tick_labels(ticks)):
         x = sx(t)
         out.append(f'<line x1="{x:.1f}" y1="{mt + ph}" x2="{x:.1f}" y2="{mt + ph + 4}" stroke="#444"/>'
-                   f'<text x="{x:.1f}" y="{mt + ph + 16}" text-anchor="middle" font-size="10">{esc(fmt(t, 3))}</text>')
+                   f'<text x="{x:.1f}" y="{mt + ph + 16}" text-anchor="middle" font-size="10">{esc(label)}</text>')
     for t in _ticks(0, cmax, 3):
         y = sy(t)
         out.append(f'<text x="{ml - 4}" y="{y + 3:.1f}" text-anchor="end" font-size="10">{int(t)}</text>')
@@ -333,12 +344,14 @@ def svg_line_chart(series: dict[str, tuple[Sequence, Sequence]], title: str, xla
         else:
             out.append(f'<polyline fill="none" stroke="{col}" stroke-width="1.5" points="{d}">'
                        f"<title>{esc(name)}</title></polyline>")
-    for t in _ticks(x0, x1, 5):
+    ticks = _ticks(x0, x1, 5)
+    for t, label in zip(ticks, _tick_labels(ticks)):
         x = sx(t)
         out.append(f'<line x1="{x:.1f}" y1="{mt + ph}" x2="{x:.1f}" y2="{mt + ph + 4}" stroke="#444"/>'
-                   f'<text x="{x:.1f}" y="{mt + ph + 15}" text-anchor="middle" font-size="10">{esc(fmt(t, 3))}</text>')
-    for t in _ticks(y0, y1, 4):
-        out.append(_y_gridline(ml, pw, sy(t), fmt(10 ** t, 3) if log_y else fmt(t, 3)))
+                   f'<text x="{x:.1f}" y="{mt + ph + 15}" text-anchor="middle" font-size="10">{esc(label)}</text>')
+    ticks = _ticks(y0, y1, 4)
+    for t, label in zip(ticks, _tick_labels([10 ** t for t in ticks] if log_y else ticks)):
+        out.append(_y_gridline(ml, pw, sy(t), label))
     out.append(_axis_titles(ml, mt, pw, ph, height, xlabel, ylabel))
     out.append("</svg>")
     return "".join(out)
@@ -375,8 +388,9 @@ def svg_bar_chart(values: Sequence, labels: Sequence[str], title: str, ylabel: s
             out.append(f'<text x="{x + bw / 2:.1f}" y="{mt + ph + 13}" text-anchor="middle" '
                        f'font-size="9">{esc(lab)}</text>')
     out.append(_axes(ml, mt, pw, ph))
-    for t in _ticks(y0, y1, 4):
-        out.append(_y_gridline(ml, pw, sy(t), fmt(t, 3)))
+    ticks = _ticks(y0, y1, 4)
+    for t, label in zip(ticks, _tick_labels(ticks)):
+        out.append(_y_gridline(ml, pw, sy(t), label))
     out.append(_axis_titles(ml, mt, pw, ph, height, xlabel, ylabel))
     out.append("</svg>")
     return "".join(out)
