@@ -48,7 +48,8 @@ def bench_stage(photos: list[bytes], size: int, device: str, batch: int, out_dir
     import torch
 
     from pipeline import storage
-    from pipeline.align_stage import AlignFaces, aligned_key, decode_batch, encode_png, select_faces
+    from pipeline.align_stage import AlignFaces, aligned_key, decode_batch, select_faces
+    from pipeline.images import encode_png
     from stmodel.align import align_face
 
     paths = np.array([f"mem/{i}.jpg" for i in range(len(photos))], dtype=object)

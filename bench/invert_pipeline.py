@@ -29,7 +29,7 @@ def main() -> None:
 
     from jobs import invert
     from jobs.cli import load_config
-    from pipeline.invert_stage import to_model_input
+    from pipeline.images import to_model_input
     from pipeline.models import load_model
 
     tmp = tempfile.mkdtemp(prefix="bench_invert_")

@@ -75,7 +75,7 @@ def build_generator(preset: str, seed: int):
 def sample_dataset(g, root: str, n_train: int, n_val: int, truncation: float, seed: int) -> dict:
     """PNG images of the generator with their true W+ codes (W broadcast to every layer) and
     attribute labels defined from those codes: sign of the projection on fixed directions."""
-    from pipeline.align_stage import encode_png
+    from pipeline.images import encode_png
     from pipeline.decode import image_id
     from pipeline.scoring import to_uint8
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.decode import STATUS_OK, decode_image, image_id as hash_image_id
+from pipeline.images import encode_png
 from pipeline.schemas import FACE_STATUS_SKIPPED, faces_table
 
 log = logging.getLogger("stbatch.align")
@@ -86,14 +87,6 @@ def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32,
     res["width"] = np.array(out["width"], dtype=np.int64)
     res["height"] = np.array(out["height"], dtype=np.int64)
     return res
-
-
-def encode_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=int(compress_level))
-    return buf.getvalue()
 
 
 def select_faces(faces, policy: str = "largest", min_score: float = 0.9, min_face_px: float = 32,

@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import storage
-from pipeline.align_stage import encode_png
+from pipeline.images import encode_png
 from pipeline.models import ModelActor, build_metrics, metric_label
 from pipeline.schemas import EDIT_KINDS, edits_schema, make_table, nested_list_to_numpy
 from pipeline.scoring import to_uint8

@@ -1,11 +1,12 @@
 """Ray Data stages of the inversion job.
 
-    ds = ray.data.from_items(work)                                     # one row per face crop
-    ds = ds.map_batches(load_crops, fn_kwargs=...)                     # CPU tasks: read, decode, resize
+    ds = <work rows: faces table snapshot, or a folder of crops read once>  # one row per face crop
+    ds = ds.map_batches(load_crops, fn_kwargs=...)                     # CPU tasks: decode, resize
     ds = ds.map_batches(InvertBatch, compute=ActorPoolStrategy(...),   # model loaded once per actor
                         batch_size=B, num_gpus=G)
 
-`load_crops` never raises on data: an unreadable crop becomes a row with a status and error.
+`load_crops` (pipeline.images) never raises on data: an unreadable crop becomes a row with a
+status and error.
 `InvertBatch` returns `latents` rows (pipeline.schemas.latents_schema) as an Arrow table, so
 `w_plus` keeps its nested fixed-size-list type all the way to Parquet.
 """
@@ -18,10 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
-from pipeline import storage
-from pipeline.decode import STATUS_OK, decode_image, image_id as hash_image_id
 from pipeline.models import ModelActor
 from pipeline.schemas import latents_schema, make_table
 from pipeline.scoring import ReconstructionScorer, empty_metrics
@@ -29,52 +27,14 @@ from pipeline.scoring import ReconstructionScorer, empty_metrics
 log = logging.getLogger("stbatch.invert")
 
 
-def hash_batch(batch: dict) -> dict:
-    """(path, bytes) rows -> (path, image_id): the first pass over a plain folder of crops."""
-    return {"path": batch["path"], "image_id": np.array([hash_image_id(bytes(b)) for b in batch["bytes"]], dtype=object)}
-
-
-def to_model_input(rgb: np.ndarray, size: int) -> np.ndarray:
-    """uint8 HxWx3 -> float32 3xSxS in [-1, 1] (the official transforms: PIL bilinear resize,
-    normalise with mean 0.5 / std 0.5)."""
-    im = Image.fromarray(rgb, "RGB")
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.BILINEAR)
-    x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1)
-    return x * (2.0 / 255.0) - 1.0
-
-
-def load_crops(batch: dict, input_size: int | None, target_size: int | None = None,
-               max_pixels: int = 64_000_000) -> dict:
-    """Read and preprocess aligned crops. Adds `status`, `error`, `image` (encoder input, when
-    `input_size` is set) and `target` (the crop at the reconstruction's size, for metrics, when
-    `target_size` is set)."""
-    n = len(batch["aligned_uri"])
-    status = np.array(["ok"] * n, dtype=object)
-    error = np.array([None] * n, dtype=object)
-    image = np.zeros((n, 3, input_size, input_size), dtype=np.float32) if input_size else None
-    target = np.zeros((n, 3, target_size, target_size), dtype=np.float32) if target_size else None
-    for i, uri in enumerate(batch["aligned_uri"]):
-        try:
-            data = storage.read_bytes(str(uri))
-        except Exception as e:  # noqa: BLE001 - any storage failure is this row's error
-            status[i], error[i] = "read_error", f"cannot read {uri}: {type(e).__name__}: {e}"
-            continue
-        d = decode_image(data, max_pixels=max_pixels, min_side=1)
-        if d.status != STATUS_OK:
-            status[i], error[i] = "decode_error", d.error
-            continue
-        if image is not None:
-            image[i] = to_model_input(d.image, input_size)
-        if target is not None:
-            target[i] = to_model_input(d.image, target_size)
-    out = dict(batch)
-    out.update(status=status, error=error)
-    if image is not None:
-        out["image"] = image
-    if target is not None:
-        out["target"] = target
-    return out
+def lost_rows(batch: pa.Table, n_latent: int, style_dim: int, run_id: str) -> pa.Table:
+    """Work rows that never came back from the pipeline (a worker died with them) -> failed
+    `latents` rows; `lost` is transient, so the next run tries them again."""
+    n = batch.num_rows
+    cols = {k: batch.column(k).to_pylist() for k in ("image_id", "face_index", "source_uri", "aligned_uri")}
+    cols.update(status=["lost"] * n, error=["row lost by the pipeline (worker crash)"] * n)
+    return make_table(cols, latents_schema(n_latent, style_dim), run_id,
+                      w_plus=np.zeros((n, n_latent, style_dim), np.float32), ok=np.zeros(n, bool))
 
 
 class InvertBatch(ModelActor):

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.align_stage import encode_png
+from pipeline.images import encode_png
 from pipeline.models import build_metrics, metric_label
 from pipeline.schemas import METRIC_COLUMNS
 from pipeline.storage import image_key

@@ -21,7 +21,7 @@ import torch
 
 from pipeline import storage
 from pipeline.decode import STATUS_OK, decode_image
-from pipeline.invert_stage import to_model_input
+from pipeline.images import to_model_input
 
 log = logging.getLogger("stbatch.train")
 
@@ -191,7 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 @torch.no_grad()
 def _write_grid(model, val: dict, output: str, step: int) -> None:
-    from pipeline.align_stage import encode_png
+    from pipeline.images import encode_png
 
     was = model.training
     model.eval()

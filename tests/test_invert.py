@@ -48,7 +48,7 @@ def test_end_to_end_local_with_metrics_and_bad_crop(ray_local, tmp_path, tiny_ch
     assert set(ok["checkpoint_sha256"].to_pylist()) == {digest}
     # the stored codes are the model's own inversion of the same crops
     model, _ = load_inversion(ckpt)
-    from pipeline.invert_stage import to_model_input
+    from pipeline.images import to_model_input
     from PIL import Image
 
     by_src = {r["source_uri"]: r for r in ok.to_pylist()}

@@ -1,0 +1,343 @@
+"""Delta Lake tables under a dataset root: where they live, how engines reach them, and the one
+atomic commit of a run.
+
+    <output>/<table>/_delta_log/...        the transaction log (source of truth)
+    <output>/<table>/part-<run>-<n>.parquet data files, written by the Ray workers
+
+A run's workers write data files next to the log; the driver only sees file records (path,
+size, rows) and makes one commit per table per run. Files of a killed run are never named by a
+commit, so no reader sees them; `vacuum` removes them after its retention window.
+
+One row per key: the commit replaces every earlier row of a key that the run wrote again (a
+retried face, or a face that an overlapping run committed first), by rewriting the files that
+held those rows and removing the originals in the same commit. Concurrent commits are detected
+by delta-rs (put-if-absent of the next log entry; conditional put on S3) and the replacement is
+recomputed on top of the winner, so overlapping runs end with every key exactly once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline import storage
+
+log = logging.getLogger("stbatch.delta")
+
+COMMIT_ATTEMPTS = 8
+
+
+class CommitConflict(RuntimeError):
+    """Another run kept committing to the same table; a rerun completes the work."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a table is, for delta-rs
+
+
+def table_root(output: str, table: str) -> str:
+    return storage.join(output, table)
+
+
+def _delta_uri(uri: str) -> str:
+    fs, path = storage.url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        return str(Path(path).resolve())
+    return uri.replace("s3a://", "s3://", 1)
+
+
+def storage_options(uri: str) -> dict[str, str] | None:
+    """delta-rs options from the same environment s3fs uses (endpoint, region, credentials of the
+    standard AWS config); never written anywhere."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return None
+    opts = {"AWS_REGION": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            # Concurrent writers are safe only with an atomic put-if-absent of the next log entry.
+            "conditional_put": "etag"}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            opts["AWS_ALLOW_HTTP"] = "true"
+    if not os.environ.get("AWS_ACCESS_KEY_ID"):
+        try:  # profiles / SSO / instance roles of the standard AWS config, resolved by botocore
+            import botocore.session
+
+            creds = botocore.session.Session().get_credentials()
+            if creds is not None:
+                frozen = creds.get_frozen_credentials()
+                opts.update(AWS_ACCESS_KEY_ID=frozen.access_key, AWS_SECRET_ACCESS_KEY=frozen.secret_key)
+                if frozen.token:
+                    opts["AWS_SESSION_TOKEN"] = frozen.token
+        except Exception:  # noqa: BLE001 - no botocore or no config: delta-rs reads the environment
+            pass
+    return opts
+
+
+def open_table(output: str, table: str, version: int | None = None):
+    """The committed table (optionally at a version), or None when it does not exist yet."""
+    from deltalake import DeltaTable
+
+    uri = table_root(output, table)
+    target = _delta_uri(uri)
+    if not DeltaTable.is_deltatable(target, storage_options=storage_options(uri)):
+        return None
+    return DeltaTable(target, version=version, storage_options=storage_options(uri))
+
+
+def delta_schema(schema: pa.Schema) -> pa.Schema:
+    """The Arrow schema as Delta stores it: fixed-size lists become lists (Delta has no
+    fixed-size list), table metadata dropped."""
+    def plain(t: pa.DataType) -> pa.DataType:
+        if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
+            return pa.list_(plain(t.value_type))
+        return t
+
+    return pa.schema([pa.field(f.name, plain(f.type), nullable=True) for f in schema])
+
+
+def snapshot_uris(output: str, table: str, version: int | None = None) -> list[str]:
+    """URIs of the data files of the committed snapshot ([] when there is no table)."""
+    dt = open_table(output, table, version)
+    if dt is None:
+        return []
+    root = table_root(output, table)
+    return [storage.join(root, p) for p in _relative_paths(dt)]
+
+
+def _relative_paths(dt) -> list[str]:
+    adds = dt.get_add_actions(flatten=True)
+    return [str(p) for p in adds.column("path").to_pylist()]
+
+
+def read_snapshot(output: str, table: str, columns: list[str] | None = None, version: int | None = None,
+                  include_paths: bool = False):
+    """The committed snapshot as a Ray Dataset (None when the table is missing or empty)."""
+    import ray
+
+    uris = snapshot_uris(output, table, version)
+    if not uris:
+        return None
+    paths, fs = storage.ray_paths(table_root(output, table), uris)
+    return ray.data.read_parquet(paths, filesystem=fs, columns=columns, include_paths=include_paths)
+
+
+def read_snapshot_arrow(output: str, table: str, columns: list[str] | None = None,
+                        filter_expr=None) -> pa.Table | None:
+    """A small committed table (or a projection / filter of one) into this process: for tables
+    whose size does not grow with the dataset (model runs, classifier_eval) and for tests."""
+    dt = open_table(output, table)
+    if dt is None:
+        return None
+    return dt.to_pyarrow_dataset().to_table(columns=columns, filter=filter_expr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data files, written by the workers
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str        # relative to the table root
+    size: int
+    rows: int
+
+
+FILE_RECORD_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("rows", pa.int64())])
+
+
+def write_data_file(t: pa.Table, output: str, table: str, run_id: str, tag: str = "") -> FileRecord:
+    """Write one Parquet data file of `table` (a fresh name: a retried task never overwrites a
+    file that a commit may name)."""
+    name = f"part-{run_id}-{tag}{uuid.uuid4().hex[:12]}.parquet"
+    uri = storage.join(table_root(output, table), name)
+    fs, path = storage.url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    t = t.replace_schema_metadata(None).cast(delta_schema(t.schema))
+    pq.write_table(t, path, filesystem=fs, compression="zstd")
+    return FileRecord(name, int(fs.size(path)), t.num_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Replacement of earlier rows of the keys a run wrote
+
+
+def key_strings(t: pa.Table, key: list[str]) -> pa.Array:
+    """One string per row for a (possibly composite) key, for set membership in Arrow."""
+    import pyarrow.compute as pc
+
+    cols = [pc.cast(t.column(k), pa.string()) for k in key]
+    if len(cols) == 1:
+        return cols[0]
+    return pc.binary_join_element_wise(*[pc.fill_null(c, "") for c in cols], "\x1f")
+
+
+def broadcast_refs(ds) -> list:
+    """A small-per-row dataset materialised in the object store: the driver keeps only refs."""
+    return list(ds.materialize().to_arrow_refs())
+
+
+def gather(refs: list) -> pa.Table | None:
+    import ray
+
+    parts = [t for t in ray.get(list(refs)) if t.num_rows]
+    return pa.concat_tables(parts) if parts else None
+
+
+REWRITE_SCHEMA = pa.schema([("old_path", pa.string()), ("old_size", pa.int64()), ("path", pa.string()),
+                            ("size", pa.int64()), ("rows", pa.int64())])
+
+
+def _replace_in_file(batch: dict, key: list[str], ours_refs: list, output: str, table: str, run_id: str,
+                     root_path: str, own_prefix: str) -> pa.Table:
+    """One data file: the rows that a newer row of the same key supersedes (a row of this run,
+    or, among this run's own files, a twin in a greater file name) are dropped, by writing the
+    file again without them. Returns the rewrite record (nothing when the file is untouched)."""
+    import pyarrow.compute as pc
+
+    fs, _ = storage.url_to_fs(output)
+    out: dict[str, list] = {"old_path": [], "old_size": [], "path": [], "size": [], "rows": []}
+    ours = gather(ours_refs)
+    if ours is None:
+        return pa.table(out, schema=REWRITE_SCHEMA)
+    our_keys = key_strings(ours, key)
+    for path in batch["path"]:
+        path = str(path)
+        name = path.rsplit("/", 1)[-1]
+        keys = key_strings(pq.read_table(path, filesystem=fs, columns=key), key)
+        if name.startswith(own_prefix):
+            # Our own file: a key loses to the same key in a greater file of ours, or to an
+            # earlier row of this file.
+            newer = pc.filter(our_keys, pc.greater(ours.column("path"), pa.scalar(path)))
+            lose = pc.is_in(keys, value_set=pc.unique(newer)).to_numpy(zero_copy_only=False).copy()
+            seen: set = set()
+            for i, k in enumerate(keys.to_pylist()):
+                lose[i] |= k in seen
+                seen.add(k)
+        else:
+            lose = pc.is_in(keys, value_set=pc.unique(our_keys)).to_numpy(zero_copy_only=False)
+        if not lose.any():
+            continue
+        data = pq.read_table(path, filesystem=fs)
+        kept = data.filter(pa.array(~lose))
+        rec = write_data_file(kept, output, table, run_id, tag="r") if kept.num_rows else None
+        out["old_path"].append(path[len(root_path):].lstrip("/"))
+        out["old_size"].append(int(fs.size(path)))
+        out["path"].append(rec.path if rec else None)
+        out["size"].append(rec.size if rec else 0)
+        out["rows"].append(rec.rows if rec else 0)
+    return pa.table(out, schema=REWRITE_SCHEMA)
+
+
+def plan_replacements(output: str, table: str, key: list[str], snapshot: list[str], ours: list[str],
+                      run_id: str) -> pa.Table:
+    """Ray Data, one task per data file: drop every row that a newer row of the same key
+    supersedes (in the snapshot, or among this run's files), rewriting the files that held them.
+    The run's own keys are broadcast through the object store; no shuffle, nothing in the
+    driver but one record per rewritten file: old_path, old_size, path (None when nothing is
+    left), size, rows."""
+    import ray
+
+    empty = pa.table({"old_path": pa.array([], pa.string())})
+    root = table_root(output, table)
+    _, root_path = storage.url_to_fs(root)
+    own_paths, fs = storage.ray_paths(root, [storage.join(root, p) for p in ours])
+    if not own_paths:
+        return empty
+    ours_ds = ray.data.read_parquet(own_paths, filesystem=fs, columns=key, include_paths=True)
+    refs = broadcast_refs(ours_ds)
+    all_paths, _ = storage.ray_paths(root, [storage.join(root, p) for p in snapshot + ours])
+    files = ray.data.from_items([{"path": p} for p in all_paths], override_num_blocks=max(1, min(len(all_paths), 64)))
+    res = files.map_batches(_replace_in_file, batch_format="numpy", batch_size=4, fn_kwargs={
+        "key": key, "ours_refs": refs, "output": output, "table": table, "run_id": run_id,
+        "root_path": root_path, "own_prefix": f"part-{run_id}-"})
+    parts = [b for b in res.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
+    return pa.concat_tables(parts) if parts else empty
+
+
+# ---------------------------------------------------------------------------------------------
+# The commit
+
+
+def _add(path: str, size: int, rows: int):
+    from deltalake.transaction import AddAction
+
+    return AddAction(path, int(size), {}, int(time.time() * 1000), True, json.dumps({"numRecords": int(rows)}))
+
+
+def _ensure_table(output: str, table: str, schema: pa.Schema):
+    from deltalake import DeltaTable, Schema
+
+    dt = open_table(output, table)
+    if dt is not None:
+        return dt
+    uri = table_root(output, table)
+    try:
+        DeltaTable.create(_delta_uri(uri), schema=Schema.from_arrow(delta_schema(schema)), mode="ignore",
+                          storage_options=storage_options(uri), name=table)
+    except Exception as e:  # noqa: BLE001 - a concurrent creator won: use its table
+        log.info("table %s was created concurrently (%s)", uri, type(e).__name__)
+    return open_table(output, table)
+
+
+def last_commit_run(dt) -> str | None:
+    try:
+        h = dt.history(1)
+        return h[0].get("run_id") if h else None
+    except Exception:  # noqa: BLE001 - naming the other run is best effort
+        return None
+
+
+def commit(output: str, table: str, schema: pa.Schema, key: list[str] | None, files: list[FileRecord],
+           run_id: str, metadata: dict, replace: bool = True) -> int | None:
+    """Publish this run's data files in one commit, replacing earlier rows of the same keys.
+
+    Returns the committed version (None when there was nothing to commit). Raises
+    `CommitConflict` naming the other run when concurrent commits kept winning."""
+    from deltalake.exceptions import CommitFailedError
+    from deltalake.transaction import CommitProperties, RemoveAction
+
+    if not files:
+        return None
+    meta = {k: v for k, v in metadata.items() if v is not None}
+    ours = [f.path for f in files]
+    other = None
+    for attempt in range(COMMIT_ATTEMPTS):
+        dt = _ensure_table(output, table, schema)
+        actions = [_add(f.path, f.size, f.rows) for f in files]
+        if replace and key:
+            plan = plan_replacements(output, table, key, _relative_paths(dt), ours, run_id)
+            if plan.num_rows:
+                log.info("%s: %d files rewritten to replace earlier rows of the same keys", table, plan.num_rows)
+            own = set(ours)
+            for r in plan.to_pylist():
+                if r["old_path"] in own:  # our own file lost rows to a twin: never publish it
+                    actions = [a for a in actions if a.path != r["old_path"]]
+                else:
+                    actions.append(RemoveAction(r["old_path"], True, int(time.time() * 1000), r["old_size"]))
+                if r["path"]:
+                    actions.append(_add(r["path"], r["size"], r["rows"]))
+        try:
+            dt.create_write_transaction(actions, "append", delta_schema(schema),
+                                        commit_properties=CommitProperties(custom_metadata=meta, max_commit_retries=0))
+            version = open_table(output, table).version()
+            log.info("committed %s version %d (run %s, %d files)", table, version, run_id, len(files))
+            return version
+        except CommitFailedError as e:
+            latest = open_table(output, table)
+            other = last_commit_run(latest) if latest is not None else None
+            log.warning("commit of %s by run %s lost a race with run %s (%s); recomputing on top of it",
+                        table, run_id, other or "?", e)
+            time.sleep(min(8.0, 0.25 * 2 ** attempt) * (0.5 + random.random()))
+    raise CommitConflict(f"{table}: run {run_id} could not commit after {COMMIT_ATTEMPTS} attempts; "
+                         f"run {other or '(unknown)'} kept committing to the same table. Rerun to finish.")

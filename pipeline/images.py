@@ -1,0 +1,78 @@
+"""Image helpers shared by the stages: PNG encoding, the encoder's input transform, and the
+loading of aligned crops into model inputs (one read per crop, hashing on the way)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from pipeline import storage
+from pipeline.decode import STATUS_OK, decode_image, image_id as hash_image_id
+
+
+def encode_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=int(compress_level))
+    return buf.getvalue()
+
+
+def to_model_input(rgb: np.ndarray, size: int) -> np.ndarray:
+    """uint8 HxWx3 -> float32 3xSxS in [-1, 1] (the official transforms: PIL bilinear resize,
+    normalise with mean 0.5 / std 0.5)."""
+    im = Image.fromarray(rgb, "RGB")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1)
+    return x * (2.0 / 255.0) - 1.0
+
+
+def hash_crops(batch: dict) -> dict:
+    """(path, bytes) rows of a plain folder of crops -> work rows (one face each, the bytes kept
+    so the crop is read once)."""
+    n = len(batch["path"])
+    uris = np.array([str(p) for p in batch["path"]], dtype=object)
+    return {"image_id": np.array([hash_image_id(bytes(b)) for b in batch["bytes"]], dtype=object),
+            "face_index": np.zeros(n, dtype=np.int32), "source_uri": uris, "aligned_uri": uris,
+            "status": np.array([STATUS_OK] * n, dtype=object), "error": np.array([None] * n, dtype=object),
+            "bytes": batch["bytes"]}
+
+
+def load_crops(batch: dict, input_size: int | None, target_size: int | None = None,
+               max_pixels: int = 64_000_000) -> dict:
+    """Decode aligned crops (from a `bytes` column when the read stage has them, else from
+    `aligned_uri`) into `image` (encoder input, when `input_size` is set) and `target` (the crop
+    at the reconstruction's size, when `target_size` is set). Rows whose `status` is not ok are
+    passed through untouched; a crop that cannot be read or decoded becomes that row's status."""
+    n = len(batch["aligned_uri"])
+    status = np.array(batch["status"], dtype=object) if "status" in batch else np.array([STATUS_OK] * n, object)
+    error = np.array(batch["error"], dtype=object) if "error" in batch else np.array([None] * n, object)
+    image = np.zeros((n, 3, input_size, input_size), dtype=np.float32) if input_size else None
+    target = np.zeros((n, 3, target_size, target_size), dtype=np.float32) if target_size else None
+    data_col = batch.get("bytes")
+    for i, uri in enumerate(batch["aligned_uri"]):
+        if status[i] != STATUS_OK:
+            continue
+        if data_col is not None and data_col[i] is not None:
+            data = bytes(data_col[i])
+        else:
+            try:
+                data = storage.read_bytes(str(uri))
+            except Exception as e:  # noqa: BLE001 - any storage failure is this row's error
+                status[i], error[i] = "read_error", f"cannot read {uri}: {type(e).__name__}: {e}"
+                continue
+        d = decode_image(data, max_pixels=max_pixels, min_side=1)
+        if d.status != STATUS_OK:
+            status[i], error[i] = "decode_error", d.error
+            continue
+        if image is not None:
+            image[i] = to_model_input(d.image, input_size)
+        if target is not None:
+            target[i] = to_model_input(d.image, target_size)
+    out = {k: v for k, v in batch.items() if k != "bytes"}
+    out.update(status=status, error=error)
+    if image is not None:
+        out["image"] = image
+    if target is not None:
+        out["target"] = target
+    return out
