@@ -198,11 +198,13 @@ REWRITE_SCHEMA = pa.schema([("old_path", pa.string()), ("old_size", pa.int64()),
                             ("size", pa.int64()), ("rows", pa.int64())])
 
 
-def _replace_in_file(batch: dict, key: list[str], ours_refs: list, output: str, table: str, run_id: str,
-                     root_path: str, own_prefix: str) -> pa.Table:
-    """One data file: the rows that a newer row of the same key supersedes (a row of this run,
-    or, among this run's own files, a twin in a greater file name) are dropped, by writing the
-    file again without them. Returns the rewrite record (nothing when the file is untouched)."""
+def _replace_in_file(batch: dict, key: list[str], replace_key: list[str], ours_refs: list, output: str,
+                     table: str, run_id: str, root_path: str, own_prefix: str) -> pa.Table:
+    """One data file: the rows that a newer row supersedes are dropped, by writing the file
+    again without them. In an earlier run's file a row loses to this run's rows of the same
+    `replace_key` (a retried image replaces all its rows); in this run's own files a row loses to
+    a twin of the same `key` in a greater file name or earlier in the same file. Returns the
+    rewrite record (nothing when the file is untouched)."""
     import pyarrow.compute as pc
 
     fs, _ = storage.url_to_fs(output)
@@ -211,11 +213,14 @@ def _replace_in_file(batch: dict, key: list[str], ours_refs: list, output: str, 
     if ours is None:
         return pa.table(out, schema=REWRITE_SCHEMA)
     our_keys = key_strings(ours, key)
+    our_replace = pc.unique(key_strings(ours, replace_key))
+    cols = sorted(set(key) | set(replace_key))
     for path in batch["path"]:
         path = str(path)
         name = path.rsplit("/", 1)[-1]
-        keys = key_strings(pq.read_table(path, filesystem=fs, columns=key), key)
+        file_keys = pq.read_table(path, filesystem=fs, columns=cols)
         if name.startswith(own_prefix):
+            keys = key_strings(file_keys, key)
             # Our own file: a key loses to the same key in a greater file of ours, or to an
             # earlier row of this file.
             newer = pc.filter(our_keys, pc.greater(ours.column("path"), pa.scalar(path)))
@@ -225,7 +230,7 @@ def _replace_in_file(batch: dict, key: list[str], ours_refs: list, output: str, 
                 lose[i] |= k in seen
                 seen.add(k)
         else:
-            lose = pc.is_in(keys, value_set=pc.unique(our_keys)).to_numpy(zero_copy_only=False)
+            lose = pc.is_in(key_strings(file_keys, replace_key), value_set=our_replace).to_numpy(zero_copy_only=False)
         if not lose.any():
             continue
         data = pq.read_table(path, filesystem=fs)
@@ -240,7 +245,7 @@ def _replace_in_file(batch: dict, key: list[str], ours_refs: list, output: str, 
 
 
 def plan_replacements(output: str, table: str, key: list[str], snapshot: list[str], ours: list[str],
-                      run_id: str) -> pa.Table:
+                      run_id: str, replace_key: list[str] | None = None) -> pa.Table:
     """Ray Data, one task per data file: drop every row that a newer row of the same key
     supersedes (in the snapshot, or among this run's files), rewriting the files that held them.
     The run's own keys are broadcast through the object store; no shuffle, nothing in the
@@ -254,12 +259,14 @@ def plan_replacements(output: str, table: str, key: list[str], snapshot: list[st
     own_paths, fs = storage.ray_paths(root, [storage.join(root, p) for p in ours])
     if not own_paths:
         return empty
-    ours_ds = ray.data.read_parquet(own_paths, filesystem=fs, columns=key, include_paths=True)
+    replace_key = list(replace_key or key)
+    ours_ds = ray.data.read_parquet(own_paths, filesystem=fs, columns=sorted(set(key) | set(replace_key)),
+                                    include_paths=True)
     refs = broadcast_refs(ours_ds)
     all_paths, _ = storage.ray_paths(root, [storage.join(root, p) for p in snapshot + ours])
     files = ray.data.from_items([{"path": p} for p in all_paths], override_num_blocks=max(1, min(len(all_paths), 64)))
     res = files.map_batches(_replace_in_file, batch_format="numpy", batch_size=4, fn_kwargs={
-        "key": key, "ours_refs": refs, "output": output, "table": table, "run_id": run_id,
+        "key": key, "replace_key": replace_key, "ours_refs": refs, "output": output, "table": table, "run_id": run_id,
         "root_path": root_path, "own_prefix": f"part-{run_id}-"})
     parts = [b for b in res.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
     return pa.concat_tables(parts) if parts else empty
@@ -299,7 +306,7 @@ def last_commit_run(dt) -> str | None:
 
 
 def commit(output: str, table: str, schema: pa.Schema, key: list[str] | None, files: list[FileRecord],
-           run_id: str, metadata: dict, replace: bool = True) -> int | None:
+           run_id: str, metadata: dict, replace: bool = True, replace_key: list[str] | None = None) -> int | None:
     """Publish this run's data files in one commit, replacing earlier rows of the same keys.
 
     Returns the committed version (None when there was nothing to commit). Raises
@@ -316,7 +323,7 @@ def commit(output: str, table: str, schema: pa.Schema, key: list[str] | None, fi
         dt = _ensure_table(output, table, schema)
         actions = [_add(f.path, f.size, f.rows) for f in files]
         if replace and key:
-            plan = plan_replacements(output, table, key, _relative_paths(dt), ours, run_id)
+            plan = plan_replacements(output, table, key, _relative_paths(dt), ours, run_id, replace_key)
             if plan.num_rows:
                 log.info("%s: %d files rewritten to replace earlier rows of the same keys", table, plan.num_rows)
             own = set(ours)

@@ -44,9 +44,13 @@ UNIT_COLUMN = "_unit"   # optional: the outcome that counts for an input unit (a
 
 @dataclass(frozen=True)
 class TableSpec:
+    """A table: its Arrow schema, the key that is unique per row, and the key whose earlier rows
+    a new attempt replaces (default: `key`; the faces table replaces all rows of an image)."""
+
     name: str
     schema: pa.Schema
     key: tuple[str, ...]
+    replace_key: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -213,7 +217,8 @@ class JobRun:
                 "counts": json.dumps({k: summary.get(k) for k in ("in", "ok", "failed", "skipped")})}
         for spec, res in results.items():
             self.versions[spec.name] = delta.commit(self.output, spec.name, spec.schema, list(spec.key),
-                                                    res.files, self.run_id, meta, replace=replace)
+                                                    res.files, self.run_id, meta, replace=replace,
+                                                    replace_key=list(spec.replace_key or spec.key))
         record = {"run_id": self.run_id, "job": self.job, "output": redact_uri(self.output),
                   "started_at": self.started.isoformat(),
                   "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
