@@ -83,6 +83,23 @@ def storage_options(uri: str) -> dict[str, str] | None:
     return opts
 
 
+def list_tables(output: str) -> list[str]:
+    """Names of the Delta tables directly under a dataset root (folders with a `_delta_log`)."""
+    fs, root = storage.url_to_fs(output)
+    fs.invalidate_cache(root)  # delta-rs writes around fsspec: never trust a cached listing
+    try:
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        return []
+    out = []
+    for e in entries:
+        path = str(e["name"]).rstrip("/")
+        name = path.rsplit("/", 1)[-1]
+        if e.get("type") == "directory" and not name.startswith(("_", ".")) and fs.exists(f"{path}/_delta_log"):
+            out.append(name)
+    return sorted(out)
+
+
 def open_table(output: str, table: str, version: int | None = None):
     """The committed table (optionally at a version), or None when it does not exist yet."""
     from deltalake import DeltaTable
@@ -128,7 +145,8 @@ def read_snapshot(output: str, table: str, columns: list[str] | None = None, ver
     if not uris:
         return None
     paths, fs = storage.ray_paths(table_root(output, table), uris)
-    return ray.data.read_parquet(paths, filesystem=fs, columns=columns, include_paths=include_paths)
+    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=include_paths)
+    return ds.select_columns(list(columns) + (["path"] if include_paths else [])) if columns else ds
 
 
 def read_snapshot_arrow(output: str, table: str, columns: list[str] | None = None,
@@ -260,8 +278,8 @@ def plan_replacements(output: str, table: str, key: list[str], snapshot: list[st
     if not own_paths:
         return empty
     replace_key = list(replace_key or key)
-    ours_ds = ray.data.read_parquet(own_paths, filesystem=fs, columns=sorted(set(key) | set(replace_key)),
-                                    include_paths=True)
+    ours_ds = ray.data.read_parquet(own_paths, filesystem=fs, include_paths=True).select_columns(
+        [*sorted(set(key) | set(replace_key)), "path"])
     refs = broadcast_refs(ours_ds)
     all_paths, _ = storage.ray_paths(root, [storage.join(root, p) for p in snapshot + ours])
     files = ray.data.from_items([{"path": p} for p in all_paths], override_num_blocks=max(1, min(len(all_paths), 64)))

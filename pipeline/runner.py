@@ -81,14 +81,20 @@ def is_done(status: pa.Array, retry_failed: bool) -> pa.Array:
 
 
 def _done_keys(batch: pa.Table, key: list[str], retry_failed: bool) -> pa.Table:
-    return batch.filter(is_done(batch.column("status"), retry_failed)).select(key)
+    """The key of every row and whether that row needs no new attempt (`_done`)."""
+    return batch.select(key).append_column("_done", is_done(batch.column("status"), retry_failed))
 
 
 def _mark(batch: pa.Table, key: list[str], done_refs: list) -> pa.Table:
     done = delta.gather(done_refs)
     if done is None or not batch.num_rows:
         return batch
-    hit = pc.is_in(delta.key_strings(batch, key), value_set=pc.unique(delta.key_strings(done, key)))
+    # A key is done when every committed row of it is (a key with several rows, such as an
+    # image's faces, is attempted again when any of its rows still needs it).
+    keys, flag = delta.key_strings(done, key), done.column("_done")
+    mine = delta.key_strings(batch, key)
+    hit = pc.and_(pc.is_in(mine, value_set=pc.unique(pc.filter(keys, flag))),
+                  pc.invert(pc.is_in(mine, value_set=pc.unique(pc.filter(keys, pc.invert(flag))))))
     status = pc.if_else(hit, pa.scalar(STATUS_SKIPPED), batch.column("status"))
     return batch.set_column(batch.schema.get_field_index("status"), "status", status)
 
@@ -159,8 +165,12 @@ class JobRun:
     # -- the work ----------------------------------------------------------------------------
 
     def write(self, ds, table: TableSpec, expected: int | None = None, inputs=None,
-              lost_rows: Callable[[pa.Table], pa.Table] | None = None) -> WriteResult:
-        """Drain `ds` through the write stage; rows that never came back become `lost` rows."""
+              lost_rows: Callable[[pa.Table], pa.Table] | None = None,
+              lost_key: tuple[str, ...] | None = None) -> WriteResult:
+        """Drain `ds` through the write stage; rows that never came back become `lost` rows.
+
+        `lost_key`: the columns that match an input row with the rows written for it (default:
+        the table's key; align matches input files by `source_uri`)."""
         res = WriteResult()
         last = time.time()
         out = ds.map_batches(write_batch, batch_format="pyarrow", batch_size=self.rows_per_file,
@@ -174,7 +184,7 @@ class JobRun:
                          f"/{expected}" if expected else "", res.counts["ok"], res.counts["failed"],
                          res.counts["skipped"], res.done / max(time.time() - self.t0, 1e-9))
         if expected is not None and res.done < expected and inputs is not None and lost_rows is not None:
-            self._write_lost(res, table, inputs, lost_rows, expected)
+            self._write_lost(res, table, inputs, lost_rows, expected, lost_key)
         return res
 
     def write_small(self, table: TableSpec, t: pa.Table) -> WriteResult:
@@ -185,17 +195,18 @@ class JobRun:
             res.add(write_batch(t, self.output, table.name, self.run_id, table.schema).to_pylist()[0])
         return res
 
-    def _write_lost(self, res: WriteResult, table: TableSpec, inputs, lost_rows, expected: int) -> None:
+    def _write_lost(self, res: WriteResult, table: TableSpec, inputs, lost_rows, expected: int,
+                    lost_key: tuple[str, ...] | None = None) -> None:
         import ray
 
         n_lost = expected - res.done
         log.error("%d rows did not come back from the pipeline: writing them as '%s'", n_lost, STATUS_LOST)
-        key = list(table.key)
+        key = list(lost_key or table.key)
         refs = []
         if res.files:
             root = delta.table_root(self.output, table.name)
             paths, fs = storage.ray_paths(root, [storage.join(root, f.path) for f in res.files])
-            refs = delta.broadcast_refs(ray.data.read_parquet(paths, filesystem=fs, columns=key))
+            refs = delta.broadcast_refs(ray.data.read_parquet(paths, filesystem=fs).select_columns(key))
         missing = inputs.map_batches(_missing, batch_format="pyarrow", fn_kwargs={"key": key, "back_refs": refs})
         before = res.done
         rows = missing.map_batches(lost_rows, batch_format="pyarrow")

@@ -14,8 +14,9 @@ import torch
 
 from jobs import invert
 from jobs.cli import load_config
-from pipeline import storage
-from pipeline.schemas import faces_table, nested_list_to_numpy
+from pipeline import delta
+from pipeline.runner import JobRun, TableSpec
+from pipeline.schemas import FACES_SCHEMA, faces_table, nested_list_to_numpy
 from stmodel.checkpoint import load_inversion
 from tests.conftest import write_crops
 
@@ -28,7 +29,11 @@ def _cfg(inp, out, ckpt, **over):
 
 
 def _table(out):
-    return storage.read_committed(out, "latents")
+    return delta.read_snapshot_arrow(out, "latents")
+
+
+def _keys(t):
+    return list(zip(t["image_id"].to_pylist(), t["face_index"].to_pylist()))
 
 
 def test_end_to_end_local_with_metrics_and_bad_crop(ray_local, tmp_path, tiny_checkpoint):
@@ -69,32 +74,40 @@ def test_end_to_end_local_with_metrics_and_bad_crop(ray_local, tmp_path, tiny_ch
 
 
 def test_latents_readable_without_this_project(ray_local, tmp_path, tiny_checkpoint):
+    """deltalake, pyarrow, pandas, polars and DuckDB read the committed table in a process that
+    never imports this project; w_plus is list<list<float>> (Delta has no fixed-size list)."""
     ckpt, _ = tiny_checkpoint
     write_crops(tmp_path / "c", 3)
     out = str(tmp_path / "ds")
     invert.run(_cfg(str(tmp_path / "c"), out, ckpt))
-    files = storage.committed_table_files(out, "latents")
-    # plain pyarrow: the nested fixed-size list keeps [n_latent, 512]-style shape
-    t = pq.read_table(files)
-    typ = t.schema.field("w_plus").type
-    assert pa.types.is_fixed_size_list(typ) and typ.list_size == 8
-    assert pa.types.is_fixed_size_list(typ.value_type) and typ.value_type.list_size == 64
-    assert typ.value_type.value_type == pa.float32()
-    arr = nested_list_to_numpy(t["w_plus"])
+    script = """
+import json, sys
+import numpy as np, duckdb, polars as pl
+from deltalake import DeltaTable
+dt = DeltaTable(sys.argv[1] + "/latents")
+t = dt.to_pyarrow_table()
+w = np.array(t["w_plus"].to_pylist(), dtype=np.float32)
+df = dt.to_pandas()
+d = dt.to_pyarrow_dataset()
+con = duckdb.connect()
+con.register("latents", d)
+first = con.execute("SELECT w_plus[1][1], len(w_plus), len(w_plus[8]) FROM latents ORDER BY image_id").fetchall()[0]
+pl_n = pl.read_delta(sys.argv[1] + "/latents").height
+hist = [h.get("run_id") for h in dt.history()]
+print(json.dumps({"type": str(t.schema.field("w_plus").type), "shape": list(w.shape), "pandas": len(df),
+                  "duck": list(first), "polars": pl_n, "runs": hist, "version": dt.version(),
+                  "w00": float(w[np.argsort(t["image_id"].to_pylist())[0], 0, 0])}))
+"""
+    p = subprocess.run([sys.executable, "-c", script, out], capture_output=True, text=True, cwd=str(tmp_path),
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout)
+    assert got["type"] == "list<element: list<element: float>>"
+    assert got["shape"] == [3, 8, 64] and got["pandas"] == 3 and got["polars"] == 3
+    assert got["duck"][1] == 8 and got["duck"][2] == 64 and abs(got["duck"][0] - got["w00"]) < 1e-6
+    assert len(got["runs"]) == 2 and got["runs"][0]  # the create and the run's commit, newest first
+    arr = nested_list_to_numpy(_table(out)["w_plus"])
     assert arr.shape == (3, 8, 64)
-    # pandas: nested lists of floats per row
-    df = t.to_pandas()
-    assert len(df["w_plus"][0]) == 8 and len(df["w_plus"][0][0]) == 64
-    # DuckDB: layer indexing works (1-based)
-    import duckdb
-
-    con = duckdb.connect()
-    typ = con.execute(f"SELECT typeof(w_plus) FROM read_parquet({files!r}) LIMIT 1").fetchone()[0]
-    assert typ in ("FLOAT[][]", "FLOAT[64][8]")  # nested lists: the layers stay visible
-    v = con.execute(f"SELECT w_plus[1][1], len(w_plus), len(w_plus[8]) FROM read_parquet({files!r}) "
-                    "ORDER BY image_id").fetchall()
-    first = t.sort_by("image_id")["w_plus"][0].as_py()[0][0]
-    assert v[0][1] == 8 and v[0][2] == 64 and abs(v[0][0] - first) < 1e-6
 
 
 def test_incremental_and_nothing_written_twice(ray_local, tmp_path, tiny_checkpoint):
@@ -107,10 +120,10 @@ def test_incremental_and_nothing_written_twice(ray_local, tmp_path, tiny_checkpo
     write_crops(crops, 3, seed=2)
     r2 = invert.run(_cfg(str(crops), out, ckpt))
     assert r2["counts"] == {"in": 7, "ok": 3, "failed": 0, "skipped": 4}
-    n_files = len(storage.committed_table_files(out, "latents"))
+    version = delta.open_table(out, "latents").version()
     r3 = invert.run(_cfg(str(crops), out, ckpt))
     assert r3["counts"] == {"in": 7, "ok": 0, "failed": 0, "skipped": 7}
-    assert len(storage.committed_table_files(out, "latents")) == n_files  # nothing written
+    assert delta.open_table(out, "latents").version() == version  # nothing committed
     t = _table(out)
     keys = list(zip(t["image_id"].to_pylist(), t["face_index"].to_pylist()))
     assert len(keys) == len(set(keys)) == 7
@@ -126,14 +139,14 @@ def test_crash_before_publish_leaves_nothing_then_rerun_completes(ray_local, tmp
 
     with pytest.raises(KeyboardInterrupt):
         invert.run(_cfg(str(tmp_path / "c"), out, ckpt), before_commit=die)
-    assert _table(out) is None  # parts were written, but no manifest: invisible
-    assert storage.committed_manifests(out) == []
+    assert _table(out) is None  # data files were written, but nothing committed: invisible
+    orphans = [p for p in os.listdir(os.path.join(out, "latents")) if p.endswith(".parquet")]
+    assert orphans and not os.path.exists(os.path.join(out, "_runs"))
     r = invert.run(_cfg(str(tmp_path / "c"), out, ckpt))
     assert r["counts"]["ok"] == 3
-    assert _table(out).num_rows == 3
-    # the crashed run's files were swept
-    runs = [p for p in os.listdir(os.path.join(out, "latents"))]
-    assert runs == [f"run={r['run_id']}"]
+    t = _table(out)
+    assert t.num_rows == 3 and set(t["run_id"].to_pylist()) == {r["run_id"]}
+    assert all(o in os.listdir(os.path.join(out, "latents")) for o in orphans)  # left for vacuum, unread
 
 
 def test_actor_dies_on_one_batch_and_ray_retries(ray_local, tmp_path, tiny_checkpoint):
@@ -167,11 +180,11 @@ def test_reads_committed_align_output(ray_local, tmp_path, tiny_checkpoint):
                      "face_index": 0, "aligned_uri": f})
     rows.append({"image_id": "f" * 64, "source_uri": "s3://raw/none.jpg", "status": "no_face",
                  "error": "no face", "n_faces": 0})
-    run = storage.Run(root, "align", {})
-    run.write_table("faces", faces_table(rows, run.run_id))
-    run.commit({"in": 4})
-    crashed = storage.Run(root, "align", {})  # an unpublished align run: ignored
-    crashed.write_table("faces", faces_table([{**rows[0], "image_id": "e" * 64}], crashed.run_id))
+    spec = TableSpec("faces", FACES_SCHEMA, ("image_id", "face_index"), ("image_id",))
+    run = JobRun(root, "align", {})
+    run.commit({spec: run.write_small(spec, faces_table(rows, run.run_id))}, {"in": 4})
+    crashed = JobRun(root, "align", {})  # an uncommitted align run: ignored
+    crashed.write_small(spec, faces_table([{**rows[0], "image_id": "e" * 64}], crashed.run_id))
     r = invert.run(_cfg(root, root, ckpt))
     assert r["counts"] == {"in": 3, "ok": 3, "failed": 0, "skipped": 0}
     t = _table(root)
