@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,7 @@ from stmodel.classifier import CELEBA_ATTRIBUTES, LatentClassifier, classifier_s
 from stmodel.editor import EditTransformer, editor_loss, editor_state, load_editor
 from stmodel.label_edit import direction_edit, label_direction, label_edit, load_direction
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec"
-if not SPEC.exists():
-    SPEC = Path(os.environ.get("STBATCH_SPEC", "/work/shared/spec"))
+DATA = Path(__file__).resolve().parent / "data"  # copied from shared/spec; see data/README.md
 
 N, D, K = 8, 64, 3  # tiny W+: 8 layers of 64, three synthetic attributes
 U = torch.randn(K, N * D, generator=torch.Generator().manual_seed(0))
@@ -80,9 +77,8 @@ def test_edit_checkpoint_matches_official_layout(official_state):
     assert len(exp) == 182
     got = {k: tuple(v.shape) for k, v in official_state["state_dict"].items()}
     assert got == exp
-    if (SPEC / "official_keys_edit.json").exists():  # the written structure is the file's
-        spec = json.loads((SPEC / "official_keys_edit.json").read_text())["state_dict"]
-        assert {k: tuple(v["shape"]) for k, v in spec.items()} == exp
+    spec = json.loads((DATA / "official_keys_edit.json").read_text())["state_dict"]
+    assert {k: tuple(v["shape"]) for k, v in spec.items()} == exp  # the written structure is the file's
     assert len(CELEBA_ATTRIBUTES) == 40 and CELEBA_ATTRIBUTES[0] == "5_o_Clock_Shadow"
     assert CELEBA_ATTRIBUTES[20] == "Male" and CELEBA_ATTRIBUTES[31] == "Smiling" and CELEBA_ATTRIBUTES[-1] == "Young"
 

@@ -18,9 +18,7 @@ from stmodel.config import get_preset
 from stmodel.inversion import StyleTransformer
 from stmodel.stylegan2 import Generator, make_kernel, upfirdn2d
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec"
-if not SPEC.exists():
-    SPEC = Path(os.environ.get("STBATCH_SPEC", "/work/shared/spec"))
+DATA = Path(__file__).resolve().parent / "data"  # copied from shared/spec; see data/README.md
 
 
 def expected_official_layout() -> dict[str, tuple]:
@@ -114,7 +112,7 @@ def test_ffhq_layout_matches_model_md_facts(ffhq_state):
 
 
 def test_ffhq_layout_matches_official_key_list(ffhq_state):
-    spec = json.loads((SPEC / "official_keys_ffhq.json").read_text())
+    spec = json.loads((DATA / "official_keys_ffhq.json").read_text())
     official = spec["state_dict"]
     ours = ffhq_state["state_dict"]
     assert set(ours) == set(official)
@@ -350,6 +348,17 @@ def test_refuses_sha256_mismatch(tmp_path):
         load_inversion(p, sha256="0" * 64)
 
 
+def _reference_mapping(g: Generator, z: torch.Tensor) -> torch.Tensor:
+    """rosinality's mapping net, transcribed: PixelNorm over the features, then n_mlp
+    EqualLinear layers (weight * lr_mul / sqrt(in), bias * lr_mul) with leaky ReLU 0.2 * sqrt(2)."""
+    x = z * torch.rsqrt(z.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+    lr = g.cfg.lr_mlp
+    for layer in list(g.style)[1:]:
+        w = layer.weight * (lr / math.sqrt(layer.weight.shape[1]))
+        x = F.leaky_relu(x @ w.T + layer.bias * lr, 0.2) * math.sqrt(2)
+    return x
+
+
 def test_plain_stylegan2_file_and_computed_latent_avg(tmp_path):
     torch.manual_seed(2)
     cfg = get_preset("tiny-32")
@@ -358,7 +367,13 @@ def test_plain_stylegan2_file_and_computed_latent_avg(tmp_path):
     save_generator(g, p)
     g2, avg, _ = load_generator(p, cfg, n_mean=2000)
     assert avg.shape == (cfg.n_latent, cfg.style_dim)
-    assert torch.allclose(avg[0], g.mean_latent(2000), atol=1e-6)
+    # Independently: the mapping net written out from the rosinality formulas, on 2000 z drawn
+    # from a generator seeded with MEAN_LATENT_SEED (0), averaged in float64; every row the same.
+    z = torch.randn(2000, cfg.style_dim, generator=torch.Generator().manual_seed(0))
+    expected = _reference_mapping(g, z).double().mean(0).float()
+    assert torch.allclose(avg, expected.expand_as(avg), atol=1e-5), (avg[0] - expected).abs().max()
+    other = torch.randn(2000, cfg.style_dim, generator=torch.Generator().manual_seed(1))
+    assert (expected - _reference_mapping(g, other).mean(0)).abs().max() > 1e-3  # the seed is seen
     # seeded: the same file gives the same mean every time
     _, avg2, _ = load_generator(p, cfg, n_mean=2000)
     assert torch.equal(avg, avg2)
