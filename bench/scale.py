@@ -1,0 +1,131 @@
+"""Driver memory against dataset size: the driver plans, counts and commits, so its peak RSS
+must not grow with the number of faces.
+
+    python -m bench.scale                        # invert + evaluate over 1k and 10k faces (tiny-32)
+    python -m bench.scale --sizes 500 5000 --jobs invert
+
+For each size a folder of that many distinct crops is inverted (random tiny-32 model, no
+metrics), then evaluated (PSNR / MSE only). The driver's RSS is sampled every 20 ms during each
+job; the figure that matters is the marginal growth of the peak per face between the sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc, no dependency)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class PeakRSS:
+    """Samples this process's resident set size in a thread; `peak` after `stop`."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.start = rss_bytes()
+        self.peak = self.start
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def write_crops(folder: str, n: int, size: int = 32, seed: int = 0) -> None:
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        img = base.copy()
+        img.reshape(-1)[:8] = np.frombuffer(i.to_bytes(8, "little"), dtype=np.uint8)  # distinct bytes
+        Image.fromarray(img).save(os.path.join(folder, f"c{i:07d}.png"), compress_level=0)
+
+
+def measure(job: str, cfg: dict) -> dict:
+    from jobs import evaluate, invert
+
+    run = {"invert": invert.run, "evaluate": evaluate.run}[job]
+    with PeakRSS() as m:
+        t0 = time.time()
+        res = run(cfg)
+        seconds = time.time() - t0
+    return {"job": job, "counts": res["counts"], "seconds": round(seconds, 1), "rss_before_mb": round(m.start / 2**20, 1),
+            "peak_mb": round(m.peak / 2**20, 1), "growth_mb": round((m.peak - m.start) / 2**20, 1)}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    p.add_argument("--jobs", nargs="+", default=["invert", "evaluate"], choices=["invert", "evaluate"])
+    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
+    args = p.parse_args(argv)
+
+    import logging
+
+    import ray
+
+    from jobs import evaluate, invert
+    from jobs.cli import load_config
+
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=args.num_cpus, log_to_driver=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    work = args.workdir or tempfile.mkdtemp(prefix="stbatch-scale-")
+    rows = []
+    model = ["model.preset=tiny-32", "model.seed=0", "progress=false"]
+    for n in sorted(args.sizes):
+        crops, out = os.path.join(work, f"crops_{n}"), os.path.join(work, f"ds_{n}")
+        write_crops(crops, n)
+        if "invert" in args.jobs or "evaluate" in args.jobs:
+            cfg = load_config(invert.DEFAULTS, None, [f"input={crops}", f"output={out}", *model,
+                                                      "invert.batch_size=64", "invert.load_batch_size=256"])
+            r = measure("invert", cfg) if "invert" in args.jobs else None
+            if r is None:
+                invert.run(cfg)
+            else:
+                rows.append({"faces": n, **r})
+        if "evaluate" in args.jobs:
+            cfg = load_config(evaluate.DEFAULTS, None, [f"input={out}", *model, "metric_weights.skip_missing=true",
+                                                        "evaluate.batch_size=64", "evaluate.load_batch_size=256"])
+            rows.append({"faces": n, **measure("evaluate", cfg)})
+        for r in rows[-len(args.jobs):]:
+            print(json.dumps(r), flush=True)
+    lo, hi = min(args.sizes), max(args.sizes)
+    for job in args.jobs:
+        a = [r for r in rows if r["job"] == job and r["faces"] == lo][0]
+        b = [r for r in rows if r["job"] == job and r["faces"] == hi][0]
+        per_face = (b["peak_mb"] - a["peak_mb"]) * 2**20 / max(hi - lo, 1)
+        print(f"{job}: driver peak {a['peak_mb']} MB at {lo} faces, {b['peak_mb']} MB at {hi} faces: "
+              f"{per_face:.0f} bytes per face (bound 512); {b['counts']['in'] / max(b['seconds'], 1e-9):.0f} faces/s at {hi}",
+              flush=True)
+    ray.shutdown()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
