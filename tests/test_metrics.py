@@ -188,8 +188,8 @@ def test_lpips_equals_the_lpips_package_with_the_same_trunk(tmp_path, monkeypatc
     assert real(a, a).abs().max() < 1e-6
     # Out-of-range inputs are clamped first, as a saved image would be.
     with torch.no_grad():
-        clamped = ref(a.clamp(-1, 1), (b * 3).clamp(-1, 1), normalize=False).flatten()
-    assert torch.allclose(real(a, b * 3), clamped, atol=LPIPS_TOL, rtol=0)
+        clamped = ref((a * 3).clamp(-1, 1), (b * 3).clamp(-1, 1), normalize=False).flatten()
+    assert torch.allclose(real(a * 3, b * 3), clamped, atol=LPIPS_TOL, rtol=0)
     # A file that is not an AlexNet is refused with the key named.
     bad = dict(sd)
     bad["features.3.weight"] = torch.zeros(1, 1, 1, 1)
