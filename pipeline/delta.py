@@ -103,12 +103,15 @@ def list_tables(output: str) -> list[str]:
 def open_table(output: str, table: str, version: int | None = None):
     """The committed table (optionally at a version), or None when it does not exist yet."""
     from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
 
     uri = table_root(output, table)
-    target = _delta_uri(uri)
-    if not DeltaTable.is_deltatable(target, storage_options=storage_options(uri)):
+    # Not `DeltaTable.is_deltatable`: it keeps Python's GIL during its S3 request (delta-rs 1.6),
+    # which stalls every other thread of this process (an in-process S3 server waits forever).
+    try:
+        return DeltaTable(_delta_uri(uri), version=version, storage_options=storage_options(uri))
+    except TableNotFoundError:
         return None
-    return DeltaTable(target, version=version, storage_options=storage_options(uri))
 
 
 def delta_schema(schema: pa.Schema) -> pa.Schema:
