@@ -1,4 +1,5 @@
-"""The dataset report: one self-contained HTML file from whatever a dataset root holds."""
+"""The dataset report: one self-contained HTML file from whatever a dataset root holds, read
+from the committed Delta snapshots and the Delta log (tables built here with the job runner)."""
 from __future__ import annotations
 
 import io
@@ -12,9 +13,11 @@ from PIL import Image
 
 from jobs import report
 from jobs.cli import load_config
+from pipeline import delta, report_data, report_sections
 from pipeline import report_html as H
 from pipeline import storage
-from pipeline.schemas import faces_table, latents_schema, make_table, metrics_schema
+from pipeline.runner import JobRun, TableSpec
+from pipeline.schemas import FACES_SCHEMA, faces_table, latents_schema, make_table, metrics_schema
 
 REAL = "lpips-alex (torchvision AlexNet); facenet-vggface2"
 RANDOM = "lpips-alex-RANDOM-INIT (not a real LPIPS); facenet-RANDOM-INIT (not a real ID metric)"
@@ -29,23 +32,39 @@ def _png(uri: str, seed: int, size: int = 300) -> str:
     return uri
 
 
+FACES = TableSpec("faces", FACES_SCHEMA, ("image_id", "face_index"), ("image_id",))
+LATENTS = TableSpec("latents", latents_schema(6, 8), ("image_id", "face_index"))
+METRICS = TableSpec("metrics", metrics_schema(), ("image_id", "face_index"))
+EDITS = TableSpec("edits", pa.schema([
+    ("edit_id", pa.string()), ("image_id", pa.string()), ("kind", pa.string()), ("attribute", pa.string()),
+    ("strength", pa.float32()), ("output_uri", pa.string()), ("logit_before", pa.float32()),
+    ("logit_after", pa.float32()), ("id_similarity", pa.float32()), ("status", pa.string()),
+    ("error", pa.string())]), ("edit_id",))
+
+
+def _commit(root: str, job: str, spec: TableSpec, t: pa.Table, summary: dict) -> JobRun:
+    """One run of `job` committing `t` to `spec` through the runner (no Ray: no key replacement)."""
+    r = JobRun(root, job, {})
+    r.commit({spec: r.write_small(spec, t)}, summary, replace=False)
+    return r
+
+
 def _dataset(root: str, labels: str = REAL, mismatch: bool = False) -> dict:
     """faces (3 ok, 1 failed) + latents (3 ok with one reconstruction missing, 1 failed) +
-    metrics + a partial edits table + training output + one uncommitted latents run."""
+    metrics + a partial edits table + training output (and its record-only run) + a killed
+    latents run (data file, no commit) + a run record without a commit."""
     ids = [f"{i:064x}" for i in range(1, 5)]
     aligned = [_png(storage.join(root, f"aligned/{ids[i][-8:]}.png"), i) for i in range(3)]
     recon = [_png(storage.join(root, f"reconstructions/{ids[i][-8:]}.png"), 10 + i) for i in range(2)]
     recon.append(storage.join(root, "reconstructions/gone.png"))  # referenced, never written
 
-    r = storage.Run(root, "align", {})
     rows = [{"image_id": ids[i], "source_uri": f"/photos/{i}.jpg", "status": "ok", "face_index": 0,
              "det_score": 0.9 + i / 100, "aligned_uri": aligned[i]} for i in range(3)]
     rows.append({"image_id": ids[3], "source_uri": "/photos/bad.jpg", "status": "no_face",
                  "error": "no face found above min_score=0.5"})
-    r.write_table("faces", faces_table(rows, r.run_id))
-    r.commit({"in": 4, "ok": 3, "failed": 1, "skipped": 0, "seconds": 1.5})
+    _commit(root, "align", FACES, faces_table(rows, "x"), {"in": 4, "ok": 3, "failed": 1, "skipped": 0,
+                                                           "seconds": 1.5})
 
-    r = storage.Run(root, "invert", {})
     n = 4
     ok = np.array([True, True, True, False])
     w = np.random.default_rng(0).normal(size=(n, 6, 8)).astype(np.float32) * np.arange(1, 7)[None, :, None]
@@ -54,30 +73,32 @@ def _dataset(root: str, labels: str = REAL, mismatch: bool = False) -> dict:
             "psnr": [20.0, 25.0, 30.0, None], "mse": [0.01, 0.005, 0.002, None],
             "lpips": [0.3, 0.2, 0.1, None], "id_similarity": [0.5, 0.6, 0.7, None],
             "metric_backbones": [labels] * 3 + [None], "reconstruction_uri": recon + [None], "model": ["tiny"] * n}
-    r.write_table("latents", make_table(cols, latents_schema(6, 8), r.run_id, w_plus=w, ok=ok))
-    r.commit({"in": 5 if mismatch else 4, "ok": 3, "failed": 1, "skipped": 0, "seconds": 2.0,
-              "metrics": {"psnr": {"mean": 25.0, "p50": 25.0, "p95": 29.5, "n": 3}, "backbones": [labels]}})
+    _commit(root, "invert", LATENTS, make_table(cols, LATENTS.schema, "x", w_plus=w, ok=ok),
+            {"in": 5 if mismatch else 4, "ok": 3, "failed": 1, "skipped": 0, "seconds": 2.0,
+             "metrics": {"psnr": {"mean": 25.0, "p50": 25.0, "p95": 29.5, "n": 3}, "backbones": [labels]}})
 
-    crashed = storage.Run(root, "invert", {})  # files written, never committed: must be ignored
-    crashed.write_table("latents", make_table(cols, latents_schema(6, 8), crashed.run_id, w_plus=w, ok=ok))
+    crashed = JobRun(root, "invert", {})  # data file written, never committed: must be ignored
+    crashed.write_small(LATENTS, make_table(cols, LATENTS.schema, crashed.run_id, w_plus=w * 100, ok=ok))
+    ghost = storage.new_run_id("invert")  # a record naming a commit the Delta log does not hold
+    storage.write_bytes(storage.join(root, "_runs", f"{ghost}.json"), json.dumps(
+        {"run_id": ghost, "job": "invert", "tables": {"latents": 7},
+         "summary": {"in": 9, "ok": 9, "failed": 0, "skipped": 0}}).encode())
 
-    r = storage.Run(root, "evaluate", {})
     mcols = {"image_id": ids[:3], "face_index": [0] * 3, "status": ["ok"] * 3, "psnr": [21.0, 24.0, 31.0],
              "mse": [0.01, 0.004, 0.001], "lpips": [0.25, 0.2, 0.15], "id_similarity": [0.55, 0.65, 0.75],
              "metric_backbones": [labels] * 3}
-    r.write_table("metrics", make_table(mcols, metrics_schema(), r.run_id))
-    r.commit({"in": 3, "ok": 3, "failed": 0, "skipped": 0, "seconds": 0.7})
+    _commit(root, "evaluate", METRICS, make_table(mcols, METRICS.schema, "x"),
+            {"in": 3, "ok": 3, "failed": 0, "skipped": 0, "seconds": 0.7})
 
-    # edits: written by another job; only some of its columns, and one output image
-    r = storage.Run(root, "edit", {})
+    # edits: only some of the columns, and one output image
     out0 = _png(storage.join(root, "edits/e0.png"), 20)
-    r.write_table("edits", pa.table({
+    _commit(root, "edit", EDITS, pa.table({
         "edit_id": ["e0", "e1", "e2"], "image_id": [ids[0], ids[0], ids[1]], "kind": ["label"] * 3,
         "attribute": ["Smiling", "Eyeglasses", "Smiling"], "strength": [1.0, 2.0, -1.0],
         "output_uri": [out0, None, storage.join(root, "edits/missing.png")],
         "logit_before": [-1.0, -2.0, 0.5], "logit_after": [2.0, -1.5, -0.5], "id_similarity": [0.8, None, 0.7],
-        "status": ["ok", "edit_error", "ok"], "error": [None, "boom: generator failed", None]}))
-    r.commit({"in": 3, "ok": 2, "failed": 1, "skipped": 0, "seconds": 0.3})
+        "status": ["ok", "edit_error", "ok"], "error": [None, "boom: generator failed", None]}, schema=EDITS.schema),
+        {"in": 3, "ok": 2, "failed": 1, "skipped": 0, "seconds": 0.3})
 
     lines = [{"step": s, "loss": 1.0 / (1 + s), "l2": 0.5 / (1 + s), "lpips": 0.3, "seconds": s * 0.1}
              for s in range(0, 50, 5)]
@@ -87,7 +108,8 @@ def _dataset(root: str, labels: str = REAL, mismatch: bool = False) -> dict:
     _png(storage.join(root, "train/grids/step_000050.png"), 30, size=512)
     storage.write_bytes(storage.join(root, "train/eval.json"), json.dumps(
         {"trained": {"psnr": 24.1, "lpips": 0.2}, "mean_latent": {"psnr": 15.3, "lpips": 0.5}}).encode())
-    return {"ids": ids, "crashed": crashed.run_id}
+    JobRun(root, "train_encoder", {}).commit({}, {"in": 10, "ok": 10, "failed": 0, "skipped": 0, "seconds": 5.0})
+    return {"ids": ids, "crashed": crashed.run_id, "ghost": ghost}
 
 
 def _run(inp: str, **sets) -> dict:
@@ -105,7 +127,8 @@ def test_full_dataset_report(tmp_path):
     assert res["run_id"] is None
     assert res["extra"]["report"] == storage.join(root, "report", "index.html")
     assert res["counts"] == {"in": 6, "ok": 6, "failed": 0, "skipped": 0}
-    assert res["extra"]["runs"] == 4 and res["extra"]["missing_images"] == 2
+    # align, invert, evaluate, edit (Delta commits) and train_encoder (record only, no table)
+    assert res["extra"]["runs"] == 5 and res["extra"]["missing_images"] == 2
     html = _html(res["extra"]["report"])
     for anchor in ("overview", "jobs", "faces", "latents", "metrics", "edits", "training"):
         assert f'<section id="{anchor}">' in html
@@ -130,6 +153,10 @@ def test_full_dataset_report(tmp_path):
     # accounting fine, uncommitted run ignored and mentioned
     assert "MISMATCH" not in html
     assert info["crashed"] in html and "uncommitted" in html
+    # the Delta log is the truth: a record without a commit is flagged, never counted
+    assert info["ghost"] in html and "NOT COMMITTED: no Delta commit of latents" in html
+    assert html.count('<tr class="uncommitted">') == 1 and "5 committed run(s)" in html
+    assert "latents@1" in html and "train_encoder" in html
     # edits: grouped grid and attribute x kind summary (mean logit change of ok Smiling rows)
     assert "Input | edits" in html and "Eyeglasses" in html and "boom: generator failed" in html
     assert "By attribute and kind" in html and "mean logit change" in html
@@ -161,18 +188,28 @@ def test_empty_and_partial_roots(tmp_path):
     assert res["counts"] == {"in": 6, "ok": 0, "failed": 0, "skipped": 6}
     assert "Not found" in html and "run jobs.align" in html
 
-    # a corrupt manifest, a manifest listing a lost file, a broken log line only
+    # a corrupt record, an old-format manifest, a commit without a record, a lost data file,
+    # a broken log line only
     root = tmp_path / "partial"
     (root / "_runs").mkdir(parents=True)
     (root / "_runs" / "bad.json").write_text("{not json")
     (root / "_runs" / "x.json").write_text(json.dumps({"job": "invert", "run_id": "x", "summary": {"in": 1},
                                                         "tables": {"latents": ["latents/run=x/part-00000.parquet"]}}))
+    t = pa.table({"image_id": ["a", "b"], "status": ["ok", "ok"]})
+    rec = delta.write_data_file(t, str(root), "metrics", "r1")
+    delta.commit(str(root), "metrics", t.schema, None, [rec], "r1",
+                 {"run_id": "r1", "job": "evaluate", "counts": json.dumps({"in": 2, "ok": 2, "failed": 0,
+                                                                          "skipped": 0})})
+    (root / "metrics" / rec.path).unlink()  # deleted by hand: the table cannot be read
     (root / "train").mkdir()
     (root / "train" / "log.jsonl").write_text("garbage\n")
     res = _run(str(root))
     html = _html(res["extra"]["report"])
-    assert "unreadable manifest bad.json" in html and "unreadable file latents/run=x" in html
-    assert "incomplete counts" in html and "train/log.jsonl has no records" in html
+    assert "unreadable run record bad.json" in html and "old manifest format" in html
+    assert "r1 (evaluate): committed to metrics but has no run record" in html
+    assert "this section could not be built" in html and res["counts"]["failed"] == 1
+    assert res["extra"]["runs"] == 1  # r1 only: x is not in any Delta table
+    assert "train/log.jsonl has no records" in html
 
 
 def test_cli(tmp_path):
@@ -210,11 +247,42 @@ def test_svg_helpers_are_safe_and_tolerant():
 
 def test_edits_table_with_few_columns(tmp_path):
     root = str(tmp_path / "ds")
-    r = storage.Run(root, "edit", {})
-    r.write_table("edits", pa.table({"image_id": ["a", "b"], "attribute": ["Smiling", None],
-                                     "logit_before": [[0.1, 0.2], [0.3, 0.4]]}))
-    r.commit({"in": 2, "ok": 2, "failed": 0, "skipped": 0})
+    t = pa.table({"image_id": ["a", "b"], "attribute": ["Smiling", None], "logit_before": [[0.1, 0.2], [0.3, 0.4]]})
+    rec = delta.write_data_file(t, root, "edits", "e1")
+    delta.commit(root, "edits", t.schema, None, [rec], "e1", {"run_id": "e1", "job": "edit"})
     res = _run(root)
     html = _html(res["extra"]["report"])
     assert '<section id="edits">' in html and "no output_uri column" in html and "Smiling" in html
     assert res["counts"]["failed"] == 0
+
+
+def test_wplus_norms_bounded_sample_and_ray(tmp_path, ray_local):
+    """The norms never read every code into the driver: a bounded stream, or per-batch sums
+    computed in Ray Data over every committed code (the same figures)."""
+    root = str(tmp_path / "ds")
+    _dataset(root)
+    html = _html(_run(root, **{"report.max_wplus_rows": 2})["extra"]["report"])
+    assert "mean ||w_l|| per W+ layer (n=2)" in html and "the first 2 ok codes of shape 6x8" in html
+    html = _html(_run(root, **{"report.max_wplus_rows": "null"})["extra"]["report"])
+    assert "mean ||w_l|| per W+ layer (n=3)" in html and "all 3 ok codes of shape 6x8" in html
+    snap = report_data.open_snapshot(root, "latents", [])
+    a, b = report_data.wplus_norms_sample(snap, 1000, batch_rows=1), report_data.wplus_norms_ray(snap, batch_rows=1)
+    (n1, s1, q1), (n2, s2, q2) = a.by_shape[(6, 8)], b.by_shape[(6, 8)]
+    assert n1 == n2 == 3 and np.allclose(s1, s2) and np.allclose(q1, q2)
+
+
+def test_sections_read_only_scalar_columns(tmp_path, monkeypatch):
+    """No section asks for a list column (w_plus) through the row readers."""
+    root = str(tmp_path / "ds")
+    _dataset(root)
+    asked = []
+    real = report_data.Snapshot.scalar
+
+    def spy(self, columns):
+        out = real(self, columns)
+        asked.extend(out)
+        return out
+
+    monkeypatch.setattr(report_data.Snapshot, "scalar", spy)
+    html, info = report_sections.build_report(root, {})
+    assert asked and "w_plus" not in asked and info["failed"] == 0
