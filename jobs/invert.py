@@ -30,6 +30,7 @@ from pipeline import delta, storage
 from pipeline.compute import actor_pool, device_for, gpus_per_actor
 from pipeline.images import hash_crops, load_crops
 from pipeline.invert_stage import InvertBatch, lost_rows
+from pipeline.models import model_shapes
 from pipeline.runner import JobRun, TableSpec, WriteResult, run_summary
 from pipeline.schemas import METRIC_COLUMNS, latents_schema
 
@@ -126,15 +127,6 @@ def build_dataset(work, cfg: dict, run_id: str, target_size: int | None):
             "torch_threads": int(c.get("torch_threads") or 0) or max(1, int(float(c["num_cpus"]))),
             "crash_once": (cfg.get("testing") or {}).get("crash_once"),
         })
-
-
-def model_shapes(spec: dict) -> dict:
-    """Sizes and identity the driver needs, without building the model."""
-    from pipeline.models import describe_model
-
-    mc, info = describe_model(spec)
-    return {"input_size": mc.input_size, "pool_size": mc.pool_size, "n_latent": mc.n_latent,
-            "style_dim": mc.style_dim, "name": info["name"], "sha256": info["sha256"]}
 
 
 def latents_table(shapes: dict) -> TableSpec:

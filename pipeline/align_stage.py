@@ -1,33 +1,42 @@
 """Ray Data stages of the align job.
 
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
-    ds = ds.map_batches(decode_batch, fn_kwargs=dict(...))            # tasks: hash, skip, decode
+    ds = ds.map_batches(hash_files, fn_kwargs=...)                   # tasks: image_id = sha256(bytes)
+    ds = run.mark_done(ds, FACES, key=("image_id",))                  # done images -> status skipped
+    ds = ds.map_batches(decode_batch, fn_kwargs=dict(...))            # tasks: decode (not the skipped)
     ds = ds.map_batches(AlignFaces, fn_constructor_kwargs=dict(...),  # actors: MTCNN loaded once
                         compute=ray.data.ActorPoolStrategy(size=N), batch_size=B)
 
-`decode_batch` turns (path, bytes) rows into (image_id, source_uri, status, error, width,
+`hash_files` turns (path, bytes) rows into (image_id, source_uri, status, error, bytes) rows,
+keeping the bytes so that each file is read once; `decode_batch` decodes them into (..., width,
 height, image) rows; `AlignFaces` turns those into rows of the `faces` table (pipeline.schemas),
-one per aligned face, or one per input with a failure status, writing each crop as PNG under
-`<output>/aligned/<image_id>_<face_index>.png`. Nothing here raises on bad data.
+one per aligned face, or one per input with a failure status (a skipped input passes through as
+one row with status `skipped`), writing each crop as PNG under
+`<output>/aligned/<image_id>_<face_index>.png`. Every input's first row carries its file-level
+outcome in `_unit` (ok / failed / skipped; "" on its other rows), so the runner counts files,
+not faces. Nothing here raises on bad data.
 """
 from __future__ import annotations
 
-import io
+import hashlib
 import logging
 import traceback
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipeline import storage
+from pipeline import delta, storage
 from pipeline.decode import STATUS_OK, decode_image, image_id as hash_image_id
 from pipeline.images import encode_png
-from pipeline.schemas import FACE_STATUS_SKIPPED, faces_table
+from pipeline.runner import STATUS_LOST, STATUS_SKIPPED, UNIT_COLUMN, is_done
+from pipeline.schemas import faces_table
 
 log = logging.getLogger("stbatch.align")
 
 EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 FACE_POLICIES = ("largest", "all")
+UNREAD_PREFIX = "unread:"
 
 
 def aligned_key(image_id: str, face_index: int) -> str:
@@ -42,41 +51,43 @@ def source_uri_of(path: str, protocol: str | None) -> str:
     return f"{protocol}://{path}"
 
 
-def sorted_id_array(ids) -> np.ndarray:
-    """Committed image ids as a sorted fixed-width byte array (compact to ship to workers)."""
-    return np.array(sorted(i.encode() if isinstance(i, str) else i for i in ids), dtype="S64")
+def unread_id(source_uri: str) -> str:
+    """The `image_id` of a row for a file whose bytes were never read: derived from its URI (not
+    a content hash), so that the same unreadable file keeps one row across runs."""
+    return UNREAD_PREFIX + hashlib.sha256(source_uri.encode()).hexdigest()
 
 
-def _is_member(sorted_ids: np.ndarray | None, key: str) -> bool:
-    if sorted_ids is None or len(sorted_ids) == 0:
-        return False
-    k = np.array(key.encode(), dtype="S64")
-    i = int(np.searchsorted(sorted_ids, k))
-    return i < len(sorted_ids) and sorted_ids[i] == k
+def hash_files(batch: dict, protocol: str | None = None) -> dict:
+    """`read_binary_files(include_paths=True)` rows -> work rows: image_id (sha256 of the bytes),
+    source_uri, status ok, the bytes kept for the decode stage."""
+    datas = [bytes(d) if d is not None else b"" for d in batch["bytes"]]
+    n = len(datas)
+    return {"image_id": np.array([hash_image_id(d) for d in datas], dtype=object),
+            "source_uri": np.array([source_uri_of(str(p), protocol) for p in batch["path"]], dtype=object),
+            "status": np.array([STATUS_OK] * n, dtype=object), "error": np.array([None] * n, dtype=object),
+            "bytes": np.array(datas, dtype=object)}
 
 
-def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32,
-                 skip_ids: np.ndarray | None = None, protocol: str | None = None) -> dict:
-    """Read+decode stage over a batch of `read_binary_files(include_paths=True)` rows.
+def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32, protocol: str | None = None) -> dict:
+    """Decode stage over work rows (`hash_files`; raw (path, bytes) rows are hashed first).
 
-    Computes the image id (sha256 of the bytes) first; ids in `skip_ids` (sorted, see
-    `sorted_id_array`) are not decoded and come out with status `skipped`."""
-    paths = list(batch["path"])
-    datas = list(batch["bytes"])
+    Rows whose status is not ok (skipped: already done) are passed through undecoded."""
+    if "image_id" not in batch:
+        batch = hash_files(batch, protocol)
     out = {k: [] for k in ("image_id", "source_uri", "status", "error", "width", "height", "image")}
-    for path, data in zip(paths, datas):
-        data = bytes(data) if data is not None else b""
-        iid = hash_image_id(data)
-        out["image_id"].append(iid)
-        out["source_uri"].append(source_uri_of(str(path), protocol))
-        if _is_member(skip_ids, iid):
-            out["status"].append(FACE_STATUS_SKIPPED)
-            out["error"].append("image_id already in a committed run")
+    for i, data in enumerate(batch["bytes"]):
+        out["image_id"].append(str(batch["image_id"][i]))
+        out["source_uri"].append(str(batch["source_uri"][i]))
+        status = str(batch["status"][i])
+        if status != STATUS_OK:
+            err = batch["error"][i]
+            out["status"].append(status)
+            out["error"].append("" if err is None else str(err))
             out["width"].append(-1)
             out["height"].append(-1)
             out["image"].append(EMPTY_IMAGE)
             continue
-        d = decode_image(data, max_pixels=max_pixels, min_side=min_side)
+        d = decode_image(bytes(data) if data is not None else b"", max_pixels=max_pixels, min_side=min_side)
         out["status"].append(d.status)
         out["error"].append(d.error or "")
         out["width"].append(-1 if d.width is None else d.width)
@@ -87,6 +98,49 @@ def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32,
     res["width"] = np.array(out["width"], dtype=np.int64)
     res["height"] = np.array(out["height"], dtype=np.int64)
     return res
+
+
+def file_units(rows: list[list[dict]]) -> list[str]:
+    """The `_unit` column for the rows of several inputs (one list of rows per input): the
+    input's outcome on its first row, "" on the others."""
+    out = []
+    for rs in rows:
+        st = [r["status"] for r in rs]
+        unit = STATUS_SKIPPED if st == [STATUS_SKIPPED] else ("ok" if STATUS_OK in st else "failed")
+        out += [unit] + [""] * (len(rs) - 1)
+    return out
+
+
+def lost_file_rows(batch: pa.Table, output: str, run_id: str, retry_failed: bool) -> pa.Table:
+    """Listed files with no row written by the run (Ray's reader drops a file that vanished or
+    cannot be listed any more; a worker crash can lose rows): read again here. Unreadable ->
+    a `read_error` row (image_id from the URI, see `unread_id`); readable and already done in the
+    committed table -> nothing (the main pass counted it as skipped); else a `lost` row with its
+    image_id. Both statuses are transient: the next run tries the file again."""
+    uris = [str(u) for u in batch.column("source_uri").to_pylist()]
+    rows, ids = [], {}
+    for uri in uris:
+        try:
+            data = storage.read_bytes(uri)
+        except Exception as e:  # noqa: BLE001 - any storage failure is this file's error
+            rows.append({"image_id": unread_id(uri), "source_uri": uri, "status": "read_error",
+                         "error": f"file listed but could not be read: {type(e).__name__}: {e}"})
+            continue
+        ids[uri] = hash_image_id(data)
+    done: set[str] = set()
+    if ids:
+        snap = delta.read_snapshot_arrow(output, "faces", columns=["image_id", "status"],
+                                         filter_expr=pc.field("image_id").isin(sorted(set(ids.values()))))
+        if snap is not None and snap.num_rows:
+            flags = is_done(snap.column("status"), retry_failed).to_pylist()
+            not_done = {i for i, f in zip(snap.column("image_id").to_pylist(), flags) if not f}
+            done = {i for i, f in zip(snap.column("image_id").to_pylist(), flags) if f} - not_done
+    for uri, iid in ids.items():
+        if iid not in done:
+            rows.append({"image_id": iid, "source_uri": uri, "status": STATUS_LOST,
+                         "error": "file read, but its rows were lost by the pipeline (worker crash)"})
+    t = faces_table(rows, run_id)
+    return t.append_column(UNIT_COLUMN, pa.array(["failed"] * t.num_rows, pa.string()))
 
 
 def select_faces(faces, policy: str = "largest", min_score: float = 0.9, min_face_px: float = 32,
@@ -227,4 +281,6 @@ class AlignFaces:
                 rows[i] = self._align_faces(bases[i], images[i], detections[i], keep, n_faces, lms)
             except Exception as e:  # noqa: BLE001 - never crash on data
                 rows[i] = [{**bases[i], "status": "align_error", "error": f"{type(e).__name__}: {e}"}]
-        return faces_table([r for i in range(n) for r in rows[i]], self.run_id)
+        per_input = [rows[i] for i in range(n)]
+        t = faces_table([r for rs in per_input for r in rs], self.run_id)
+        return t.append_column(UNIT_COLUMN, pa.array(file_units(per_input), pa.string()))

@@ -1,30 +1,58 @@
 """Ray Data stage of the evaluate job: W+ codes from a `latents` table -> reconstructions ->
-per-face metrics against the aligned crops."""
+per-face metrics against the aligned crops.
+
+    ds = <committed latents snapshot, ok rows>            # delta.read_snapshot, never the driver
+    ds = run.mark_done(ds, METRICS)                        # faces already evaluated -> skipped
+    ds = ds.map_batches(load_targets, fn_kwargs=...)       # tasks: read + resize crops, W+ to numpy
+    ds = ds.map_batches(EvaluateBatch, compute=...)        # actors: generator + metric backbones
+
+Skipped rows pass through untouched (the runner counts them and writes nothing for them).
+"""
 from __future__ import annotations
 
 import logging
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from pipeline.invert_stage import load_crops
+from pipeline.images import load_crops
 from pipeline.models import ModelActor
+from pipeline.runner import STATUS_LOST
 from pipeline.schemas import make_table, metrics_schema, nested_list_to_numpy
 from pipeline.scoring import ReconstructionScorer, empty_metrics
 
 log = logging.getLogger("stbatch.evaluate")
 
-PASS_COLUMNS = ("image_id", "face_index", "aligned_uri", "run_id", "checkpoint_sha256")
+PASS_COLUMNS = ("image_id", "face_index", "aligned_uri", "run_id", "checkpoint_sha256", "status", "error")
+LATENT_COLUMNS = ["image_id", "face_index", "aligned_uri", "run_id", "checkpoint_sha256", "status", "w_plus"]
+
+
+def ok_latents(batch: pa.Table) -> pa.Table:
+    """Committed latents rows -> work rows: status ok only, with an empty `error`."""
+    t = batch.filter(pc.equal(batch.column("status"), "ok")).select(LATENT_COLUMNS)
+    return t.append_column("error", pa.nulls(t.num_rows, pa.string()))
 
 
 def load_targets(batch: pa.Table, target_size: int, max_pixels: int = 64_000_000) -> dict:
-    """Latents rows (Arrow) -> numpy batch with the crop at the reconstruction's size and W+."""
+    """Work rows (Arrow) -> numpy batch with the crop at the reconstruction's size and W+ (rows
+    that are not ok, i.e. skipped, are not read)."""
     cols = {k: np.array(batch[k].to_pylist(), dtype=object) for k in PASS_COLUMNS}
     cols["face_index"] = np.asarray(batch["face_index"].to_numpy(zero_copy_only=False), dtype=np.int32)
     out = load_crops(cols, input_size=None, target_size=target_size, max_pixels=max_pixels)
     out["w_plus"] = nested_list_to_numpy(batch["w_plus"])
     return out
+
+
+def lost_rows(batch: pa.Table, run_id: str) -> pa.Table:
+    """Work rows that never came back from the pipeline (a worker died with them) -> failed
+    `metrics` rows; `lost` is transient, so the next run evaluates them again."""
+    n = batch.num_rows
+    cols = {k: batch.column(k).to_pylist() for k in ("image_id", "face_index", "aligned_uri", "checkpoint_sha256")}
+    cols.update(latents_run_id=batch.column("run_id").to_pylist(), status=[STATUS_LOST] * n,
+                error=["row lost by the pipeline (worker crash)"] * n)
+    return make_table(cols, metrics_schema(), run_id)
 
 
 class EvaluateBatch(ModelActor):

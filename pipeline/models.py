@@ -69,6 +69,14 @@ def describe_model(spec: dict) -> tuple[ModelConfig, dict]:
     return get_preset(preset), random_model_info(preset, seed)
 
 
+def model_shapes(spec: dict) -> dict:
+    """Sizes and identity the driver needs, without building the model: input_size, pool_size,
+    n_latent, style_dim, name, sha256."""
+    mc, info = describe_model(spec)
+    return {"input_size": mc.input_size, "pool_size": mc.pool_size, "n_latent": mc.n_latent,
+            "style_dim": mc.style_dim, "name": info["name"], "sha256": info["sha256"]}
+
+
 def _name(spec: dict) -> str:
     return spec.get("name") or os.path.basename(str(spec["checkpoint"]).rstrip("/"))
 

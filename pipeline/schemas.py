@@ -72,7 +72,8 @@ def _dense(x) -> np.ndarray:
 
 
 def nested_list_to_numpy(column, dtype=np.float32) -> np.ndarray:
-    """A nested FixedSizeList column back to numpy [N, *shape]; null rows come back as NaN.
+    """A nested FixedSizeList column (or plain / large lists of equal lengths, as Delta returns
+    them) back to numpy [N, *shape]; null rows come back as NaN.
 
     Accepts a pyarrow Array / ChunkedArray, or what Ray's `batch_format="numpy"` makes of such a
     column (an object array of object arrays, None for null rows), or a dense ndarray."""
@@ -92,9 +93,48 @@ def nested_list_to_numpy(column, dtype=np.float32) -> np.ndarray:
     return out
 
 
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _variable_nested_to_numpy(column: pa.Array, dtype=np.float32) -> np.ndarray:
+    """Plain / large lists (what Delta stores a fixed-size list as): the per-row shape comes from
+    the list lengths, which must be the same in every non-null row."""
+    import pyarrow.compute as pc
+
+    n = len(column)
+    valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    flat = column if valid.all() else column.filter(pa.array(valid))
+    m = len(flat)
+    shape: list[int] = []
+    while _is_list(flat.type):
+        if pa.types.is_fixed_size_list(flat.type):
+            size = flat.type.list_size
+        else:
+            lengths = pc.unique(pc.fill_null(pc.list_value_length(flat), -1)).to_pylist()
+            if len(lengths) > 1 or (lengths and lengths[0] < 0):
+                raise ValueError(f"nested list rows of different lengths {sorted(lengths)[:5]}: not an array")
+            size = lengths[0] if lengths else 0
+        shape.append(int(size))
+        flat = flat.flatten()
+    if not m:
+        return np.full((n, 0), np.nan, dtype=dtype)
+    dense = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=dtype).reshape((m, *shape))
+    if m == n:
+        return dense
+    out = np.full((n, *shape), np.nan, dtype=dtype)
+    out[valid] = dense
+    return out
+
+
 def _arrow_nested_to_numpy(column, dtype=np.float32) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    t = column.type
+    while pa.types.is_fixed_size_list(t):
+        t = t.value_type
+    if _is_list(t):
+        return _variable_nested_to_numpy(column, dtype)
     shape, _ = _list_shape(column.type)
     n = len(column)
     if n == 0:

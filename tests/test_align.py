@@ -105,7 +105,7 @@ def detector():
 
 
 def make_corpus(astronaut: np.ndarray) -> dict[str, tuple[bytes, str]]:
-    """file name -> (bytes, expected status). `duplicate` is counted as skipped."""
+    """file name -> (bytes, expected status). The duplicate is processed like the original."""
     from skimage.color import rgb2gray
 
     good = encode(astronaut, "JPEG", quality=92)
@@ -120,7 +120,7 @@ def make_corpus(astronaut: np.ndarray) -> dict[str, tuple[bytes, str]]:
     no_face = np.dstack([xx * 255 // 300, yy * 255 // 300, np.full_like(xx, 90)]).astype(np.uint8)
     return {
         "good.jpg": (good, "ok"),
-        "copy/dup_of_good.jpg": (good, "duplicate"),
+        "copy/dup_of_good.jpg": (good, "ok"),     # the same bytes as good.jpg
         "gray.jpg": (encode(gray, "JPEG"), "ok"),
         "cmyk.jpg": (encode(Image.fromarray(astronaut).convert("CMYK"), "JPEG"), "ok"),
         "gray16.png": (encode(Image.fromarray(gray16), "PNG"), "ok"),
@@ -259,7 +259,7 @@ def test_detector_batches_mixed_sizes_without_mixing_up(astronaut, detector):
 def test_decode_every_kind(corpus, astronaut):
     for name, (data, expected) in corpus.items():
         d = decode_image(data)
-        want = "ok" if expected in ("ok", "no_face", "duplicate") else expected
+        want = "ok" if expected in ("ok", "no_face") else expected
         assert d.status == want, (name, d)
         if want == "ok":
             assert d.error is None and d.image.dtype == np.uint8 and d.image.ndim == 3 and d.image.shape[2] == 3
@@ -324,18 +324,21 @@ def test_select_faces_policy():
 
 
 def test_align_faces_stage_policy_all(tmp_path, corpus):
-    from pipeline.align_stage import AlignFaces, decode_batch
+    from pipeline.align_stage import AlignFaces, decode_batch, hash_files
 
-    names = ["two_faces.png", "text.jpg", "good.jpg"]
-    batch = decode_batch({"path": np.array(names, dtype=object),
-                          "bytes": np.array([corpus[n][0] for n in names], dtype=object)})
+    names = ["two_faces.png", "text.jpg", "good.jpg", "gray.jpg"]
+    work = hash_files({"path": np.array(names, dtype=object),
+                       "bytes": np.array([corpus[n][0] for n in names], dtype=object)})
+    work["status"][3] = "skipped"                                   # as mark_done leaves a done image
+    batch = decode_batch(work)
+    assert batch["image"][3].size == 0 and batch["width"][3] == -1  # a skipped file is not decoded
     stage = AlignFaces(str(tmp_path), "run-x", size=SIZE, face_policy="all", device="cpu", mtcnn_min_face=40)
     t = stage(batch)
-    assert t.schema.equals(FACES_SCHEMA, check_metadata=False)
+    assert t.drop_columns(["_unit"]).schema.equals(FACES_SCHEMA, check_metadata=False)
     rows = t.to_pylist()
-    assert [(r["source_uri"], r["status"], r["face_index"]) for r in rows] == [
-        ("two_faces.png", "ok", 0), ("two_faces.png", "ok", 1), ("text.jpg", "decode_error", None),
-        ("good.jpg", "ok", 0)]
+    assert [(r["source_uri"], r["status"], r["face_index"], r["_unit"]) for r in rows] == [
+        ("two_faces.png", "ok", 0, "ok"), ("two_faces.png", "ok", 1, ""), ("text.jpg", "decode_error", None, "failed"),
+        ("good.jpg", "ok", 0, "ok"), ("gray.jpg", "skipped", None, "skipped")]
     iid = image_id(corpus["two_faces.png"][0])
     assert rows[0]["aligned_uri"].endswith(f"aligned/{iid}_0.png") and rows[1]["n_faces"] == 2
     for r in rows:
@@ -384,6 +387,12 @@ def _run_cli(inp: str, out: str, *extra: str) -> dict:
     return cli(ARGS + ["--set", f"input={inp}", "--set", f"output={out}", *extra])
 
 
+def _faces(out: str) -> pa.Table | None:
+    from pipeline import delta
+
+    return delta.read_snapshot_arrow(str(out), "faces")
+
+
 def _by_file(table: pa.Table) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in table.to_pylist():
@@ -391,27 +400,43 @@ def _by_file(table: pa.Table) -> dict[str, list[dict]]:
     return out
 
 
+def _counts(s: dict) -> tuple:
+    return s["in"], s["ok"], s["failed"], s["skipped"]
+
+
+def _cfg(inp, out, *sets):
+    from jobs.align import DEFAULTS
+    from jobs.cli import load_config
+
+    return load_config(DEFAULTS, None, [f"input={inp}", f"output={out}", f"align.size={SIZE}",
+                                        "align.mtcnn_min_face=40", "align.batch_size=4", "progress=false", *sets])
+
+
 def test_job_local_accounts_for_every_file_and_reruns_idempotently(ray_local, tmp_path, corpus, capsys):
+    from pipeline import delta
+
     inp, out = tmp_path / "in", tmp_path / "out"
     write_corpus(inp, corpus)
     summary = _run_cli(str(inp), str(out))
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line == summary and set(line) >= {"job", "run_id", "in", "ok", "failed", "skipped", "seconds"}
     expected = [st for _, st in corpus.values()]
-    assert (summary["in"], summary["ok"], summary["failed"], summary["skipped"]) == (
-        len(corpus), expected.count("ok"), len(corpus) - expected.count("ok") - 1, 1)
+    # Counted per file: the two files with the same bytes are both processed and both ok.
+    assert _counts(summary) == (len(corpus), expected.count("ok"), len(corpus) - expected.count("ok"), 0)
+    assert summary["faces"] == expected.count("ok")
 
-    t = storage.read_committed(str(out), "faces")
-    assert t.schema.equals(FACES_SCHEMA, check_metadata=False)
+    t = _faces(out)
+    assert t.schema.equals(delta.delta_schema(FACES_SCHEMA), check_metadata=False)
     rows = _by_file(t)
     dup_pair = {"good.jpg", "copy/dup_of_good.jpg"}
-    assert set(rows) == set(corpus)
+    # ... but the table keeps one row per (image_id, face_index): one of the twins
+    assert len(dup_pair & set(rows)) == 1 and set(rows) | dup_pair == set(corpus)
+    keys = list(zip(t["image_id"].to_pylist(), t["face_index"].to_pylist()))
+    assert len(keys) == len(set(keys)) == len(corpus) - 1
     for name, (data, want) in corpus.items():
-        got = [r["status"] for r in rows[name]]
-        if name in dup_pair:
-            assert sorted(got) in (["ok"], ["duplicate"]), (name, got)
+        if name not in rows:
             continue
-        assert got == [want], (name, rows[name])
+        assert [r["status"] for r in rows[name]] == [want], (name, rows[name])
         r = rows[name][0]
         assert r["image_id"] == image_id(data) and r["run_id"] == summary["run_id"]
         if want == "ok":
@@ -422,20 +447,18 @@ def test_job_local_accounts_for_every_file_and_reruns_idempotently(ray_local, tm
                 assert im.size == (SIZE, SIZE)
         else:
             assert r["error"] and r["aligned_uri"] is None
-    assert sorted(r["status"] for n in dup_pair for r in rows[n]) == ["duplicate", "ok"]
     assert rows["two_faces.png"][0]["n_faces"] == 2
     assert (rows["exif_rotated.jpg"][0]["width"], rows["exif_rotated.jpg"][0]["height"]) == (400, 512)
     assert "decompression bomb" in rows["bomb.png"][0]["error"]
     n_aligned = len(storage.list_files(str(out / "aligned")))
-    assert n_aligned == expected.count("ok")
+    assert n_aligned == expected.count("ok") - 1  # the twins share one crop
+    version = delta.open_table(str(out), "faces").version()
 
-    # Rerun: every image_id is committed, so nothing is decoded, aligned or written again.
+    # Rerun: every image is done (ok or a permanent failure): nothing is decoded, aligned, written.
     again = _run_cli(str(inp), str(out))
-    assert (again["in"], again["ok"], again["failed"], again["skipped"]) == (len(corpus), 0, 0, len(corpus))
-    t2 = storage.read_committed(str(out), "faces")
-    assert t2.num_rows == t.num_rows
-    keys = list(zip(t2["image_id"].to_pylist(), t2["face_index"].to_pylist(), t2["source_uri"].to_pylist()))
-    assert len(keys) == len(set(keys))
+    assert _counts(again) == (len(corpus), 0, 0, len(corpus))
+    assert delta.open_table(str(out), "faces").version() == version
+    assert _faces(out).num_rows == t.num_rows
     assert len(storage.list_files(str(out / "aligned"))) == n_aligned
     assert len(storage.committed_manifests(str(out), "align")) == 2
 
@@ -445,8 +468,8 @@ def test_job_on_s3(ray_local, s3_bucket, corpus):
     inp, out = f"{s3_bucket}/in", f"{s3_bucket}/out"
     write_corpus(inp, corpus, names)
     summary = _run_cli(inp, out)
-    assert (summary["in"], summary["ok"], summary["failed"], summary["skipped"]) == (4, 2, 2, 0)
-    rows = _by_file(storage.read_committed(out, "faces"))
+    assert _counts(summary) == (4, 2, 2, 0)
+    rows = _by_file(_faces(out))
     assert {n: [r["status"] for r in rows[n]] for n in names} == {
         "good.jpg": ["ok"], "text.jpg": ["decode_error"], "two_faces.png": ["ok"], "no_face.png": ["no_face"]}
     uri = rows["good.jpg"][0]["aligned_uri"]
@@ -454,19 +477,62 @@ def test_job_on_s3(ray_local, s3_bucket, corpus):
     with Image.open(io.BytesIO(storage.read_bytes(uri))) as im:
         assert im.size == (SIZE, SIZE)
     again = _run_cli(inp, out)
-    assert (again["ok"], again["failed"], again["skipped"]) == (0, 0, 4)
-    assert storage.read_committed(out, "faces").num_rows == 4
+    assert _counts(again) == (4, 0, 0, 4)
+    assert _faces(out).num_rows == 4
+
+
+def test_transient_failures_are_retried_permanent_ones_only_on_request(ray_local, tmp_path, corpus, monkeypatch):
+    """align_error (the crop cannot be written) and read_error (a listed file that cannot be
+    read) are retried by the next run; decode_error only with retry_failed=true. Each image
+    keeps exactly one row."""
+    from jobs.align import run
+    from pipeline.align_stage import unread_id
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_corpus(inp, corpus, ["good.jpg", "text.jpg"])
+    good, text = image_id(corpus["good.jpg"][0]), image_id(corpus["text.jpg"][0])
+    blocker = out / "aligned" / f"{good}_0.png"
+    blocker.mkdir(parents=True)                      # the crop's key is taken: writing it fails
+    gone = str(inp / "gone.jpg")
+    listed = storage.list_files
+    monkeypatch.setattr(storage, "list_files",  # the listing names a file that is not there (yet)
+                        lambda uri: sorted(set(listed(uri)) | ({gone} if uri == str(inp) else set())))
+
+    r1 = run(_cfg(inp, out))
+    assert r1["counts"] == {"in": 3, "ok": 0, "failed": 3, "skipped": 0}
+    rows = {r["image_id"]: r for r in _faces(out).to_pylist()}
+    assert {i: r["status"] for i, r in rows.items()} == {
+        good: "align_error", text: "decode_error", unread_id(gone): "read_error"}
+    assert rows[unread_id(gone)]["source_uri"] == gone
+
+    blocker.rmdir()
+    storage.write_bytes(gone, corpus["gray.jpg"][0])  # the file is readable now
+    r2 = run(_cfg(inp, out))
+    assert r2["counts"] == {"in": 3, "ok": 2, "failed": 0, "skipped": 1}  # text.jpg: permanent, skipped
+    t = _faces(out)
+    by_id = {}
+    for r in t.to_pylist():
+        by_id.setdefault(r["image_id"], []).append(r)
+    assert [r["status"] for r in by_id[good]] == ["ok"] and by_id[good][0]["run_id"] == r2["run_id"]
+    assert [r["status"] for r in by_id[text]] == ["decode_error"] and by_id[text][0]["run_id"] == r1["run_id"]
+    assert [r["status"] for r in by_id[image_id(corpus["gray.jpg"][0])]] == ["ok"]
+
+    r3 = run(_cfg(inp, out, "retry_failed=true"))
+    assert r3["counts"] == {"in": 3, "ok": 0, "failed": 1, "skipped": 2}
+    t3 = _faces(out)
+    mine = [r for r in t3.to_pylist() if r["image_id"] == text]
+    assert [(r["status"], r["run_id"]) for r in mine] == [("decode_error", r3["run_id"])]
+    keys = list(zip(t3["image_id"].to_pylist(), t3["face_index"].to_pylist()))
+    assert len(keys) == len(set(keys))
 
 
 def test_killed_run_leaves_nothing_visible_and_next_run_completes(ray_local, tmp_path, corpus):
-    from jobs.align import DEFAULTS, run
-    from jobs.cli import load_config
+    from jobs.align import run
 
     names = ["good.jpg", "zero.jpg", "no_face.png"]
     inp, out = tmp_path / "in", tmp_path / "out"
     write_corpus(inp, corpus, names)
-    cfg = load_config(DEFAULTS, None, [f"input={inp}", f"output={out}", f"align.size={SIZE}", "align.mtcnn_min_face=40",
-                                         "progress=false"])
+    cfg = _cfg(inp, out)
 
     class Killed(RuntimeError):
         pass
@@ -479,12 +545,13 @@ def test_killed_run_leaves_nothing_visible_and_next_run_completes(ray_local, tmp
 
     with pytest.raises(Killed):
         run(cfg, before_commit=kill)
-    assert (out / "faces" / f"run={crashed['run_id']}").exists()       # its files were written ...
-    assert storage.read_committed(str(out), "faces") is None             # ... but nothing is visible
+    orphans = [p.name for p in (out / "faces").glob(f"part-{crashed['run_id']}-*.parquet")]
+    assert orphans                                                       # its files were written ...
+    assert _faces(out) is None                                           # ... but nothing is visible
     assert storage.committed_manifests(str(out)) == []
 
     result = run(cfg)
     assert result["counts"] == {"in": 3, "ok": 1, "failed": 2, "skipped": 0}
-    assert not (out / "faces" / f"run={crashed['run_id']}").exists()   # swept by the next run
-    t = storage.read_committed(str(out), "faces")
+    t = _faces(out)
     assert t.num_rows == 3 and set(t["run_id"].to_pylist()) == {result["run_id"]}
+    assert all((out / "faces" / o).exists() for o in orphans)            # left for vacuum, never read

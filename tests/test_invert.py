@@ -232,40 +232,6 @@ def test_cli_help_and_summary_line(tmp_path, tiny_checkpoint):
     assert summary["seconds"] > 0 and summary["run_id"]
 
 
-def test_evaluate_matches_inline_metrics_and_refuses_other_model(ray_local, tmp_path, tiny_checkpoint):
-    from jobs import evaluate
-    from stmodel.checkpoint import save_inversion
-    from tests.conftest import seeded_tiny_model
-
-    ckpt, _ = tiny_checkpoint
-    write_crops(tmp_path / "c", 4, seed=8)
-    out = str(tmp_path / "ds")
-    rnd = {"metrics": "true", "metric_weights.allow_random_init": "true"}
-    invert.run(_cfg(str(tmp_path / "c"), out, ckpt, **rnd))
-    ecfg = load_config(evaluate.DEFAULTS, None, [f"input={out}", f"model.checkpoint={ckpt}",
-                                                  "metric_weights.allow_random_init=true", "progress=false"])
-    r = evaluate.run(ecfg)
-    assert r["counts"] == {"in": 4, "ok": 4, "failed": 0, "skipped": 0}
-    lat = {(x["image_id"], x["face_index"]): x for x in _table(out).to_pylist()}
-    met = storage.read_committed(out, "metrics").to_pylist()
-    for m in met:
-        x = lat[(m["image_id"], m["face_index"])]
-        assert abs(m["psnr"] - x["psnr"]) < 1e-3 and abs(m["lpips"] - x["lpips"]) < 1e-4
-        assert "RANDOM-INIT" in m["metric_backbones"]
-    assert r["extra"]["metrics"]["psnr"]["n"] == 4
-    assert evaluate.run(ecfg)["counts"]["skipped"] == 4  # incremental
-    # a different checkpoint than the one that made the codes: failed rows, never wrong numbers
-    other = str(tmp_path / "other.pt")
-    save_inversion(seeded_tiny_model(seed=1), other)
-    ecfg2 = load_config(evaluate.DEFAULTS, None, [f"input={out}", f"output={tmp_path / 'ev2'}",
-                                                   f"model.checkpoint={other}",
-                                                   "metric_weights.allow_random_init=true", "progress=false"])
-    r2 = evaluate.run(ecfg2)
-    assert r2["counts"] == {"in": 4, "ok": 0, "failed": 4, "skipped": 0}
-    rows = storage.read_committed(str(tmp_path / "ev2"), "metrics").to_pylist()
-    assert {x["status"] for x in rows} == {"model_mismatch"} and "same file" in rows[0]["error"]
-
-
 def test_gpu_path_on_cpu_autocast_and_several_actors(ray_local, tmp_path, tiny_checkpoint):
     """The CUDA code path minus the device: autocast (bf16 on the CPU) and a pool of two
     actors; codes stay close to the fp32 ones and every face is written once."""
