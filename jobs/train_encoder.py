@@ -31,6 +31,7 @@ import torch
 from jobs.cli import main
 from pipeline import storage
 from pipeline.compute import fit, use_gpu
+from pipeline.runner import JobRun
 from pipeline.train_loop import build_model, checkpoint_steps, decode_for_training, train_loop_per_worker
 
 log = logging.getLogger("stbatch.train")
@@ -154,8 +155,9 @@ def run(cfg: dict) -> dict:
         extra["eval"] = ev
         log.info("eval: trained PSNR %.2f dB, untrained %.2f dB, mean latent %.2f dB",
                  ev["trained"]["psnr"], ev["untrained"]["psnr"], ev["mean_latent"]["psnr"])
-    r = storage.Run(cfg["output"], JOB, {k: v for k, v in cfg.items() if not k.startswith("_")})
-    r.commit({**counts, "seconds": round(time.time() - t0, 2), **extra})
+    # The run record only (`_runs/<run_id>.json`): training writes no table, so no Delta commit.
+    r = JobRun(cfg["output"], JOB, {k: v for k, v in cfg.items() if not k.startswith("_")})
+    r.commit({}, {**counts, "seconds": round(time.time() - t0, 2), **extra})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 
 
