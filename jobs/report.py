@@ -49,7 +49,7 @@ def run(cfg: dict) -> dict:
     t0 = time.time()
     root = cfg["input"].rstrip("/") or cfg["input"]
     rcfg = {**report_sections.DEFAULTS, **(cfg.get("report") or {})}
-    html_text, info = report_sections.build_report(root, rcfg)
+    html_text, info = report_sections.build_report(root, rcfg, {k: cfg[k] for k in ("ray", "progress") if k in cfg})
     uri = storage.join(cfg.get("output") or root, "report", "index.html")
     storage.write_bytes(uri, html_text.encode("utf-8"))
     log.info("report: %d runs, %d sections, %d images embedded, %.1f KiB, %.1fs", info["runs"],

@@ -246,7 +246,7 @@ def _wplus_norms(ctx: dict, snap: Snapshot) -> str:
     else:
         from jobs.cli import init_ray
 
-        init_ray({"progress": False})
+        init_ray({"progress": False, **(ctx.get("ray_cfg") or {})})
         sums = wplus_norms_ray(snap)
         scope = "all"
     if not sums.total():
@@ -570,9 +570,10 @@ def _table_overview(snaps: dict[str, Snapshot], runs: list[JobRunInfo]) -> str:
                    numeric=[False, True, True, True, False])
 
 
-def build_report(root: str, rcfg: dict) -> tuple[str, dict]:
+def build_report(root: str, rcfg: dict, ray_cfg: dict | None = None) -> tuple[str, dict]:
     """The HTML of the report for dataset `root`, and counts {runs, sections, failed, missing,
-    images, missing_images}."""
+    images, missing_images}. `ray_cfg` ({"ray": ..., "progress": ...} of the job's config) is
+    used only when the W+ norms are computed over every code in Ray Data."""
     rcfg = {**DEFAULTS, **(rcfg or {})}
     notes: list[str] = []
     try:
@@ -583,7 +584,7 @@ def build_report(root: str, rcfg: dict) -> tuple[str, dict]:
     records = read_records(root, notes)
     runs = job_runs(root, tables, records, notes)
     snaps = {t: s for t in tables if (s := open_snapshot(root, t, notes)) is not None}
-    ctx = {"root": root, "cfg": rcfg, "notes": notes, "runs": runs, "snaps": snaps, "labels": {},
+    ctx = {"root": root, "cfg": rcfg, "notes": notes, "runs": runs, "snaps": snaps, "labels": {}, "ray_cfg": ray_cfg,
            "images": Images(root, [m.get("output") for m in records], rcfg["thumb_px"], rcfg["thumb_format"])}
     for t in ROW_TABLES:
         if t not in snaps:
