@@ -37,7 +37,7 @@ STATUS_LOST = "lost"         # went into the pipeline and never came back (worke
 # input would fail the same way) and is retried only with `retry_failed=true`.
 TRANSIENT_STATUSES = frozenset({
     "read_error", "write_error", "lost", "worker_crash", "invert_error", "align_error", "evaluate_error",
-    "edit_error",
+    "edit_error", "model_mismatch",
 })
 UNIT_COLUMN = "_unit"   # optional: the outcome that counts for an input unit (align counts files, not faces)
 
