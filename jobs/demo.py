@@ -10,8 +10,10 @@ No pretrained weights exist here, so the demo builds what it needs and says so:
      self, and the error to the true codes;
   3. runs the real jobs on a local folder standing in for object storage: align (scikit-image's
      astronaut and transformed copies, plus inputs that must fail), invert, fit_classifier
-     (labels defined from the known codes), fit_editor, edit and evaluate;
-  4. writes the HTML report (jobs.report) and prints where it is.
+     (labels defined from the known codes), fit_editor, edit and evaluate; every table is a
+     Delta table under the folder and the models come from the committed `models` table;
+  4. compacts the tables' small files (jobs.maintain), writes the HTML report (jobs.report) and
+     prints where it is.
 LPIPS and ID similarity need real backbone weights, which this machine does not have: the
 demo leaves them uncomputed (null, labelled) rather than report numbers from random networks.
 """
@@ -28,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from jobs.cli import load_config, main
-from pipeline import storage
+from pipeline import delta, storage
 from pipeline.schemas import nested_list_array
 
 log = logging.getLogger("stbatch.demo")
@@ -134,7 +136,7 @@ def write_photos(folder: str) -> int:
 # ---------------------------------------------------------------- the demo
 
 def run(cfg: dict) -> dict:
-    from jobs import align, evaluate, fit_classifier, fit_editor, invert, report, train_encoder
+    from jobs import align, evaluate, fit_classifier, fit_editor, invert, maintain, report, train_encoder
     from stmodel.checkpoint import save_generator
 
     t_start = time.time()
@@ -151,7 +153,7 @@ def run(cfg: dict) -> dict:
         say(name, f"{json.dumps(res['counts'])} in {timings[name]} s")
         return res
 
-    say("1/9 generator", f"seeded {cfg['preset']} StyleGAN2 generator, {cfg['n_train']} training + "
+    say("1/10 generator", f"seeded {cfg['preset']} StyleGAN2 generator, {cfg['n_train']} training + "
                          f"{cfg['n_val']} validation images with known W+ codes")
     g = build_generator(cfg["preset"], int(cfg["seed"]))
     gen_uri = storage.join(root, "models", "generator.pt")
@@ -160,7 +162,7 @@ def run(cfg: dict) -> dict:
                           int(cfg["seed"]))
 
     tr = cfg["train"]
-    say("2/9 train_encoder", f"{tr['steps']} steps of the pSp L2 objective (LPIPS/ID off: no backbone "
+    say("2/10 train_encoder", f"{tr['steps']} steps of the pSp L2 objective (LPIPS/ID off: no backbone "
                              "weights here), Ray Train, one CPU worker")
     res = job("train_encoder", train_encoder, [
         f"input={root}/synthetic/train", f"val_input={root}/synthetic/val", f"output={root}",
@@ -170,7 +172,7 @@ def run(cfg: dict) -> dict:
         f"train.val_every={tr['val_every']}", f"train.checkpoint_every={tr['checkpoint_every']}",
         f"train.val_images={min(64, int(cfg['n_val']))}"])
     ev = res["extra"]["eval"]
-    say("2/9 train_encoder", "validation PSNR: trained {:.2f} dB | mean latent {:.2f} dB | untrained {:.2f} dB; "
+    say("2/10 train_encoder", "validation PSNR: trained {:.2f} dB | mean latent {:.2f} dB | untrained {:.2f} dB; "
         "W+ MSE to true codes: trained {:.4f} | mean latent {:.4f} | untrained {:.4f}".format(
             ev["trained"]["psnr"], ev["mean_latent"]["psnr"], ev["untrained"]["psnr"],
             ev["trained"]["w_mse"], ev["mean_latent"]["w_mse"], ev["untrained"]["w_mse"]))
@@ -178,36 +180,39 @@ def run(cfg: dict) -> dict:
     model_sets = [f"model.checkpoint={ckpt}", "model.name=demo-tiny-encoder"]
 
     photos = write_photos(os.path.join(root, "photos"))
-    say("3/9 align", f"{photos} photos: the astronaut and transformed copies, a photo without a face, "
+    say("3/10 align", f"{photos} photos: the astronaut and transformed copies, a photo without a face, "
                      "a text file named .jpg")
     job("align", align, [f"input={root}/photos", f"output={root}", f"align.size={cfg['align_size']}"])
 
-    say("4/9 invert", "aligned astronaut faces, then the synthetic images (with reconstructions and PSNR)")
+    say("4/10 invert", "aligned astronaut faces, then the synthetic images (with reconstructions and PSNR)")
     job("invert_faces", invert, [f"input={root}", f"output={root}", "metrics=true", *model_sets, *METRICS_NO_WEIGHTS])
     job("invert_synthetic", invert, [f"input={root}/synthetic", f"output={root}", "metrics=true",
                                      *model_sets, *METRICS_NO_WEIGHTS])
 
-    say("5/9 fit_classifier", f"latent classifier for {', '.join(ATTRIBUTES)} (labels from the true codes)")
+    say("5/10 fit_classifier", f"latent classifier for {', '.join(ATTRIBUTES)} (labels from the true codes)")
     job("fit_classifier", fit_classifier, [f"latents={root}", f"attributes={root}/synthetic_meta/attributes.parquet",
                                            f"output={root}", f"train.epochs={cfg['fit']['classifier_epochs']}",
                                            "train.batch_size=32", "train.lr=0.001"])
 
-    say("6/9 fit_editor", "reference-based edit transformer for synthetic_a")
-    job("fit_editor", fit_editor, [f"latents={root}", f"classifier={root}/models/classifier.pt", f"output={root}",
+    say("6/10 fit_editor", "reference-based edit transformer for synthetic_a")
+    job("fit_editor", fit_editor, [f"latents={root}", f"classifier={root}", f"output={root}",
                                    "attributes=[synthetic_a]", f"train.steps={cfg['fit']['editor_steps']}",
                                    "train.batch_size=32", "train.lr=0.001"])
 
-    say("7/9 edit", "label, reference and direction edits of the astronaut faces and some synthetic images")
+    say("7/10 edit", "label, reference and direction edits of the astronaut faces and some synthetic images")
     requests = edit_requests(root, data["ids"][:4])
     job("edit", __import__("jobs.edit", fromlist=["run"]), [
         f"latents={root}", f"requests={requests}", f"output={root}", *model_sets,
-        f"classifier={root}/models/classifier.pt", f"editors.synthetic_a={root}/models/editor_synthetic_a.pt",
+        f"classifier={root}", f"editors={root}",
         *METRICS_NO_WEIGHTS])
 
-    say("8/9 evaluate", "reconstruction metrics of the latents table against the crops")
+    say("8/10 evaluate", "reconstruction metrics of the latents table against the crops")
     job("evaluate", evaluate, [f"input={root}", *model_sets, *METRICS_NO_WEIGHTS])
 
-    say("9/9 report", "HTML report")
+    say("9/10 maintain", "compaction of the small files the runs left (vacuum keeps a week of history)")
+    job("maintain", maintain, [f"output={root}"])
+
+    say("10/10 report", "HTML report")
     rep = job("report", report, [f"input={root}"])
     seconds = round(time.time() - t_start, 1)
     out = {"root": root, "report": rep["extra"].get("report"), "eval": ev, "timings": timings}
@@ -219,9 +224,13 @@ def run(cfg: dict) -> dict:
 
 def edit_requests(root: str, synthetic_ids: list[str]) -> str:
     """One request of each kind per source face: the aligned astronauts and a few synthetic ones."""
-    lat = storage.read_committed(root, "latents", columns=["image_id", "face_index", "status"])
-    ok = [r for r in lat.to_pylist() if r["status"] == "ok"]
-    faces = [r for r in ok if r["image_id"] not in set(synthetic_ids)][:4]
+    import pyarrow.compute as pc
+
+    # the aligned photo faces (the faces table) that have an ok code; the demo's tables are small
+    aligned = delta.read_snapshot_arrow(root, "faces", columns=["image_id"], filter_expr=pc.field("status") == "ok")
+    ok = delta.read_snapshot_arrow(root, "latents", columns=["image_id", "face_index"], filter_expr=(
+        pc.field("status") == "ok") & pc.field("image_id").isin(pc.unique(aligned["image_id"]).to_pylist()))
+    faces = sorted(ok.to_pylist(), key=lambda r: (r["image_id"], r["face_index"]))[:4]
     sources = faces + [{"image_id": i, "face_index": 0} for i in synthetic_ids[:2]]
     ref = synthetic_ids[-1]
     rows = []

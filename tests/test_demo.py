@@ -16,7 +16,8 @@ import os
 
 from jobs import demo
 from jobs.cli import load_config
-from pipeline import storage
+from pipeline import delta
+from pipeline.report_data import job_runs, read_records
 
 MARGIN_DB = 1.5
 
@@ -32,22 +33,33 @@ def test_short_demo_end_to_end(ray_local, tmp_path):
     assert ev["trained"]["psnr"] > ev["untrained"]["psnr"]
     assert all(math.isfinite(ev[k]["w_mse"]) for k in ev)  # reported; see the module docstring
     root = str(tmp_path / "demo")
-    # every job published a run, and every run accounts for its inputs
-    jobs = {m["job"]: m["summary"] for m in storage.committed_manifests(root)}
-    assert {"train_encoder", "align", "invert", "fit_classifier", "fit_editor", "edit", "evaluate"} <= set(jobs)
-    for m in storage.committed_manifests(root):
-        s = m["summary"]
-        assert s["in"] == s["ok"] + s["failed"] + s["skipped"], m["job"]
-    faces = storage.read_committed(root, "faces").to_pylist()
-    by_status = {r["status"] for r in faces}
-    assert {"ok", "no_face", "decode_error"} <= by_status
-    edits = storage.read_committed(root, "edits")
+    # every job published a run: a Delta commit (the truth), or only its record for training;
+    # and every run accounts for its inputs
+    notes: list = []
+    runs = job_runs(root, delta.list_tables(root), read_records(root, notes), notes)
+    assert not [n for n in notes if "unreadable" in n], notes
+    states = {r.job: r.state for r in runs}
+    assert {"train_encoder", "align", "invert", "fit_classifier", "fit_editor", "edit", "evaluate",
+            "maintain"} <= set(states), states
+    assert states["train_encoder"] == "record only"
+    assert all(st == "committed" for j, st in states.items() if j != "train_encoder"), states
+    for r in runs:
+        s = r.summary
+        assert s["in"] == s["ok"] + s["failed"] + s["skipped"], r.job
+    faces = delta.read_snapshot_arrow(root, "faces", columns=["status"])
+    assert {"ok", "no_face", "decode_error"} <= set(faces["status"].to_pylist())
+    edits = delta.read_snapshot_arrow(root, "edits", columns=["edit_id", "kind", "status"])
     assert edits is not None and edits.num_rows > 0
+    assert len(set(edits["edit_id"].to_pylist())) == edits.num_rows  # one row per key
     kinds = {r["kind"] for r in edits.to_pylist() if r["status"] == "ok"}
     assert kinds == {"label", "reference", "direction"}, edits.to_pylist()
     # no metric from a random network: LPIPS / ID were not configured, so they are null
-    lat = storage.read_committed(root, "latents").to_pylist()
-    assert all(r["lpips"] is None for r in lat)
-    assert all("RANDOM-INIT" not in (r["metric_backbones"] or "") for r in lat)
+    lat = delta.read_snapshot_arrow(root, "latents", columns=["image_id", "face_index", "lpips", "metric_backbones"])
+    keys = list(zip(lat["image_id"].to_pylist(), lat["face_index"].to_pylist()))
+    assert len(keys) == len(set(keys))
+    assert all(v is None for v in lat["lpips"].to_pylist())
+    assert all("RANDOM-INIT" not in (v or "") for v in lat["metric_backbones"].to_pylist())
     report = res["extra"]["report"]
-    assert os.path.exists(report) and "data:image/png;base64" in open(report).read()
+    html = open(report).read()
+    assert os.path.exists(report) and "data:image/png;base64" in html
+    assert "NOT COMMITTED" not in html and "MISMATCH" not in html
