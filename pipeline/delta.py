@@ -318,10 +318,32 @@ def _ensure_table(output: str, table: str, schema: pa.Schema):
     return open_table(output, table)
 
 
-def last_commit_run(dt) -> str | None:
+def commit_history(root: str, table: str) -> list[dict]:
+    """The `commitInfo` of every commit still in the table's log (custom metadata at the top
+    level, plus `version`), read as JSON through fsspec. (Not `DeltaTable.history`: delta-rs 1.6
+    keeps Python's GIL during its requests, stalling every other thread of this process.)"""
+    fs, base = storage.url_to_fs(storage.join(table_root(root, table), "_delta_log"))
+    fs.invalidate_cache(base)
+    out = []
+    for p in sorted(fs.glob(f"{base}/*.json")):
+        name = p.rsplit("/", 1)[-1][:-5]
+        if not name.isdigit():
+            continue
+        with fs.open(p, "rb") as f:
+            for line in f.read().decode("utf-8").splitlines():
+                if '"commitInfo"' not in line:
+                    continue
+                info = json.loads(line).get("commitInfo")
+                if isinstance(info, dict):
+                    out.append({**info, "version": int(name)})
+                break
+    return out
+
+
+def last_commit_run(output: str, table: str) -> str | None:
     try:
-        h = dt.history(1)
-        return h[0].get("run_id") if h else None
+        hist = commit_history(output, table)
+        return hist[-1].get("run_id") if hist else None
     except Exception:  # noqa: BLE001 - naming the other run is best effort
         return None
 
@@ -362,8 +384,7 @@ def commit(output: str, table: str, schema: pa.Schema, key: list[str] | None, fi
             log.info("committed %s version %d (run %s, %d files)", table, version, run_id, len(files))
             return version
         except CommitFailedError as e:
-            latest = open_table(output, table)
-            other = last_commit_run(latest) if latest is not None else None
+            other = last_commit_run(output, table)
             log.warning("commit of %s by run %s lost a race with run %s (%s); recomputing on top of it",
                         table, run_id, other or "?", e)
             time.sleep(min(8.0, 0.25 * 2 ** attempt) * (0.5 + random.random()))

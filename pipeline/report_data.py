@@ -240,28 +240,6 @@ def _iso_ms(ms) -> str | None:
         return None
 
 
-def commit_history(root: str, table: str) -> list[dict]:
-    """The `commitInfo` of every commit still in the table's log (custom metadata at the top
-    level, plus `version`), read as JSON through fsspec. (Not `DeltaTable.history`: delta-rs 1.6
-    keeps Python's GIL during its requests, stalling every other thread of this process.)"""
-    fs, base = storage.url_to_fs(storage.join(delta.table_root(root, table), "_delta_log"))
-    fs.invalidate_cache(base)
-    out = []
-    for p in sorted(fs.glob(f"{base}/*.json")):
-        name = p.rsplit("/", 1)[-1][:-5]
-        if not name.isdigit():
-            continue
-        with fs.open(p, "rb") as f:
-            for line in f.read().decode("utf-8").splitlines():
-                if '"commitInfo"' not in line:
-                    continue
-                info = json.loads(line).get("commitInfo")
-                if isinstance(info, dict):
-                    out.append({**info, "version": int(name)})
-                break
-    return out
-
-
 def job_runs(root: str, tables: list[str], records: list[dict], notes: list[str]) -> list[JobRunInfo]:
     """Every run under `root`: those with a Delta commit (the truth) and those with a record,
     oldest first. Commits without a run id (table creation, maintenance by other engines) are
@@ -270,7 +248,7 @@ def job_runs(root: str, tables: list[str], records: list[dict], notes: list[str]
     oldest: dict[str, int] = {}
     for table in tables:
         try:
-            hist = commit_history(root, table)
+            hist = delta.commit_history(root, table)
         except Exception as e:  # noqa: BLE001
             notes.append(f"{table}: Delta history unreadable: {e}")
             continue
