@@ -12,22 +12,41 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3-compatible server on 127.0.0.1 (random port), used through s3fs as in production.
+    """moto's S3-compatible server on 127.0.0.1 (a free port), used through s3fs as in production.
 
-    Credentials and the endpoint are set in the environment, exactly as a real deployment
-    would set them (AWS_ENDPOINT_URL is read by botocore, hence by s3fs and by Ray workers)."""
-    from moto.server import ThreadedMotoServer
+    It runs in its own process: delta-rs keeps Python's GIL during some of its S3 requests, which
+    would stall a server running in a thread of this process. Credentials and the endpoint are
+    set in the environment, exactly as a real deployment would set them (AWS_ENDPOINT_URL is
+    read by botocore, hence by s3fs and by Ray workers, and by delta-rs)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                raise RuntimeError("moto's server did not start") from None
+            time.sleep(0.2)
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                              "AWS_DEFAULT_REGION")}
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
     yield endpoint
-    server.stop()
+    server.terminate()
+    server.wait(timeout=30)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

@@ -22,10 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.decode import image_id
-try:  # the job's preprocessing (moving from pipeline.invert_stage to pipeline.images)
-    from pipeline.images import to_model_input
-except ImportError:  # pragma: no cover
-    from pipeline.invert_stage import to_model_input
+from pipeline.images import to_model_input
 from stmodel.checkpoint import load_inversion
 from stmodel.classifier import load_classifier
 from stmodel.editor import load_editor

@@ -90,11 +90,13 @@ def test_permanent_failure_skipped_unless_retry_failed(ray_local, tmp_path, tiny
 
 
 def _overlapping(inp, out, ckpt):
+    """Two runs of the job at once in this driver (two Ray Data plans on the 2-CPU test cluster:
+    each inversion actor takes half a CPU so the read tasks of both plans still get one)."""
     results, errors = [], []
 
     def go():
         try:
-            results.append(invert.run(_cfg(inp, out, ckpt)))
+            results.append(invert.run(_cfg(inp, out, ckpt, **{"invert.num_cpus": 0.5})))
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
