@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
+
 from jobs import demo
 from jobs.cli import load_config
 from pipeline import delta
@@ -22,6 +24,7 @@ from pipeline.report_data import job_runs, read_records
 MARGIN_DB = 1.5
 
 
+@pytest.mark.slow
 def test_short_demo_end_to_end(ray_local, tmp_path):
     cfg = load_config(demo.DEFAULTS, None, [
         f"output={tmp_path / 'demo'}", "n_train=128", "n_val=16", "train.steps=300", "train.log_every=50",
