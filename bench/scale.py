@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=args.num_cpus, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -77,6 +77,9 @@ def init_ray(cfg: dict) -> None:
     if address:
         kw["address"] = address
     else:
+        # "local": a new local Ray even when another cluster runs on this machine (ray.init()
+        # alone would join it, and refuse num_cpus).
+        kw["address"] = "local"
         for k in ("num_cpus", "num_gpus"):
             if rc.get(k) is not None:
                 kw[k] = rc[k]
