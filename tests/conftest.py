@@ -73,7 +73,7 @@ def ray_local(s3_server):
     import ray
 
     # The dashboard stays on: Ray Train v2 watches its controller through the state API.
-    ray.init(num_cpus=2, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, ignore_reinit_error=True, log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
