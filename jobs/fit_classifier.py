@@ -11,12 +11,23 @@ the attributes (in CelebA's order when they are all CelebA names), or `attribute
 chooses them. A deterministic share `val_fraction` of image ids (hash of image_id and
 `split_seed`) is held out.
 
-Training runs on Ray Train (TorchTrainer, data parallel; one worker locally, GPU when the
-cluster has one): BCE-with-logits, Adam. Writes
+The latents rows are read through Ray Data from the committed Delta snapshot of `latents`;
+the user's attribute table (one small row per labelled image) is read once, normalised into an
+Arrow table and broadcast to the tasks, which join it with the codes (no code ever reaches the
+driver, nor a per-code dict). Training runs on Ray Train (TorchTrainer, data parallel; one
+worker locally, GPU when the cluster has one): BCE-with-logits, Adam; the held-out split is
+evaluated streaming on rank 0. Writes
 
-    <output>/models/classifier.pt          official layout (`classifier.module.*` + opts)
-    <output>/classifier_eval/run=<id>/     per attribute: n_val, accuracy, auc, positive_rate
-    <output>/_runs/<id>.json               manifest (published last)
+    <output>/model_files/classifier/<run_id>/classifier.pt  official layout (`classifier.module.*`
+                                                          + opts)
+    <output>/classifier_eval/   Delta table, per run and attribute: n_train, n_val, accuracy, auc,
+                                positive_rate, classifier_uri / sha256
+    <output>/models/            Delta table: one `models` row (uri, kind, sha256, run_id)
+    <output>/_runs/<id>.json    run record
+
+The model file is published by the same run's commit of its `models` row: a run that fails
+before its commit leaves a file that no committed row names, so `jobs.edit` and
+`jobs.fit_editor` (which resolve models from committed rows only) never use it.
 
 Counts, one per committed latents row: in = ok + failed + skipped, where ok = rows joined
 with labels and used (train or held out), failed = ok codes without usable labels (`no
@@ -26,28 +37,33 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 
 import numpy as np
 import pyarrow as pa
 
 from jobs.cli import main
-from pipeline import storage
+from pipeline import model_registry, storage
 from pipeline.compute import fit
-from pipeline.fit_loops import (attribute_key, classifier_loop, committed_latent_files, labelled_codes_batch,
-                                latent_key, latents_index, load_attributes, split_of)
+from pipeline.fit_data import code_shape, read_latents
+from pipeline.fit_loops import classifier_loop
+from pipeline.labels import label_counts, labelled_codes_batch, load_labels
+from pipeline.model_registry import MODELS
+from pipeline.runner import JobRun, TableSpec
 from pipeline.schemas import classifier_eval_schema, make_table
 
 log = logging.getLogger("stbatch.fit_classifier")
 
 JOB = "fit_classifier"
 TABLE = "classifier_eval"
+# one row per run and attribute: every committed classifier keeps its held-out figures
+EVAL = TableSpec(TABLE, classifier_eval_schema(), ("run_id", "attribute"))
+MODEL_FILE = "classifier.pt"
 
 DEFAULTS = {
     "latents": None,          # dataset root with a committed latents table
     "attributes": None,       # Parquet/CSV: image_id (or file) + one 0/1 (or -1/1) column per attribute
     "attributes_list": None,  # choose / order the attributes (default: the table's numeric columns)
-    "output": None,           # models/classifier.pt, classifier_eval/, _runs/
+    "output": None,           # model_files/classifier/<run>/classifier.pt, models/ + classifier_eval/ tables, _runs/
     "val_fraction": 0.1,      # held-out share of image ids (hash of image_id)
     "split_seed": 0,
     "progress": True,
@@ -63,35 +79,6 @@ DEFAULTS = {
 }
 
 
-def join_labels(index: pa.Table, attrs: dict, val_fraction: float, seed: int) -> tuple[dict, dict, dict]:
-    """(labels {image_id:face -> (split, float32 [K])}, counts, errors {reason: n})."""
-    labels, errors = {}, {}
-    counts = {"in": index.num_rows, "ok": 0, "failed": 0, "skipped": 0}
-    used_keys = set()
-    rows = zip(index["image_id"].to_pylist(), index["face_index"].to_pylist(), index["status"].to_pylist(),
-               index["source_uri"].to_pylist())
-    for iid, fi, st, src in rows:
-        if st != "ok":
-            counts["skipped"] += 1
-            continue
-        ak = attribute_key(attrs["join_on"], iid, fi, src)
-        lab = attrs["labels"].get(ak)
-        reason = None
-        if lab is None:
-            reason = attrs["invalid"].get(ak, "no labels")
-        elif np.isnan(lab).all():
-            reason = "no labels"
-        if reason:
-            counts["failed"] += 1
-            errors[reason] = errors.get(reason, 0) + 1
-            continue
-        used_keys.add(ak)
-        labels[latent_key(iid, fi)] = (split_of(iid, val_fraction, seed), lab)
-        counts["ok"] += 1
-    unused = len(set(attrs["labels"]) - used_keys)
-    return labels, counts, {"errors": errors, "labels_without_latents": unused}
-
-
 def format_eval(rows: list[dict]) -> str:
     lines = [f"{'attribute':<22} {'n_val':>6} {'accuracy':>9} {'auc':>7} {'pos_rate':>9}"]
     for r in rows:
@@ -100,61 +87,65 @@ def format_eval(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: dict, before_commit=None) -> dict:
     import ray
 
     for k in ("latents", "attributes", "output"):
         if not cfg.get(k):
             raise SystemExit(f"fit_classifier: set {k}=URI")
-    t0 = time.time()
     t = cfg["train"]
-    r = storage.Run(cfg["output"], JOB, cfg)
-    r.sweep_uncommitted([TABLE])
-    index = latents_index(cfg["latents"])
-    attrs = load_attributes(cfg["attributes"], cfg.get("attributes_list"))
-    names = attrs["names"]
-    labels, counts, notes = join_labels(index, attrs, float(cfg["val_fraction"]), int(cfg["split_seed"]))
+    r = JobRun(cfg["output"], JOB, cfg)
+    vf, seed = float(cfg["val_fraction"]), int(cfg["split_seed"])
+    labels = load_labels(cfg["attributes"], cfg.get("attributes_list"))
+    names = labels.names
+    refs = labels.broadcast()
+    latents = read_latents(cfg["latents"], ["image_id", "face_index", "status", "source_uri", "w_plus"])
+    keys = read_latents(cfg["latents"], ["image_id", "face_index", "status", "source_uri"])
+    c = label_counts(keys, labels, refs, vf, seed)
+    counts = {k: c[k] for k in ("in", "ok", "failed", "skipped")}
+    notes = {"errors": c["errors"], "labels_without_latents": c["labels_without_latents"]}
     for reason, n in notes["errors"].items():
         log.warning("%d latents rows not used: %s", n, reason)
-    splits = [v[0] for v in labels.values()]
-    n_train, n_val = splits.count("train"), splits.count("val")
-    if n_train == 0:
+    if c["train"] == 0:
         raise SystemExit(f"fit_classifier: no labelled codes to train on ({counts}, {notes})")
-    if n_val == 0:
+    if c["val"] == 0:
         raise SystemExit("fit_classifier: the held-out split is empty; raise val_fraction or add data")
-    lab_train = np.stack([v[1] for v in labels.values() if v[0] == "train"])
-    per_attr_train = (~np.isnan(lab_train)).sum(0)
-    paths, fs = committed_latent_files(cfg["latents"])
-    base = ray.data.read_parquet(paths, filesystem=fs).select_columns(
-        ["image_id", "face_index", "status", "w_plus"])
+    shape = code_shape(cfg["latents"])
     datasets = {}
     for split in ("train", "val"):
-        ds = base.map_batches(labelled_codes_batch, batch_format="pyarrow", batch_size=1024,
-                              fn_kwargs={"labels": labels, "keep": split})
+        ds = latents.map_batches(labelled_codes_batch, batch_format="pyarrow", batch_size=1024, fn_kwargs={
+            "labels_refs": refs, "join_on": labels.join_on, "val_fraction": vf, "seed": seed, "keep": split,
+            "shape": shape})
         datasets[split] = ds.materialize() if t.get("materialize", True) else ds
-    w_shape = datasets["val"].take_batch(1, batch_format="numpy")["w_plus"].shape[1:]
-    uri = storage.join(cfg["output"], "models", "classifier.pt")
-    log.info("fit_classifier: %d attributes, %d train / %d held-out codes of shape %s, %d epochs -> %s",
-             len(names), n_train, n_val, list(w_shape), int(t["epochs"]), uri)
-    out = fit(classifier_loop, {"attributes": names, "n_latent": int(w_shape[0]), "style_dim": int(w_shape[1]),
+    uri = storage.join(cfg["output"], model_registry.model_key("classifier", r.run_id, MODEL_FILE))
+    log.info("fit_classifier: %d attributes, %d train / %d held-out codes of shape %s, %d epochs -> %s (run %s)",
+             len(names), c["train"], c["val"], list(shape), int(t["epochs"]), uri, r.run_id)
+    out = fit(classifier_loop, {"attributes": names, "n_latent": shape[0], "style_dim": shape[1],
                                 "classifier": cfg["classifier"], "train": t, "classifier_uri": uri,
                                 "run_id": r.run_id},
               datasets, t, f"{JOB}-{r.run_id}")
     ev = out["eval"]
     for row in ev:
-        row.update(n_train=int(per_attr_train[row["attribute_index"]]), classifier_uri=uri,
+        row.update(n_train=int(c["per_attr_train"][row["attribute_index"]]), classifier_uri=uri,
                    classifier_sha256=out["sha256"])
-    cols = {k: [row[k] for row in ev] for k in classifier_eval_schema().names if k in ev[0]}
-    r.write_table(TABLE, make_table(cols, classifier_eval_schema(), r.run_id))
+    cols = {k: [row[k] for row in ev] for k in EVAL.schema.names if k in ev[0]}
+    eval_rows = make_table(cols, EVAL.schema, r.run_id)
+    eval_rows = eval_rows.append_column("status", pa.array(["ok"] * eval_rows.num_rows, pa.string()))
+    model_rows = model_registry.model_rows([{"uri": uri, "kind": "classifier", "attribute": None,
+                                             "sha256": out["sha256"]}], r.run_id)
+    results = {EVAL: r.write_small(EVAL, eval_rows), MODELS: r.write_small(MODELS, model_rows)}
     print(format_eval(ev), file=sys.stderr, flush=True)
     acc = [row["accuracy"] for row in ev]
     aucs = [row["auc"] for row in ev if row["auc"] == row["auc"]]
     extra = {"classifier": uri, "classifier_sha256": out["sha256"], "attributes": names,
-             "n_train": n_train, "n_val": n_val,
+             "n_train": c["train"], "n_val": c["val"],
              "mean_accuracy": round(float(np.mean(acc)), 4),
              "mean_auc": round(float(np.mean(aucs)), 4) if aucs else None,
              "final_epoch": out["history"][-1] if out["history"] else None, **notes}
-    r.commit({**counts, "seconds": round(time.time() - t0, 2), **extra},
+    if before_commit is not None:
+        before_commit(r)
+    # `models` last: the row that publishes the file is committed after its figures
+    r.commit(results, {**counts, "seconds": r.seconds(), **extra},
              extra={"inputs": {"latents": cfg["latents"], "attributes": cfg["attributes"]},
                     "history": out["history"], "eval": ev, "ray": {"version": ray.__version__}})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}

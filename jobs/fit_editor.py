@@ -1,25 +1,34 @@
 """Fit job: reference-based edit transformers, one per attribute, against a frozen latent
 classifier (the official objective), on Ray Train.
 
-    python -m jobs.fit_editor --set classifier=URI --set output=URI --set attributes=[Smiling,Male] \\
+    python -m jobs.fit_editor --set classifier=ROOT --set output=URI --set attributes=[Smiling,Male] \\
         --set latents=URI
-    python -m jobs.fit_editor --set classifier=URI --set output=URI --set attributes=[Smiling] \\
+    python -m jobs.fit_editor --set classifier=ROOT --set output=URI --set attributes=[Smiling] \\
         --set model.checkpoint=URI --set sample.n=20000 [--set sample.truncation=0.7]
 
-Codes come from a committed `latents` table (status ok; a deterministic share `val_fraction`
-of image ids is held out for the before/after figures), or are sampled through the inversion
-model's own mapping network (`model.checkpoint`, W codes broadcast to W+, truncation `psi`
-towards the mapping net's mean; `sample.n_val` more are drawn for the figures). Each batch is
-split in halves, sources and references; loss `l2 * MSE(w_s, w_e) + ref * MSE(emb_k(w_e),
-emb_k(w_r)) + src * MSE(emb_notk(w_e), emb_notk(w_s))` (weights `loss.*`, all 1.0), Adam lr 1e-4,
-weight decay 5e-4 (MODEL.md). Writes, per attribute,
+`classifier` is a dataset root with a committed `models` table (jobs.fit_classifier): its
+newest committed classifier, or the one of `classifier_run` / with `classifier_sha256`. A
+classifier made elsewhere (the official file) is named by its file URI together with its
+`classifier_sha256`.
 
-    <output>/models/editor_<attribute>.pt    official layout (encoder.module.transformerlayer.*,
-                                             classifier.module.*, opts with the figures)
+Codes come from the committed Delta snapshot of a `latents` table, read through Ray Data
+(status ok; a deterministic share `val_fraction` of image ids is held out for the before/after
+figures), or are sampled through the inversion model's own mapping network (`model.checkpoint`,
+W codes broadcast to W+, truncation `psi` towards the mapping net's mean; `sample.n_val` more
+are drawn for the figures). Each batch is split in halves, sources and references; loss
+`l2 * MSE(w_s, w_e) + ref * MSE(emb_k(w_e), emb_k(w_r)) + src * MSE(emb_notk(w_e),
+emb_notk(w_s))` (weights `loss.*`, all 1.0), Adam lr 1e-4, weight decay 5e-4 (MODEL.md). The
+figures use the `eval.max_pairs` pairs of smallest keys of the held-out split (collected
+streaming on rank 0). Writes, per attribute,
 
-and a manifest `<output>/_runs/<id>.json`. The summary gives, per attribute, the loss parts on
-the held-out pairs before and after training (`ref` is the target-embedding distance of the
-edited code to the reference; `identity_ref` what leaving the source unchanged scores).
+    <output>/model_files/editor/<run_id>/editor_<attribute>.pt   official layout
+        (encoder.module.transformerlayer.*, classifier.module.*, opts with the figures)
+
+one `models` row per attribute (Delta table `<output>/models/`, committed by this run: a run
+that fails before its commit publishes no editor) and the run record `<output>/_runs/<id>.json`.
+The summary gives, per attribute, the loss parts on the held-out pairs before and after
+training (`ref` is the target-embedding distance of the edited code to the reference;
+`identity_ref` what leaving the source unchanged scores).
 
 Counts, one per code: in = ok + failed + skipped; ok = codes used (train or held out),
 skipped = latents rows whose inversion had failed; failed = 0 (no per-code failure here).
@@ -28,23 +37,24 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 
 from jobs.cli import main
-from pipeline import storage
-from pipeline.compute import device_for, gpus_per_actor
-from pipeline.compute import fit
-from pipeline.fit_loops import (SampleCodes, codes_batch, committed_latent_files, editor_loop, id_split_batch,
-                                latents_index, split_of)
+from pipeline import model_registry, storage
+from pipeline.compute import actor_pool, device_for, fit, gpus_per_actor
+from pipeline.fit_data import SampleCodes, code_shape, codes_batch, id_split_batch, latent_counts, read_latents
+from pipeline.fit_loops import editor_loop
+from pipeline.model_registry import MODELS
+from pipeline.runner import JobRun
 
 log = logging.getLogger("stbatch.fit_editor")
 
 JOB = "fit_editor"
 
 DEFAULTS = {
-    "classifier": None,        # URI of the latent classifier (jobs.fit_classifier, or official)
-    "classifier_sha256": None,
-    "output": None,            # models/editor_<attribute>.pt, _runs/
+    "classifier": None,        # dataset root of jobs.fit_classifier (or a classifier file + its sha256)
+    "classifier_run": None,    # that root's classifier of this run (default: the newest committed)
+    "classifier_sha256": None, # ... or with this sha256 (required for a file)
+    "output": None,            # model_files/editor/<run>/editor_<attribute>.pt, models/ table, _runs/
     "attributes": None,        # [Smiling, ...]: one editor each (names known to the classifier)
     "latents": None,           # dataset root with a committed latents table ...
     "val_fraction": 0.05,      # ... held-out share of its image ids (for the figures)
@@ -71,11 +81,15 @@ DEFAULTS = {
 }
 
 
-def _safe_attr(a: str) -> str:
-    try:
-        return storage.safe_key(f"models/editor_{a}.pt")
-    except ValueError:
-        raise SystemExit(f"fit_editor: attribute name {a!r} cannot be part of a file name") from None
+def model_file_keys(attrs: list[str], run_id: str) -> dict[str, str]:
+    """Run-scoped keys of the editor files (an attribute name must make a safe key)."""
+    keys = {}
+    for a in attrs:
+        try:
+            keys[a] = model_registry.model_key("editor", run_id, f"editor_{a}.pt")
+        except ValueError:
+            raise SystemExit(f"fit_editor: attribute name {a!r} cannot be part of a file name") from None
+    return keys
 
 
 def build_datasets(cfg: dict) -> tuple[dict, dict, dict]:
@@ -84,21 +98,17 @@ def build_datasets(cfg: dict) -> tuple[dict, dict, dict]:
 
     t = cfg["train"]
     if cfg.get("latents"):
-        index = latents_index(cfg["latents"])
-        st = index["status"].to_pylist()
-        n_ok = st.count("ok")
-        ids = [i for i, s in zip(index["image_id"].to_pylist(), st) if s == "ok"]
-        n_val = sum(split_of(i, float(cfg["val_fraction"]), int(cfg["split_seed"])) == "val" for i in ids)
+        vf, seed = float(cfg["val_fraction"]), int(cfg["split_seed"])
+        c = latent_counts(cfg["latents"], vf, seed)
+        n_ok, n_val = c["ok"], c["val"]
         if n_ok - n_val < 2:
             raise SystemExit(f"fit_editor: {n_ok - n_val} training codes in {cfg['latents']}; need at least 2")
-        paths, fs = committed_latent_files(cfg["latents"])
-        base = ray.data.read_parquet(paths, filesystem=fs).select_columns(["image_id", "face_index", "status",
-                                                                            "w_plus"])
+        shape = code_shape(cfg["latents"])
+        base = read_latents(cfg["latents"], ["image_id", "face_index", "status", "w_plus"])
         ds = {s: base.map_batches(codes_batch, batch_format="pyarrow", batch_size=1024,
-                                  fn_kwargs={"val_fraction": float(cfg["val_fraction"]),
-                                             "seed": int(cfg["split_seed"]), "keep": s})
+                                  fn_kwargs={"val_fraction": vf, "seed": seed, "keep": s, "shape": shape})
               for s in ("train", "val")}
-        counts = {"in": index.num_rows, "ok": n_ok, "failed": 0, "skipped": index.num_rows - n_ok}
+        counts = {"in": c["in"], "ok": n_ok, "failed": 0, "skipped": c["in"] - n_ok}
         source = {"latents": cfg["latents"], "n_train": n_ok - n_val, "n_val": n_val}
     else:
         s = cfg["sample"]
@@ -107,8 +117,6 @@ def build_datasets(cfg: dict) -> tuple[dict, dict, dict]:
             raise SystemExit("fit_editor: set latents=URI, or model.checkpoint=URI with sample.n=N (N >= 2)")
         if not (cfg["model"].get("checkpoint") or cfg["model"].get("preset")):
             raise SystemExit("fit_editor: sampling codes needs model.checkpoint=URI (the inversion model)")
-        from pipeline.compute import actor_pool
-
         num_gpus = gpus_per_actor(s.get("num_gpus", "auto"))
         kw = {"num_gpus": num_gpus} if num_gpus > 0 else {}
         ctor = {"model": cfg["model"], "truncation": float(s["truncation"]), "seed": int(s["seed"]),
@@ -141,7 +149,15 @@ def format_figures(res: dict) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: dict) -> dict:
+def resolve_classifier(cfg: dict) -> dict:
+    try:
+        return model_registry.pick(cfg["classifier"], "classifier", run_id=cfg.get("classifier_run"),
+                                   sha256=cfg.get("classifier_sha256"))
+    except LookupError as e:
+        raise SystemExit(f"fit_editor: {e}") from None
+
+
+def run(cfg: dict, before_commit=None) -> dict:
     import ray
 
     from stmodel.classifier import load_classifier
@@ -154,26 +170,27 @@ def run(cfg: dict) -> dict:
         attrs = [attrs]
     if not attrs:
         raise SystemExit("fit_editor: set attributes=[Name,...] (one editor per attribute)")
-    t0 = time.time()
-    clf = load_classifier(cfg["classifier"], sha256=cfg.get("classifier_sha256"))
+    attrs = [str(a) for a in attrs]
+    cm = resolve_classifier(cfg)
+    clf = load_classifier(cm["uri"], sha256=cm["sha256"])
     unknown = [a for a in attrs if a not in clf.attributes]
     if unknown:
         raise SystemExit(f"fit_editor: unknown attribute(s) {unknown}; the classifier knows {clf.attributes}")
-    keys = {a: _safe_attr(a) for a in attrs}
-    r = storage.Run(cfg["output"], JOB, cfg)
+    r = JobRun(cfg["output"], JOB, cfg)
+    keys = model_file_keys(attrs, r.run_id)
     datasets, counts, source = build_datasets(cfg)
     shape = datasets["train"].take_batch(1, batch_format="numpy")["w_plus"].shape[1:]
     if tuple(shape) != (clf.n_latent, clf.style_dim):
         raise SystemExit(f"fit_editor: codes of shape {list(shape)} but the classifier takes "
                          f"[{clf.n_latent}, {clf.style_dim}]")
+    del clf
     uris = {a: storage.join(cfg["output"], keys[a]) for a in attrs}
     t = cfg["train"]
-    log.info("fit_editor: %d attribute(s) %s, %s, %d steps each -> %s", len(attrs), attrs, source, int(t["steps"]),
-             storage.join(cfg["output"], "models"))
-    res = fit(editor_loop, {"attributes": attrs, "classifier_uri": cfg["classifier"],
-                            "classifier_sha256": cfg.get("classifier_sha256"), "editor": cfg["editor"],
-                            "loss": cfg["loss"], "train": t, "eval": cfg["eval"], "editor_uris": uris,
-                            "run_id": r.run_id},
+    log.info("fit_editor: %d attribute(s) %s, %s, %d steps each, classifier %s (%s) -> %s (run %s)", len(attrs),
+             attrs, source, int(t["steps"]), cm["uri"], cm["sha256"][:12], cfg["output"], r.run_id)
+    res = fit(editor_loop, {"attributes": attrs, "classifier_uri": cm["uri"], "classifier_sha256": cm["sha256"],
+                            "editor": cfg["editor"], "loss": cfg["loss"], "train": t, "eval": cfg["eval"],
+                            "editor_uris": uris, "run_id": r.run_id},
               datasets, t, f"{JOB}-{r.run_id}")
     print(format_figures(res), file=sys.stderr, flush=True)
     editors = {a: {"uri": v["uri"], "sha256": v["sha256"], "steps": v["steps"],
@@ -182,9 +199,15 @@ def run(cfg: dict) -> dict:
                    "identity_ref": (v["after"] or {}).get("identity_ref"),
                    "src_after": (v["after"] or {}).get("src"), "l2_after": (v["after"] or {}).get("l2"),
                    "pairs": (v["after"] or {}).get("pairs", 0)} for a, v in res.items()}
-    extra = {"editors": editors, "source": source}
-    r.commit({**counts, "seconds": round(time.time() - t0, 2), **extra},
-             extra={"inputs": {"classifier": cfg["classifier"], **source},
+    rows = model_registry.model_rows([{"uri": v["uri"], "kind": "editor", "attribute": a, "sha256": v["sha256"]}
+                                      for a, v in res.items()], r.run_id)
+    results = {MODELS: r.write_small(MODELS, rows)}
+    classifier = {"uri": cm["uri"], "sha256": cm["sha256"], "run_id": cm["run_id"]}
+    extra = {"editors": editors, "source": source, "classifier": classifier}
+    if before_commit is not None:
+        before_commit(r)
+    r.commit(results, {**counts, "seconds": r.seconds(), **extra},
+             extra={"inputs": {"classifier": classifier, **source},
                     "figures": {a: {"before": v["before"], "after": v["after"]} for a, v in res.items()},
                     "history": {a: v["history"] for a, v in res.items()}, "ray": {"version": ray.__version__}})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}

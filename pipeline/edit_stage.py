@@ -1,18 +1,25 @@
 """Ray Data stage of the edit job, and the request handling it relies on.
 
-    requests (table rows or a config sweep)
+    requests (a user table or a config sweep)
       -> normalize_request   types, defaults, the fields that matter for the kind
-      -> edit_id             sha256 of the canonical fields: idempotent reruns, safe object keys
-      -> validate            unknown image / attribute / reference / editor / direction: a failed
-                             row with a readable error, never an exception
-    ds = ray.data.from_arrow(work rows with w_source / w_reference codes)
+      -> edit_id             sha256 of the canonical fields and of the models the edit uses:
+                             idempotent reruns, a new id when a model is retrained, safe keys
+      -> validate            unknown attribute / editor / direction: a failed row with a
+                             readable error, never an exception
+    prepare_requests          all three, for a table of request rows (driver for a user table,
+                              Ray tasks for a sweep over every face): REQUEST_SCHEMA rows
+    codes = latents.map_batches(codes_for_join)          # ok codes (only the needed keys)
+    ds = requests.join(as_role(codes, "source"), "left_outer", on=(image_id, face_index))
+    ds = ds.join(as_role(codes, "reference"), "left_outer", on=(reference_image_id, ...))
     ds = ds.map_batches(EditBatch, compute=ActorPoolStrategy(...), batch_size=B, num_gpus=G)
 
-`EditBatch` loads the inversion model (its generator renders), the classifier, the editors and
-the metric backbones once per actor; per batch it computes the edited codes w_e (label:
-classifier gradient; reference: the attribute's editor; direction: w + strength * n), renders
-the edited images and the source reconstructions, scores them and writes PNGs. Its output
-rows follow `pipeline.schemas.edits_schema`.
+The codes meet the requests in Ray Data (hash joins); they never reach the driver. `EditBatch`
+checks the joined codes (unknown image or reference, codes of another checkpoint), loads the
+inversion model (its generator renders), the classifier, the editors and the metric backbones
+once per actor; per batch it computes the edited codes w_e (label: classifier gradient;
+reference: the attribute's editor; direction: w + strength * n), renders the edited images and
+the source reconstructions, scores them and writes PNGs. Its output rows follow
+`pipeline.schemas.edits_schema`; rows that are not to be edited pass through with their status.
 """
 from __future__ import annotations
 
@@ -21,16 +28,17 @@ import json
 import logging
 import math
 import re
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from pipeline import storage
+from pipeline import delta, storage
+from pipeline.fit_data import codes_to_numpy
 from pipeline.images import encode_png
 from pipeline.models import ModelActor, build_metrics, metric_label
-from pipeline.schemas import EDIT_KINDS, edits_schema, make_table, nested_list_to_numpy
+from pipeline.schemas import EDIT_KINDS, edits_schema, make_table
 from pipeline.scoring import to_uint8
 from pipeline.storage import image_key
 
@@ -39,11 +47,19 @@ log = logging.getLogger("stbatch.edit")
 REQUEST_FIELDS = ("image_id", "face_index", "kind", "attribute", "strength", "target", "reference_image_id",
                   "reference_face_index", "direction_uri", "order")
 STATUS_OK, STATUS_BAD, STATUS_MISMATCH, STATUS_ERROR = "ok", "bad_request", "model_mismatch", "edit_error"
+STATUS_SKIPPED = "skipped"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-# Edited images live one level below the table's folder (`edits/run=<id>/` holds the Parquet
-# parts): listing `edits/` to sweep crashed runs then never enumerates millions of PNGs.
-IMAGES = "edits/images"
+# Edited images live beside the `edits` Delta table, never inside it (a vacuum of the table
+# removes every file its log does not name).
+IMAGES = "edit_images"
 SOURCES = "edit_sources"
+REQUEST_TYPES = {"face_index": pa.int32(), "reference_face_index": pa.int32(), "strength": pa.float64(),
+                 "target": pa.int8(), "order": pa.int8()}
+REQUEST_SCHEMA = pa.schema([pa.field("edit_id", pa.string()),
+                            *[pa.field(k, REQUEST_TYPES.get(k, pa.string())) for k in REQUEST_FIELDS],
+                            pa.field("status", pa.string()), pa.field("error", pa.string())])
+CODE_COLUMNS = {"source": ("image_id", "face_index", "w_source", "source_sha256"),
+                "reference": ("reference_image_id", "reference_face_index", "w_reference", "reference_sha256")}
 
 
 # ---------------------------------------------------------------------------- requests
@@ -138,56 +154,61 @@ def normalize_request(raw: dict) -> tuple[dict, str | None]:
     return req, (errs[0] if errs else None)
 
 
-def edit_id(req: dict) -> str:
-    """sha256 hex of the canonical request (sorted JSON of REQUEST_FIELDS)."""
+def edit_id(req: dict, models: dict | None = None) -> str:
+    """sha256 hex of the canonical request (REQUEST_FIELDS) and of the models that make the
+    edit (`edit_models`), as sorted JSON: a retrained model gives new ids."""
     canon = {k: req.get(k) for k in REQUEST_FIELDS}
+    canon["models"] = {k: v for k, v in sorted((models or {}).items()) if v}
     return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
 class EditContext:
-    """What `validate` checks requests against (all known on the driver before any edit)."""
+    """What `validate` checks requests against and the model hashes of their edit ids (all
+    known on the driver before any edit; small, shipped to tasks)."""
 
-    def __init__(self, latents: dict, model_sha: str | None, attributes: list[str] | None,
-                 editors: set, editor_errors: dict, direction_error: Callable[[str], str | None],
+    def __init__(self, checkpoint_sha256: str, classifier_sha256: str | None, attributes: list[str] | None,
+                 editors: dict[str, str], editor_errors: dict[str, str], n_latent: int, style_dim: int,
                  direction_prefixes: list[str] | None = None):
-        self.latents = latents            # (image_id, face_index) -> checkpoint sha of the ok code
-        self.model_sha = model_sha
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.classifier_sha256 = classifier_sha256
         self.attributes = attributes      # the classifier's, or None without a classifier
-        self.editors = editors            # attributes with a loadable editor
-        self.editor_errors = editor_errors
-        self.direction_error = direction_error
+        self.editors = dict(editors)      # attribute -> sha256 of its loadable editor
+        self.editor_errors = dict(editor_errors)
+        self.n_latent, self.style_dim = int(n_latent), int(style_dim)
         self.direction_prefixes = list(direction_prefixes or [])
+        self.directions: dict[str, str | None] = {}
+
+    def direction_error(self, uri: str) -> str | None:
+        if uri not in self.directions:
+            self.directions[uri] = check_direction(uri, self.n_latent, self.style_dim)[1]
+        return self.directions[uri]
+
+
+def edit_models(req: dict, ctx: EditContext) -> dict:
+    """The models an edit depends on: the inversion checkpoint (it renders), and the classifier
+    (label edits) or the attribute's editor (reference edits)."""
+    kind = req.get("kind")
+    return {"checkpoint": ctx.checkpoint_sha256,
+            "classifier": ctx.classifier_sha256 if kind == "label" else None,
+            "editor": ctx.editors.get(req.get("attribute")) if kind == "reference" else None}
 
 
 def validate(req: dict, ctx: EditContext) -> tuple[str, str | None]:
-    """(status, error): `ok`/None when the request can be carried out."""
-    key = (req["image_id"], req["face_index"])
-    if key not in ctx.latents:
-        return STATUS_BAD, (f"unknown image: no ok latent code for image_id {req['image_id']} "
-                            f"face_index {req['face_index']}")
-    sha = ctx.latents[key]
-    if sha and ctx.model_sha and sha != ctx.model_sha:
-        return STATUS_MISMATCH, (f"the code was made by checkpoint {sha[:12]}..., the edit model is "
-                                 f"{ctx.model_sha[:12]}...; edit with the same file")
+    """(status, error): `ok`/None when the request can be carried out as far as the models and
+    files say; its codes are checked where they meet it (`check_codes`)."""
     attr, kind = req["attribute"], req["kind"]
     if attr is not None:
         known = ctx.attributes if ctx.attributes is not None else (sorted(ctx.editors) if kind == "reference" else None)
         if kind == "label" and ctx.attributes is None:
-            return STATUS_BAD, "label edits need a classifier (set classifier=URI)"
+            return STATUS_BAD, "label edits need a classifier (set classifier=ROOT)"
         if known is not None and attr not in known:
             shown = ", ".join(known[:8]) + (" ..." if len(known) > 8 else "")
             return STATUS_BAD, f"unknown attribute {attr!r} (known: {shown})"
     if kind == "reference":
-        rkey = (req["reference_image_id"], req["reference_face_index"])
-        if rkey not in ctx.latents:
-            return STATUS_BAD, (f"reference image not found: no ok latent code for image_id "
-                                f"{req['reference_image_id']} face_index {req['reference_face_index']}")
-        if ctx.latents[rkey] and ctx.model_sha and ctx.latents[rkey] != ctx.model_sha:
-            return STATUS_MISMATCH, "the reference code was made by another checkpoint than the edit model"
         if attr in ctx.editor_errors:
             return STATUS_BAD, f"editor for {attr!r} cannot be used: {ctx.editor_errors[attr]}"
         if attr not in ctx.editors:
-            return STATUS_BAD, f"no editor for attribute {attr!r} (set editors.{attr}=URI)"
+            return STATUS_BAD, f"no editor for attribute {attr!r} (no committed editor; set editors=ROOT)"
     if kind == "direction":
         uri = req["direction_uri"]
         if ctx.direction_prefixes and not any(uri.startswith(p) for p in ctx.direction_prefixes):
@@ -210,37 +231,161 @@ def check_direction(uri: str, n_latent: int, style_dim: int) -> tuple[torch.Tens
     return n, None
 
 
-def work_table(rows: list[dict], codes: dict, n_latent: int, style_dim: int) -> pa.Table:
-    """Request rows + their codes as Arrow (nested fixed-size lists, null w_reference when the
-    kind has none): the input blocks of the stage."""
-    n = len(rows)
-    ws = np.zeros((n, n_latent, style_dim), np.float32)
-    wr = np.zeros((n, n_latent, style_dim), np.float32)
-    has_ref = np.zeros(n, bool)
-    for i, r in enumerate(rows):
-        ws[i] = codes[(r["image_id"], r["face_index"])]
-        if r["kind"] == "reference":
-            wr[i] = codes[(r["reference_image_id"], r["reference_face_index"])]
-            has_ref[i] = True
-    from pipeline.schemas import nested_list_array
+def prepare_requests(rows, ctx: EditContext) -> pa.Table:
+    """Request rows (dicts) -> REQUEST_SCHEMA rows: canonical fields, edit_id, and status `ok`
+    (to edit), `bad_request` (with the reason) or `skipped` (the same edit_id earlier in
+    `rows`). Values that did not parse are kept in the id and stored as null."""
+    out: dict[str, list] = {f.name: [] for f in REQUEST_SCHEMA}
+    seen: set = set()
+    for row in rows:
+        req, err = normalize_request(row)
+        eid = edit_id(req, edit_models(req, ctx))
+        status = STATUS_BAD
+        if eid in seen:
+            status, err = STATUS_SKIPPED, None
+        elif err is None:
+            status, err = validate(req, ctx)
+        seen.add(eid)
+        for k in REQUEST_FIELDS:
+            v = req.get(k)
+            if k in ("face_index", "reference_face_index", "target", "order") and not isinstance(v, int):
+                v = None
+            if k == "strength" and not isinstance(v, float):
+                v = None
+            out[k].append(v)
+        out["edit_id"].append(eid)
+        out["status"].append(status)
+        out["error"].append(err)
+    return pa.table(out, schema=REQUEST_SCHEMA)
 
-    cols = {"edit_id": pa.array([r["edit_id"] for r in rows], pa.string())}
-    types = {"face_index": pa.int32(), "reference_face_index": pa.int32(), "strength": pa.float64(),
-             "target": pa.int8(), "order": pa.int8()}
-    for k in REQUEST_FIELDS:
-        cols[k] = pa.array([r[k] for r in rows], types.get(k, pa.string()))
-    cols["w_source"] = nested_list_array(ws, shape=(n_latent, style_dim))
-    cols["w_reference"] = nested_list_array(wr, mask=~has_ref if (~has_ref).any() else None,
-                                            shape=(n_latent, style_dim))
-    return pa.table(cols)
+
+def expand_sweep(sw: dict, faces: list[tuple[str, int]]) -> list[dict]:
+    """The request rows of a sweep for the given faces (its cross product)."""
+    attrs = list(dict.fromkeys(sw.get("attributes") or [])) or [None]
+    uniq = (lambda xs: list(dict.fromkeys(xs)))
+    out = []
+    for iid, fi in faces:
+        for kind in uniq(sw.get("kinds") or ["label"]):
+            for attr in attrs:
+                for s in uniq(sw.get("strengths") or [1.0]):
+                    base = {"image_id": iid, "face_index": fi, "kind": kind, "attribute": attr, "strength": s}
+                    if kind == "label":
+                        out += [{**base, "target": t, "order": sw.get("order", 1)}
+                                for t in uniq(sw.get("targets") or [1])]
+                    elif kind == "reference":
+                        out += [{**base, "reference_image_id": ref} for ref in uniq(sw.get("reference_image_ids") or [])
+                                if str(ref) != iid]
+                    elif kind == "direction":
+                        out += [{**base, "direction_uri": u} for u in uniq(sw.get("direction_uris") or [])]
+                    else:
+                        out.append(base)  # becomes a failed row: bad kind
+    return out
+
+
+def sweep_batch(batch: pa.Table, sweep: dict, ctx: EditContext) -> pa.Table:
+    """Ray task: latents rows (image_id, face_index, status) -> the sweep's requests for their ok
+    faces, prepared (a sweep over every face never passes through the driver)."""
+    ok = batch.filter(pc.equal(batch["status"], STATUS_OK))
+    faces = list(zip(ok["image_id"].to_pylist(), [int(f) for f in ok["face_index"].to_pylist()]))
+    return prepare_requests(expand_sweep(sweep, faces), ctx)
+
+
+def request_keys(t: pa.Table) -> pa.Table:
+    """The distinct code keys (image_id, face_index) that the requests to edit need: their
+    sources and their references."""
+    t = t.filter(pc.equal(t["status"], STATUS_OK))
+    ref = t.filter(pc.equal(t["kind"], "reference"))
+    keys = pa.concat_tables([
+        pa.table({"image_id": t["image_id"], "face_index": t["face_index"]}),
+        pa.table({"image_id": ref["reference_image_id"], "face_index": ref["reference_face_index"]})])
+    keys = keys.filter(pc.and_(pc.is_valid(keys["image_id"]), pc.is_valid(keys["face_index"])))
+    return keys.group_by(["image_id", "face_index"]).aggregate([])
+
+
+def codes_for_join(batch: pa.Table, keys_refs: list | None = None) -> pa.Table:
+    """Ray task: latents rows (image_id, face_index, status, w_plus, checkpoint_sha256) -> the ok
+    codes, only those of `keys_refs` when given (the keys the requests need, broadcast: the rest
+    of the table never reaches the shuffle)."""
+    t = batch.filter(pc.equal(batch["status"], STATUS_OK))
+    if keys_refs is not None:
+        want = delta.gather(keys_refs)
+        if want is None:
+            t = t.slice(0, 0)
+        else:
+            hit = pc.is_in(delta.key_strings(t, ["image_id", "face_index"]),
+                           value_set=delta.key_strings(want, ["image_id", "face_index"]))
+            t = t.filter(hit)
+    return pa.table({"image_id": pc.cast(t["image_id"], pa.string()),
+                     "face_index": pc.cast(t["face_index"], pa.int32()),
+                     "w_plus": t["w_plus"], "checkpoint_sha256": t["checkpoint_sha256"]})
+
+
+def as_role(batch: pa.Table, role: str) -> pa.Table:
+    """Codes named for the `role` join (source or reference columns of a request)."""
+    return batch.rename_columns(list(CODE_COLUMNS[role]))
+
+
+def with_status(batch: pa.Table, todo: bool) -> pa.Table:
+    """The rows to edit (status ok), or the others (skipped, bad requests)."""
+    hit = pc.equal(batch["status"], STATUS_OK)
+    return batch.filter(hit if todo else pc.invert(hit))
+
+
+def request_rows(batch: pa.Table, run_id: str, model: str, checkpoint_sha256: str, status: str | None = None,
+                 error: str | None = None) -> pa.Table:
+    """Request rows -> `edits` rows that carry no edit (their own status, or `status`)."""
+    n = batch.num_rows
+    cols = {k: batch[k] for k in ("edit_id",) + REQUEST_FIELDS}
+    cols.update(status=[status] * n if status else batch["status"], error=[error] * n if status else batch["error"],
+                model=[model] * n, checkpoint_sha256=[checkpoint_sha256] * n)
+    cols = {k: (v.to_pylist() if isinstance(v, (pa.Array, pa.ChunkedArray)) else v) for k, v in cols.items()}
+    return make_table(cols, edits_schema(), run_id)
+
+
+def _codes(batch: pa.Table, column: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(codes [N, *shape] with zeros where missing, present [N]) of a joined code column."""
+    n = batch.num_rows
+    if column not in batch.column_names:
+        return np.zeros((n, *shape), np.float32), np.zeros(n, bool)
+    w = codes_to_numpy(batch[column])
+    present = np.asarray(batch[column].is_valid().to_numpy(zero_copy_only=False), bool)
+    if not present.any():
+        return np.zeros((n, *shape), np.float32), present
+    if tuple(w.shape[1:]) != tuple(shape):
+        raise ValueError(f"codes of shape {list(w.shape[1:])}; the model makes {list(shape)}")
+    return np.nan_to_num(w), present
+
+
+def check_codes(meta: list[dict], has_source: np.ndarray, has_ref: np.ndarray, model_sha: str | None,
+                status: list, error: list) -> None:
+    """The checks that need the codes: the source (and reference) has an ok code, made by the
+    checkpoint that renders the edit."""
+    for i, r in enumerate(meta):
+        if status[i] != STATUS_OK:
+            continue
+        sha = r.get("source_sha256")
+        if not has_source[i]:
+            status[i], error[i] = STATUS_BAD, (f"unknown image: no ok latent code for image_id {r['image_id']} "
+                                               f"face_index {r['face_index']}")
+        elif sha and model_sha and sha != model_sha:
+            status[i], error[i] = STATUS_MISMATCH, (f"the code was made by checkpoint {sha[:12]}..., the edit "
+                                                    f"model is {model_sha[:12]}...; edit with the same file")
+        elif r["kind"] == "reference" and not has_ref[i]:
+            status[i], error[i] = STATUS_BAD, (f"reference image not found: no ok latent code for image_id "
+                                               f"{r['reference_image_id']} face_index {r['reference_face_index']}")
+        elif r["kind"] == "reference" and r.get("reference_sha256") and model_sha \
+                and r["reference_sha256"] != model_sha:
+            status[i], error[i] = STATUS_MISMATCH, ("the reference code was made by another checkpoint than the "
+                                                    "edit model")
 
 
 # ---------------------------------------------------------------------------- the actor
 
 class EditBatch(ModelActor):
-    """Actor: model, classifier, editors and metric backbones loaded once; a batch of work rows
-    -> `edits` rows (edited PNG under `<output>/edits/images/<edit_id>.png`, source reconstruction
-    under `<output>/edit_sources/<image_id>_<face>.png`)."""
+    """Actor: model, classifier, editors and metric backbones loaded once; a batch of requests
+    joined with their codes -> `edits` rows (edited PNG under `<output>/edit_images/<edit_id>.png`,
+    source reconstruction under `<output>/edit_sources/<image_id>_<face>.png`). `editors` maps an
+    attribute to {uri, sha256}; every file is verified against its committed sha256."""
 
     def __init__(self, model: dict, run_id: str, output: str, classifier: str | None = None,
                  classifier_sha256: str | None = None, editors: dict | None = None, metrics: dict | None = None,
@@ -254,8 +399,8 @@ class EditBatch(ModelActor):
         if classifier:
             self.clf = load_classifier(classifier, sha256=classifier_sha256).to(self.device).requires_grad_(False)
         self.editors = {}
-        for attr, uri in (editors or {}).items():
-            ed, _, _ = load_editor(uri)
+        for attr, m in (editors or {}).items():
+            ed, _, _ = load_editor(m["uri"], sha256=m.get("sha256"))
             self.editors[attr] = ed.to(self.device).requires_grad_(False)
         self.lpips = self.ident = None
         self.label = None
@@ -283,6 +428,8 @@ class EditBatch(ModelActor):
         we = torch.full_like(ws, float("nan"))
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
+            if status[i] != STATUS_OK:
+                continue
             if r["kind"] == "label" and int(r["order"]) == 2:
                 key = ("label2", i)  # seeded per request: the same w_e whatever the batching
             elif r["kind"] == "label":
@@ -321,11 +468,22 @@ class EditBatch(ModelActor):
         return we
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        meta = batch.drop_columns(["w_source", "w_reference"]).to_pylist()
+        meta = batch.drop_columns([c for c in ("w_source", "w_reference") if c in batch.column_names]).to_pylist()
         n = len(meta)
-        status, error = [STATUS_OK] * n, [None] * n
-        ws = torch.from_numpy(nested_list_to_numpy(batch["w_source"])).to(self.device)
-        wr = torch.from_numpy(np.nan_to_num(nested_list_to_numpy(batch["w_reference"]))).to(self.device)
+        status, error = [r["status"] for r in meta], [r["error"] for r in meta]
+        shape = (self.n_latent, self.style_dim)
+        try:
+            w_s, has_source = _codes(batch, "w_source", shape)
+            w_r, has_ref = _codes(batch, "w_reference", shape)
+        except ValueError as e:  # codes of another model: no row of the batch can be edited
+            w_s, w_r = np.zeros((n, *shape), np.float32), np.zeros((n, *shape), np.float32)
+            has_source = has_ref = np.ones(n, bool)
+            for i in range(n):
+                if status[i] == STATUS_OK:
+                    status[i], error[i] = STATUS_MISMATCH, str(e)
+        check_codes(meta, has_source, has_ref, self.info["sha256"], status, error)
+        ws = torch.from_numpy(w_s).to(self.device)
+        wr = torch.from_numpy(w_r).to(self.device)
         cols = {k: [r[k] for r in meta] for k in ("edit_id",) + REQUEST_FIELDS}
         out = {k: [None] * n for k in ("output_uri", "source_reconstruction_uri", "metric_backbones")}
         nums = {k: np.full(n, np.nan, np.float32) for k in ("id_similarity", "lpips", "logit_before", "logit_after")}
@@ -390,5 +548,6 @@ class EditBatch(ModelActor):
                 status[i], error[i] = STATUS_ERROR, f"cannot write the edited image: {type(e).__name__}: {e}"
 
 
-__all__ = ["REQUEST_FIELDS", "normalize_request", "edit_id", "EditContext", "validate", "check_direction",
-           "work_table", "EditBatch"]
+__all__ = ["REQUEST_FIELDS", "REQUEST_SCHEMA", "normalize_request", "edit_id", "edit_models", "EditContext",
+           "validate", "check_direction", "prepare_requests", "expand_sweep", "sweep_batch", "request_keys",
+           "codes_for_join", "as_role", "with_status", "request_rows", "check_codes", "EditBatch"]

@@ -1,7 +1,8 @@
 """The `models` table: classifier and editor files published by the run that trained them.
 
-A fit job writes its model files under run-scoped keys (`models/<kind>/<run_id>/<file>.pt`) and
-one `models` row per file; the row is committed together with the run's other table rows, so a
+A fit job writes its model files under run-scoped keys (`model_files/<kind>/<run_id>/<file>.pt`:
+beside the `models` Delta table, never inside it, where a vacuum would remove every file the
+log does not name) and one `models` row per file; the row is committed together with the run's other table rows, so a
 model of a failed run is never named by the table. `edit` resolves models from committed rows
 only: the latest of a kind (and attribute) by default, or the one of a given run id / sha256.
 """
@@ -16,6 +17,7 @@ from pipeline import delta, storage
 from pipeline.runner import TableSpec
 
 KINDS = ("classifier", "editor")
+FILES_PREFIX = "model_files"
 
 MODELS = TableSpec("models", pa.schema([
     pa.field("uri", pa.string(), nullable=False),
@@ -31,7 +33,7 @@ MODELS = TableSpec("models", pa.schema([
 def model_key(kind: str, run_id: str, filename: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"model kind must be one of {KINDS}, got {kind!r}")
-    return storage.safe_key(f"models/{kind}/{run_id}/{filename}")
+    return storage.safe_key(f"{FILES_PREFIX}/{kind}/{run_id}/{filename}")
 
 
 def model_rows(rows: list[dict], run_id: str) -> pa.Table:
@@ -65,3 +67,21 @@ def resolve(root: str, kind: str, attribute: str | None = None, run_id: str | No
                           + (f" from run {run_id}" if run_id else "") + (f" with sha256 {sha256}" if sha256 else "")
                           + f"; committed: {have}")
     return pick[0]
+
+
+def pick(spec: str, kind: str, attribute: str | None = None, run_id: str | None = None,
+         sha256: str | None = None) -> dict:
+    """The model a job setting names: a dataset root -> its committed model (`resolve`: the
+    newest, or of `run_id` / with `sha256`); an existing file -> that file, accepted only with
+    its `sha256` (verified again where it is loaded), for models made elsewhere (the official
+    classifier). Returns a `models`-like row: uri, kind, attribute, sha256, run_id (None for a
+    file)."""
+    fs, path = storage.url_to_fs(str(spec))
+    if fs.isfile(path):
+        if not sha256:
+            raise LookupError(f"{spec} is a file: give its sha256 too, or name the dataset root whose "
+                              f"committed {kind} to use")
+        if run_id:
+            raise LookupError(f"{spec} is a file, not a dataset root: a run id cannot select it")
+        return {"uri": str(spec), "kind": kind, "attribute": attribute, "sha256": sha256, "run_id": None}
+    return resolve(str(spec), kind, attribute, run_id, sha256)
