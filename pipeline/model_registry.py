@@ -3,8 +3,9 @@
 A fit job writes its model files under run-scoped keys (`model_files/<kind>/<run_id>/<file>.pt`:
 beside the `models` Delta table, never inside it, where a vacuum would remove every file the
 log does not name) and one `models` row per file; the row is committed together with the run's
-other table rows, so a model of a failed run is never named by the table. `edit` resolves models from committed rows
-only: the latest of a kind (and attribute) by default, or the one of a given run id / sha256.
+other table rows, so a model of a failed run is never named by the table. `edit` resolves
+models from committed rows only: the latest of a kind (and attribute) by default, or the one of
+a given run id / sha256.
 """
 from __future__ import annotations
 
