@@ -11,25 +11,14 @@ import pyarrow as pa
 import pytest
 
 from jobs import invert
-from jobs.cli import load_config
 from pipeline import delta
 from pipeline.decode import image_id
 from pipeline.runner import JobRun, TableSpec
 from pipeline.schemas import FACES_SCHEMA, faces_table, latents_schema, make_table
 from tests.conftest import write_crops
+from tests.test_invert import _cfg, _table as _latents
 
 FACES = TableSpec("faces", FACES_SCHEMA, ("image_id", "face_index"), ("image_id",))
-
-
-def _cfg(inp, out, ckpt, **over):
-    sets = [f"input={inp}", f"output={out}", f"model.checkpoint={ckpt}", "invert.batch_size=4",
-            "invert.load_batch_size=4", "progress=false"]
-    sets += [f"{k}={v}" for k, v in over.items()]
-    return load_config(invert.DEFAULTS, None, sets)
-
-
-def _latents(out):
-    return delta.read_snapshot_arrow(out, "latents")
 
 
 def _assert_unique(t):
