@@ -58,7 +58,7 @@ DEFAULTS = {
         "l2": 1.0, "lpips": 0.8, "id": 0.1, "w_norm": 0.0,
         "num_workers": 1, "use_gpu": "auto", "torch_threads": 0,
         "log_every": 10, "val_every": 100, "checkpoint_every": 100, "val_images": 8,
-        "seed": 0, "resume": True, "stop_after": None,  # stop_after: tests only
+        "seed": 0, "resume": True,
         "ray_storage": None,   # Ray Train's run folder (shared storage on a multi-node cluster)
     },
 }

@@ -4,7 +4,8 @@ Checkpoints live in object storage, not on a worker's disk, so a restarted job o
 resumes from the newest one:
 
     <output>/checkpoints/step_000200.pt        the model, official inversion layout
-    <output>/checkpoints/state_000200.pt       optimiser state + step (weights_only loadable)
+    <output>/checkpoints/state_000200.pt       optimiser state + step (weights_only loadable),
+                                               written last: it completes the checkpoint
     <output>/train/log.jsonl                   one line per logged step
     <output>/train/grids/step_000200.png       validation grid: inputs over reconstructions
 """
@@ -25,7 +26,8 @@ from pipeline.images import to_model_input
 
 log = logging.getLogger("stbatch.train")
 
-_STEP = re.compile(r"step_(\d+)\.pt$")
+_STEP = re.compile(r"step_(\d+)\.pt")
+_STATE = re.compile(r"state_(\d+)\.pt")
 
 
 def decode_for_training(batch: dict, input_size: int, target_size: int) -> dict:
@@ -46,28 +48,32 @@ def decode_for_training(batch: dict, input_size: int, target_size: int) -> dict:
 
 
 def checkpoint_steps(output: str) -> list[int]:
+    """The steps with a complete checkpoint: both the model file and its state file exist.
+    A model file alone is what a process killed between the two writes leaves behind; it is
+    never resumed from (the next run writes that step again). Temporary names of interrupted
+    writes (`*.pt.tmp-*`) match neither pattern."""
     fs, root = storage.url_to_fs(storage.join(output, "checkpoints"))
     if not fs.exists(root):
         return []
-    steps = []
-    for p in fs.ls(root, detail=False):
-        m = _STEP.search(p)
-        if m:
-            state = storage.join(output, "checkpoints", f"state_{int(m.group(1)):06d}.pt")
-            sfs, spath = storage.url_to_fs(state)
-            if sfs.exists(spath):  # a step counts only once both files are there
-                steps.append(int(m.group(1)))
-    return sorted(steps)
+    names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    models = {int(m.group(1)) for m in map(_STEP.fullmatch, names) if m}
+    states = {int(m.group(1)) for m in map(_STATE.fullmatch, names) if m}
+    return sorted(models & states)
 
 
 def save_checkpoint(output: str, model, optimizer, step: int, opts: dict) -> str:
+    """Two whole-object writes (storage.write_bytes: a temporary name and a rename on a local
+    disk, one PUT on S3), the model file first and the state file second. The order matters:
+    the state file is what completes a checkpoint, so it may exist only once the model file is
+    whole on storage. Written first, it would make a half checkpoint look complete: on a store
+    without atomic writes, a kill during the model write leaves a model file cut short beside
+    a state file, and the next run would resume from it."""
     from stmodel.checkpoint import save_inversion
 
     uri = storage.join(output, "checkpoints", f"step_{step:06d}.pt")
     save_inversion(model, uri, opts={**opts, "step": step})
     buf = io.BytesIO()
     torch.save({"step": step, "optimizer": optimizer.state_dict()}, buf)
-    # the state file is written second: its presence marks the checkpoint complete
     storage.write_bytes(storage.join(output, "checkpoints", f"state_{step:06d}.pt"), buf.getvalue())
     return uri
 
@@ -160,7 +166,7 @@ def train_loop_per_worker(config: dict) -> None:
     logs = read_log(output, upto=start) if rank == 0 else []
     shard = ray.train.get_dataset_shard("train")
     step, t0 = start, time.time()
-    total, stop_after = int(t["steps"]), t.get("stop_after")
+    total = int(t["steps"])
     while step < total:
         for batch in shard.iter_torch_batches(batch_size=int(t["batch_size"]), dtypes=torch.float32,
                                               device=str(device)):
@@ -183,8 +189,6 @@ def train_loop_per_worker(config: dict) -> None:
                 save_checkpoint(output, model, optimizer, step, {"trained_by": "jobs.train_encoder"})
             if logged:  # a report is a sync point with the controller: not every step
                 ray.train.report({"step": step, **parts})
-            if stop_after is not None and step >= int(stop_after):
-                return  # tests: a run "killed" after this step (its checkpoint is on storage)
             if step >= total:
                 break
 
