@@ -4,8 +4,10 @@ must not grow with the number of faces.
     python -m bench.scale                        # invert + evaluate over 1k and 10k faces (tiny-32)
     python -m bench.scale --sizes 500 5000 --jobs invert
 
-For each size a folder of that many distinct crops is inverted (random tiny-32 model, no
-metrics), then evaluated (PSNR / MSE only). The driver's RSS is sampled every 20 ms during each
+For each size a folder of that many distinct crops, named by a committed `faces` table as
+jobs.align leaves it, is inverted (random tiny-32 model, no metrics), then evaluated (PSNR / MSE
+only). (A plain folder of crops as input is listed by the driver, as Ray's file readers do:
+that listing, not the rows, grows with the folder.) The driver's RSS is sampled every 20 ms during each
 job, after a warm-up run of each job (imports, Ray Data's first plan, the model); the figure that
 matters is the marginal growth of the peak per face between the sizes:
 (growth at the larger size - growth at the smaller) / (difference in faces).
@@ -64,6 +66,25 @@ def write_crops(folder: str, n: int, size: int = 32, seed: int = 0) -> None:
         Image.fromarray(img).save(os.path.join(folder, f"c{i:07d}.png"), compress_level=0)
 
 
+def commit_faces_table(folder: str, root: str) -> None:
+    """A committed `faces` table naming every crop of `folder`, as jobs.align leaves it: the
+    input of a real invert run (no listing of the crops in the driver)."""
+    from pipeline import storage
+    from pipeline.decode import image_id
+    from pipeline.runner import JobRun, TableSpec
+    from pipeline.schemas import FACES_SCHEMA, faces_table
+
+    spec = TableSpec("faces", FACES_SCHEMA, ("image_id", "face_index"), ("image_id",))
+    run = JobRun(root, "align", {})
+    rows = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        with open(path, "rb") as f:
+            rows.append({"image_id": image_id(f.read()), "source_uri": path, "status": "ok", "n_faces": 1,
+                         "face_index": 0, "aligned_uri": storage.join(folder, name)})
+    run.commit({spec: run.write_small(spec, faces_table(rows, run.run_id))}, {"in": len(rows)})
+
+
 def measure(job: str, cfg: dict) -> dict:
     from jobs import evaluate, invert
 
@@ -104,7 +125,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         warmup = i == 0
         crops, out = os.path.join(work, f"crops_{i}_{n}"), os.path.join(work, f"ds_{i}_{n}")
         write_crops(crops, n, seed=i)
-        cfgs = {"invert": load_config(invert.DEFAULTS, None, [f"input={crops}", f"output={out}", *model,
+        commit_faces_table(crops, out)
+        cfgs = {"invert": load_config(invert.DEFAULTS, None, [f"input={out}", f"output={out}", *model,
                                                               "invert.batch_size=64", "invert.load_batch_size=256"]),
                 "evaluate": load_config(evaluate.DEFAULTS, None, [f"input={out}", *model,
                                                                   "metric_weights.skip_missing=true",
