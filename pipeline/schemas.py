@@ -153,10 +153,6 @@ def _arrow_nested_to_numpy(column, dtype=np.float32) -> np.ndarray:
     return out
 
 
-def empty_table(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
-
-
 def utc_now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
