@@ -125,3 +125,18 @@ def write_crops(folder, n: int, size: int = 64, seed: int = 0, prefix: str = "fa
         Image.fromarray(img).save(p)
         paths.append(p)
     return paths
+
+
+def kill_tagged(tag: str) -> None:
+    """SIGKILL every process whose environment carries STBATCH_TEST_TREE=<tag>: what a test
+    started, however deep (never `ray stop`, which would kill every Ray on the machine)."""
+    import signal
+
+    needle = f"\0STBATCH_TEST_TREE={tag}\0".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in b"\0" + f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass

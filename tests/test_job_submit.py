@@ -23,7 +23,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import write_crops
+from tests.conftest import kill_tagged, write_crops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -52,14 +52,7 @@ def _stop(proc: subprocess.Popen, tag: str) -> None:
             except ProcessLookupError:
                 break
             time.sleep(0.5)
-    needle = f"\0STBATCH_TEST_TREE={tag}\0".encode()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle in b"\0" + f.read():
-                    os.kill(int(pid), signal.SIGKILL)
-        except OSError:
-            pass
+    kill_tagged(tag)
     proc.wait(60)
 
 

@@ -14,6 +14,8 @@ import time
 import uuid
 
 import pytest
+
+from tests.conftest import kill_tagged
 import torch
 
 from jobs.demo import build_generator, sample_dataset
@@ -84,14 +86,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    needle = f"\0STBATCH_TEST_TREE={proc.tag}\0".encode()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle in b"\0" + f.read():
-                    os.kill(int(pid), signal.SIGKILL)
-        except OSError:
-            pass
+    kill_tagged(proc.tag)
 
 
 def _finish(proc: subprocess.Popen, root: str, name: str, timeout: float = 900) -> tuple[str, str]:
