@@ -17,9 +17,11 @@ degrees, on a textured background with sensor-like noise; every 4th photo is sto
 with an EXIF orientation tag (6, 8, 3) that shows it upright. In one run:
   plain   a plain single-process loop: full-resolution decode (EXIF applied), facenet-pytorch
           MTCNN (its defaults) on the whole photo, one PIL QUAD transform of the FFHQ quad to
-          the output size, PNG write (Pillow's defaults); torch's default thread count
+          the output size, PNG write (Pillow's defaults); torch's default thread count; every
+          photo once, in `--repeats` shares, each right after one job run
   job     `jobs.align` on local Ray with default settings but `align.size` (`--repeats` runs,
-          each a fresh output; its own `seconds` from the run record: Ray start-up excluded)
+          each a fresh output; its own `seconds` from the run record: Ray start-up excluded;
+          the median counts)
   stage   decode (reduced, and full for comparison) and `AlignFaces` in this process, ms/photo
   accuracy (first `--accuracy-n` photos) the job's path (reduced decode, finer window only
           where the crop needs it) against the same stage fed full-resolution pixels: refined
@@ -365,14 +367,25 @@ def camera_main(args) -> None:
                       "made_s": round(time.perf_counter() - t, 1)}), flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = []
+        # Interleaved: each job run is followed by a share of the plain loop, so that a change
+        # of the machine's load in the meantime hits both sides alike.
+        jobs, parts = [], []
+        base = photos[:args.baseline_n or n]
         for rep in range(args.repeats):
             r = camera_job(photos, size, tmp, f"run{rep}")
             print(json.dumps(r), flush=True)
             jobs.append(r)
-        plain = plain_loop(photos[:args.baseline_n or n], size, os.path.join(tmp, "plain"))
-        print(json.dumps(plain), flush=True)
+            part = plain_loop(base[rep::args.repeats], size, os.path.join(tmp, f"plain{rep}"))
+            print(json.dumps({**part, "share": f"{rep}::{args.repeats}"}), flush=True)
+            parts.append(part)
         ray.shutdown()
+        plain = {"mode": "plain", "size": size, "photos": sum(p["photos"] for p in parts),
+                 "aligned": sum(p["aligned"] for p in parts), "seconds": round(sum(p["seconds"] for p in parts), 2),
+                 "torch_threads": parts[0]["torch_threads"],
+                 "ms_per_photo": {k: round(sum(p["ms_per_photo"][k] * p["photos"] for p in parts)
+                                           / max(1, sum(p["photos"] for p in parts)))
+                                  for k in parts[0]["ms_per_photo"]}}
+        plain["photos_per_s"] = round(plain["photos"] / plain["seconds"], 3)
         results += [plain] + jobs
         if args.stage:
             r = camera_stage(photos, size, os.path.join(tmp, "stage"))

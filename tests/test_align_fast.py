@@ -277,3 +277,15 @@ def test_the_face_aligned_is_the_one_that_passed_min_score(astronaut, tmp_path, 
     res = run_stage(stage, [jpeg(astronaut, quality=91)])
     assert res["status"] == ["ok"]
     np.testing.assert_allclose(res["quad"][0], good["quad"][0], atol=0.02 * side_of(good["quad"][0]))
+
+
+def test_detection_gets_finer_pixels_when_detect_max_side_asks_for_them(photos, tmp_path, monkeypatch):
+    """detect_max_side above what the decode stage kept: the detection copy is decoded again
+    from the file (here at full size) instead of being upscaled."""
+    stage = AlignFaces(str(tmp_path), "run-fast", size=SIZE, device="cpu", torch_threads=1, detect_max_side=2400)
+    seen = []
+    real = stage.detector.detect
+    monkeypatch.setattr(stage.detector, "detect", lambda images, **kw: seen.append(
+        [im.shape for im in images]) or real(images, **kw))
+    res = run_stage(stage, [photos["big"][1]])
+    assert res["status"] == ["ok"] and seen[0] == [(H, W, 3)]
