@@ -43,7 +43,7 @@ class InvertBatch(ModelActor):
 
     def __init__(self, model: dict, run_id: str, output: str, device: str = "auto", amp: str = "auto",
                  metrics: dict | None = None, torch_threads: int = 0, crash_once: dict | None = None):
-        super().__init__(model, device, amp, torch_threads)
+        super().__init__(model, device, amp, torch_threads, generator=bool(metrics))
         cfg = self.model.cfg
         self.schema = latents_schema(cfg.n_latent, cfg.style_dim)
         self.run_id, self.output = run_id, output

@@ -47,16 +47,17 @@ def random_model_info(preset: str, seed: int) -> dict:
             "sha256": hashlib.sha256(f"random-init:{preset}:{seed}".encode()).hexdigest()}
 
 
-def load_model(spec: dict) -> tuple[StyleTransformer, dict]:
+def load_model(spec: dict, generator: bool = True) -> tuple[StyleTransformer, dict]:
     """The inversion model of a `model:` config section, and a description for the tables:
-    `{"name", "sha256", "uri"}` (a seeded random model is identified by preset and seed)."""
+    `{"name", "sha256", "uri"}` (a seeded random model is identified by preset and seed).
+    `generator=False`: encoder and mapping net only (the same weights; `reconstruct` raises)."""
     if spec.get("checkpoint"):
         model, info = load_inversion(spec["checkpoint"], preset=spec.get("preset") or None,
-                                     sha256=spec.get("sha256") or None)
+                                     sha256=spec.get("sha256") or None, generator=generator)
         return model, {"name": _name(spec), "sha256": info.sha256, "uri": spec["checkpoint"]}
     preset, seed = _random_spec(spec)
     torch.manual_seed(seed)
-    return StyleTransformer(get_preset(preset)).eval(), random_model_info(preset, seed)
+    return StyleTransformer(get_preset(preset), generator=generator).eval(), random_model_info(preset, seed)
 
 
 def describe_model(spec: dict) -> tuple[ModelConfig, dict]:
@@ -117,14 +118,16 @@ def metric_label(lp, ident) -> str:
 
 class ModelActor:
     """Base of the stages' actor classes: thread count, device, autocast dtype and the
-    inversion model, set up once per actor."""
+    inversion model, set up once per actor (`generator=False` when nothing reconstructs: the
+    synthesis network is then never built)."""
 
-    def __init__(self, model: dict, device: str = "auto", amp: str = "auto", torch_threads: int = 0):
+    def __init__(self, model: dict, device: str = "auto", amp: str = "auto", torch_threads: int = 0,
+                 generator: bool = True):
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         self.device = pick_device(device)
         self.amp = amp_dtype(amp, self.device)
-        self.model, self.info = load_model(model)
+        self.model, self.info = load_model(model, generator=generator)
         self.model.to(self.device).requires_grad_(False)
         if self.amp is not None:
             self.model.cast_encoder_weights(self.amp)

@@ -75,9 +75,9 @@ def strip_prefix(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_strict(module: nn.Module, state: dict, what: str) -> None:
-    """Copy `state` into `module`, refusing any missing key, unexpected key or shape mismatch."""
-    own = module.state_dict()
+def check_strict(own: dict, state: dict, what: str) -> None:
+    """Refuse `state` unless it has exactly the keys of `own` (a state_dict, possibly of meta
+    tensors: only shapes are read), each a tensor of the same shape."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     problems = []
@@ -92,7 +92,18 @@ def load_strict(module: nn.Module, state: dict, what: str) -> None:
             problems.append(f"shape mismatch for {k}: checkpoint has {list(state[k].shape)}, model expects {list(own[k].shape)}")
     if problems:
         raise CheckpointError(f"{what}: " + "; ".join(problems))
+
+
+def load_strict(module: nn.Module, state: dict, what: str) -> None:
+    """Copy `state` into `module`, refusing any missing key, unexpected key or shape mismatch."""
+    check_strict(module.state_dict(), state, what)
     module.load_state_dict(state, strict=True)
+
+
+def generator_shapes(cfg: ModelConfig) -> dict:
+    """The generator's state_dict as meta tensors (keys and shapes, no memory, no RNG draws)."""
+    with torch.device("meta"):
+        return Generator(cfg).state_dict()
 
 
 def save_obj(obj: dict, uri: str) -> str:
@@ -127,14 +138,22 @@ def inversion_config(ckpt: dict, preset: str | ModelConfig | None = None) -> Mod
 
 
 def inversion_from_dict(ckpt: dict, preset: str | ModelConfig | None = None,
-                        source: str = "<checkpoint>") -> StyleTransformer:
+                        source: str = "<checkpoint>", generator: bool = True) -> StyleTransformer:
+    """The model of a checkpoint dict. `generator=False`: the encoder and the mapping net only
+    (see StyleTransformer); the file's generator keys are still checked strictly (every key,
+    every shape), only not loaded."""
     if "state_dict" not in ckpt:
         raise CheckpointError(f"{source}: no 'state_dict' (is this a plain StyleGAN2 file? use load_generator)")
     cfg = inversion_config(ckpt, preset)
     sd = ckpt["state_dict"]
-    model = StyleTransformer(cfg)
+    model = StyleTransformer(cfg, generator=generator)
     load_strict(model.encoder, strip_prefix(sd, "encoder.module."), f"{source} (encoder)")
-    load_strict(model.decoder, strip_prefix(sd, "decoder.module."), f"{source} (decoder)")
+    dec = strip_prefix(sd, "decoder.module.")
+    if generator:
+        load_strict(model.decoder, dec, f"{source} (decoder)")
+    else:
+        check_strict(generator_shapes(cfg), dec, f"{source} (decoder)")
+        load_strict(model.decoder, {k: v for k, v in dec.items() if k.startswith("style.")}, f"{source} (decoder)")
     avg = ckpt.get("latent_avg")
     if avg is None:
         raise CheckpointError(f"{source}: no latent_avg; the official inference adds it to every code")
@@ -153,12 +172,13 @@ def inversion_from_dict(ckpt: dict, preset: str | ModelConfig | None = None,
     return model
 
 
-def load_inversion(uri: str, preset: str | ModelConfig | None = None,
-                   sha256: str | None = None) -> tuple[StyleTransformer, CheckpointInfo]:
-    """Load an official (or our own) Style Transformer checkpoint from any fsspec URI."""
+def load_inversion(uri: str, preset: str | ModelConfig | None = None, sha256: str | None = None,
+                   generator: bool = True) -> tuple[StyleTransformer, CheckpointInfo]:
+    """Load an official (or our own) Style Transformer checkpoint from any fsspec URI
+    (`generator=False`: the encoder alone, see inversion_from_dict)."""
     data, digest = read_bytes(uri, sha256)
     ckpt = load_bytes(data, uri)
-    model = inversion_from_dict(ckpt, preset, uri)
+    model = inversion_from_dict(ckpt, preset, uri, generator=generator)
     return model, CheckpointInfo(uri=uri, sha256=digest, opts=dict(ckpt.get("opts") or {}))
 
 

@@ -1,5 +1,11 @@
 """The inversion model: encoder (images -> W+) and generator (W+ -> images), kept apart so a
-batch job can run the encoder alone."""
+batch job can run the encoder alone.
+
+`StyleTransformer(cfg, generator=False)` builds the encoder and, of the generator, only its
+mapping net (`decoder.style`, through which the encoder's queries go): what `invert` needs,
+without the synthesis network's weights (at 1024: ~28 M parameters, most of the model's build
+time and memory). Its mapping weights are those of the full model built from the same seed.
+`reconstruct` then raises."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -10,18 +16,32 @@ from torch import nn
 
 from .config import ModelConfig
 from .encoder import StyleTransformerEncoder
-from .stylegan2 import Generator
+from .stylegan2 import EqualLinear, Generator, PixelNorm
+
+
+class MappingNet(nn.Module):
+    """The generator's mapping net alone, under the same key (`style`): built exactly as
+    `Generator.__init__` builds it first, so a seeded model draws the same weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.style_dim = cfg.style_dim
+        self.style = nn.Sequential(PixelNorm(), *[
+            EqualLinear(cfg.style_dim, cfg.style_dim, lr_mul=cfg.lr_mlp, activation="fused_lrelu")
+            for _ in range(cfg.n_mlp)])
 
 
 class StyleTransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, generator: bool = True):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         # NHWC weights and activations: oneDNN and cuDNN run the backbone's convs faster so
         # (about 1.5x at batch 4 on a CPU); loading a state_dict keeps this layout.
         self.encoder = StyleTransformerEncoder(cfg).to(memory_format=torch.channels_last)
-        self.decoder = Generator(cfg)
+        self.has_generator = bool(generator)
+        self.decoder = Generator(cfg) if generator else MappingNet(cfg)
         # Not a state_dict entry: the official file stores it beside `state_dict`.
         self.register_buffer("latent_avg", torch.zeros(cfg.n_queries, cfg.style_dim), persistent=False)
 
@@ -91,6 +111,9 @@ class StyleTransformer(nn.Module):
 
     def reconstruct(self, w_plus: torch.Tensor, resize: bool = True, randomize_noise: bool = False) -> torch.Tensor:
         """W+ -> images in [-1, 1]; `resize` pools to `cfg.pool_size` as the official inference does."""
+        if not self.has_generator:
+            raise RuntimeError("this model was built without its generator (generator=False): it can invert, "
+                               "not reconstruct")
         chunks = self._chunks(w_plus)
         if chunks is not None:
             return torch.cat([self.reconstruct(c, resize, randomize_noise) for c in chunks])
