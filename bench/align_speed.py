@@ -65,8 +65,7 @@ def bench_stage(photos: list[bytes], size: int, device: str, batch: int, out_dir
     import torch
 
     from pipeline import storage
-    from pipeline.align_stage import AlignFaces, aligned_key, decode_batch, select_faces
-    from pipeline.images import encode_png
+    from pipeline.align_stage import AlignFaces, aligned_key, decode_batch, encode_crop_png, select_faces
     from stmodel.align import align_face
 
     paths = np.array([f"mem/{i}.jpg" for i in range(len(photos))], dtype=object)
@@ -91,7 +90,7 @@ def bench_stage(photos: list[bytes], size: int, device: str, batch: int, out_dir
         parts["detect"] += time.perf_counter() - t
         keep = [select_faces(f, "largest", 0.9, 32)[3] for f in found]
         t = time.perf_counter()
-        lms = det.refine(chunk, [f.landmarks[k] for f, k in zip(found, keep)])
+        lms = det.refine(chunk, [f.landmarks[f.scores >= 0.9][k] for f, k in zip(found, keep)])  # k: among those
         parts["refine"] += time.perf_counter() - t
         for j, (img, lm) in enumerate(zip(chunk, lms)):
             for k in range(len(lm)):
@@ -100,7 +99,7 @@ def bench_stage(photos: list[bytes], size: int, device: str, batch: int, out_dir
                 parts["crop"] += time.perf_counter() - t
                 t = time.perf_counter()
                 iid = str(dec["image_id"][s + j])
-                storage.write_bytes(storage.join(out_dir, aligned_key(iid, k)), encode_png(crop))
+                storage.write_bytes(storage.join(out_dir, aligned_key(iid, k)), encode_crop_png(crop))
                 parts["png_write"] += time.perf_counter() - t
                 n_faces += 1
     total = time.perf_counter() - t_all
