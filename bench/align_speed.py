@@ -130,7 +130,7 @@ def bench_ray(photos: list[bytes], size: int, device: str, workdir: str, concurr
         with open(os.path.join(inp, f"{i:04d}.jpg"), "wb") as f:
             f.write(b)
     out = os.path.join(workdir, f"out{size}")
-    cfg = load_config(align.DEFAULTS, None, [f"input={inp}", f"output={out}", f"align.size={size}",
+    cfg = load_config(align.SETTINGS, None, [f"input={inp}", f"output={out}", f"align.size={size}",
                                              f"align.device={device}", f"align.concurrency={concurrency}",
                                              "progress=false"])
     init_ray(cfg)
@@ -261,7 +261,7 @@ def camera_job(photos: list[bytes], size: int, workdir: str, tag: str) -> dict:
             with open(os.path.join(inp, f"{i:04d}.jpg"), "wb") as f:
                 f.write(b)
     out = os.path.join(workdir, f"camera_out_{tag}")
-    cfg = load_config(align.DEFAULTS, None, [f"input={inp}", f"output={out}", f"align.size={size}", "progress=false"])
+    cfg = load_config(align.SETTINGS, None, [f"input={inp}", f"output={out}", f"align.size={size}", "progress=false"])
     init_ray(cfg)
     t = time.perf_counter()
     res = align.run(cfg)

@@ -30,9 +30,13 @@ table keeps one row per (image_id, face_index): the commit keeps one of the twin
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 from jobs.cli import main
+from jobs.sections import ActorSection, JobSettings
+from jobs.settings import setting
 from pipeline import storage
 from pipeline.align_stage import AlignFaces, decode_batch, hash_files, lost_file_rows
 from pipeline.compute import actor_pool, device_for, gpus_per_actor
@@ -45,35 +49,38 @@ JOB = "align"
 TABLE = "faces"
 FACES = TableSpec(TABLE, FACES_SCHEMA, key=("image_id", "face_index"), replace_key=("image_id",))
 
-DEFAULTS = {
-    "input": None,    # URI of the raw photos (folder / prefix)
-    "output": None,   # URI of the dataset root (aligned/, faces/, _runs/)
-    "progress": True,
-    "retry_failed": False,   # also retry permanent failures (decode_error ...); transient ones are always retried
-    "align": {
-        "size": 1024,                 # output side (256 for the encoder)
-        "supersample": 4,             # FFHQ: transform at 4x, then Lanczos down
-        "face_policy": "largest",     # largest | all
-        "min_score": 0.9,             # detector score a face must reach
-        "min_face_px": 32,            # shorter box side a face must reach (else too_small)
-        "max_faces": 16,              # cap per image with face_policy=all
-        "max_pixels": 64_000_000,     # refuse images declaring more (checked on the header)
-        "min_image_side": 32,         # refuse images smaller than this
-        "detect_max_side": 1024,      # detection runs on a copy downscaled to this longer side
-        "mtcnn_min_face": 20,         # MTCNN's pyramid floor (pixels of the detection copy)
-        "mtcnn_thresholds": [0.6, 0.7, 0.7],
-        "refine_passes": 1,           # re-detect landmarks on the first upright crop (3x steadier quads)
-        "png_compress_level": 1,      # 0-9: 1 is ~5x faster than 6 for ~15% larger files
-        "decode_batch_size": 8,       # files per hash / decode task batch
-        "batch_size": 8,              # images per AlignFaces call
-        "concurrency": 1,             # AlignFaces actors (int, or [min, max] to autoscale)
-        "num_cpus": 1,                # CPUs per AlignFaces actor (also its torch threads)
-        "num_gpus": "auto",           # GPUs per actor: auto = 1 each when the cluster has GPUs, else 0
-        "device": "auto",             # auto | cpu | cuda
-        "rows_per_part": 100_000,     # faces rows per Parquet data file (the write stage's batch)
-        "log_every_s": 30,            # progress line interval
-    },
-}
+@dataclass
+class AlignSection(ActorSection):
+    size: int = setting(1024, "output side (256 for the encoder)")
+    supersample: int = setting(4, "FFHQ: transform at this many times the size, then Lanczos down")
+    face_policy: Literal["largest", "all"] = setting("largest", "align the largest face, or all of them")
+    min_score: float = setting(0.9, "detector score a face must reach")
+    min_face_px: float = setting(32, "shorter box side a face must reach (else too_small)")
+    max_faces: int = setting(16, "cap per image with face_policy=all")
+    max_pixels: int = setting(64_000_000, "refuse images declaring more pixels (checked on the header)")
+    min_image_side: int = setting(32, "refuse images smaller than this")
+    detect_max_side: int | None = setting(1024, "detection runs on a copy downscaled to this longer side "
+                                                "(null: full size)")
+    mtcnn_min_face: int = setting(20, "MTCNN's pyramid floor (pixels of the detection copy)")
+    mtcnn_thresholds: tuple[float, float, float] = setting([0.6, 0.7, 0.7], "MTCNN's P-, R- and O-net score "
+                                                                            "thresholds")
+    refine_passes: int = setting(1, "re-detect landmarks on the first upright crop (3x steadier quads)")
+    png_compress_level: int = setting(1, "crop PNG zlib level 0-9: 1 is ~5x faster than 6 for ~15% larger files")
+    decode_batch_size: int = setting(8, "files per hash / decode task batch")
+    rows_per_part: int = setting(100_000, "faces rows per Parquet data file (the write stage's batch)")
+
+
+@dataclass
+class Settings(JobSettings):
+    input: str | None = setting(None, "URI of the raw photos (folder / prefix)")
+    output: str | None = setting(None, "URI of the dataset root (aligned/, faces/, _runs/)")
+    retry_failed: bool = setting(False, "also retry permanent failures (decode_error ...); transient ones "
+                                        "always are")
+    align: AlignSection = setting(AlignSection, "detection and alignment (AlignFaces actors: batch_size images "
+                                                "per call, num_cpus also its torch threads)")
+
+
+SETTINGS = Settings
 
 
 def build_dataset(files: list[str], cfg: dict, run: JobRun):
@@ -141,7 +148,7 @@ def run(cfg: dict, before_commit=None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> dict:
-    return main(JOB, "Detect and FFHQ-align faces: raw photos -> aligned crops + faces table.", DEFAULTS, run,
+    return main(JOB, "Detect and FFHQ-align faces: raw photos -> aligned crops + faces table.", SETTINGS, run,
                 argv=argv)
 
 

@@ -2,8 +2,17 @@
 
     python -m jobs.<name> [--config FILE] [--set key.sub=value ...]
 
-Configuration is the job's defaults, overlaid by the YAML file, overlaid by each `--set`
-(values parsed as YAML, so `--set metrics=true --set ray.num_cpus=2` do what they say).
+Configuration is the job's settings class (defaults and types, jobs.settings), overlaid by the
+YAML file, overlaid by each `--set` (values parsed as YAML, so `--set metrics=true --set
+ray.num_cpus=2` do what they say). All of it is checked before anything else happens (no Ray,
+nothing read or written under `output`): an unknown key or a value of the wrong type prints
+every problem to stderr and exits with status 2.
+
+Config files may serve several jobs (configs/ffhq.yaml holds align, invert, evaluate and
+train_encoder sections): a key of a config file that another job of this project knows, and
+this one does not, is ignored by this job; a key that no job knows is an error, at the top
+level and inside any section. `--set` must name a setting of the job being run.
+
 The job prints progress to stderr and, at the end, one JSON line on stdout:
 `{"job", "run_id", "in", "ok", "failed", "skipped", "seconds", ...}`.
 """
@@ -11,22 +20,24 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Callable
 
 import yaml
 
+from jobs.settings import SettingsError, describe, known_keys, parse, unknown_message
+
 log = logging.getLogger("stbatch")
 
-RAY_DEFAULTS = {
-    "address": None,  # None: a local Ray; "auto" on a cluster (ray job submit sets RAY_ADDRESS)
-    "num_cpus": None,
-    "num_gpus": None,
-}
+# The jobs whose settings a shared config file may hold (the demo runs the others itself).
+CONFIG_JOBS = ("align", "invert", "evaluate", "edit", "fit_classifier", "fit_editor", "train_encoder", "report",
+               "maintain")
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -40,29 +51,101 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def set_dotted(cfg: dict, assignment: str) -> None:
+    """Apply one `key.sub=value` (value parsed as YAML) to `cfg`; raises SettingsError."""
     if "=" not in assignment:
-        raise SystemExit(f"--set expects key=value, got {assignment!r}")
+        raise SettingsError([f"--set expects key=value, got {assignment!r}"])
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise SettingsError([f"--set {key}: the value {raw!r} is not valid YAML ({str(e).splitlines()[0]})"]) from None
     node = cfg
-    parts = key.strip().split(".")
-    for p in parts[:-1]:
+    parts = key.split(".")
+    for i, p in enumerate(parts[:-1]):
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise SystemExit(f"--set {key}: {p} is not a section")
+            raise SettingsError([f"--set {key}: {'.'.join(parts[:i + 1])} is set to a value, not a section"])
     node[parts[-1]] = value
 
 
-def load_config(defaults: dict, config_file: str | None, sets: list[str]) -> dict:
-    cfg = deep_merge({"ray": RAY_DEFAULTS}, defaults)
-    if config_file:
-        with open(config_file) as f:
+def other_jobs_keys(job_settings: type) -> list[dict]:
+    """The setting-name trees of the other jobs a config file may be shared with."""
+    trees = []
+    for name in CONFIG_JOBS:
+        cls = getattr(importlib.import_module(f"jobs.{name}"), "SETTINGS", None)  # TRANSITION: None
+        if cls is not None and cls is not job_settings:
+            trees.append(known_keys(cls))
+    return trees
+
+
+def for_this_job(data: Mapping, mine: dict, others: list[dict], path: str, errors: list[str]) -> dict:
+    """A config file's mapping, less what only other jobs know; unknown keys go to `errors`."""
+    out = {}
+    for k, v in data.items():
+        k = str(k)
+        key = f"{path}.{k}" if path else k
+        if k in mine:
+            sub = mine[k]
+            if sub is not None and isinstance(v, Mapping):
+                out[k] = for_this_job(v, sub, [o[k] for o in others if isinstance(o.get(k), dict)], key, errors)
+            else:
+                out[k] = v  # a value, or a wrong type that parse names
+        elif not any(k in o for o in others):
+            names = list(mine) + sorted({n for o in others for n in o} - set(mine))
+            errors.append(unknown_message(path, k, names))
+    return out
+
+
+def read_config_file(path: str, settings: type) -> dict:
+    """The part of a YAML config file that concerns the job of `settings`; raises SettingsError."""
+    try:
+        with open(path) as f:
             data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise SystemExit(f"{config_file}: expected a mapping at the top level")
-        cfg = deep_merge(cfg, data)
+    except OSError as e:
+        raise SettingsError([f"--config {path}: {e.strerror or e}"]) from None
+    except yaml.YAMLError as e:
+        raise SettingsError([f"--config {path}: not valid YAML: {e}"]) from None
+    if not isinstance(data, Mapping):
+        raise SettingsError([f"--config {path}: expected a mapping at the top level"])
+    errors: list[str] = []
+    out = for_this_job(data, known_keys(settings), other_jobs_keys(settings), "", errors)
+    if errors:
+        raise SettingsError([f"--config {path}: {m}" for m in errors])
+    return out
+
+
+def load_config(settings: type, config_file: str | None, sets: list[str]) -> dict:
+    """The job's validated configuration as a plain dict: defaults of `settings`, overlaid by the
+    config file (see the module doc for keys of other jobs), overlaid by each `--set`. Raises
+    SettingsError with every problem found."""
+    if isinstance(settings, dict):  # TRANSITION: a job not yet converted to a settings class
+        cfg = deep_merge({"ray": {"address": None, "num_cpus": None, "num_gpus": None}}, settings)
+        if config_file:
+            with open(config_file) as f:
+                cfg = deep_merge(cfg, yaml.safe_load(f) or {})
+        for s in sets or []:
+            set_dotted(cfg, s)
+        return cfg
+    errors: list[str] = []
+    data: dict = {}
+    if config_file:
+        try:
+            data = read_config_file(config_file, settings)
+        except SettingsError as e:
+            errors += e.errors
+    overlay: dict = {}
     for s in sets or []:
-        set_dotted(cfg, s)
+        try:
+            set_dotted(overlay, s)
+        except SettingsError as e:
+            errors += e.errors
+    try:
+        cfg = parse(settings, deep_merge(data, overlay))
+    except SettingsError as e:
+        errors += e.errors
+    if errors:
+        raise SettingsError(errors)
     return cfg
 
 
@@ -93,9 +176,10 @@ def init_ray(cfg: dict) -> None:
     ctx.print_on_execution_start = False
 
 
-def make_parser(job: str, description: str, defaults: dict) -> argparse.ArgumentParser:
-    epilog = "defaults (override with --config FILE or --set key=value):\n" + yaml.safe_dump(
-        deep_merge({"ray": RAY_DEFAULTS}, defaults), sort_keys=False, default_flow_style=False)
+def make_parser(job: str, description: str, settings: type) -> argparse.ArgumentParser:
+    epilog = ("settings (--config FILE or --set key=value; a config file may hold other jobs' sections,\n"
+              "which this job ignores; an unknown key or a wrong type stops the job before it starts):\n"
+              + (describe(settings) if isinstance(settings, type) else yaml.safe_dump(settings)))  # TRANSITION
     p = argparse.ArgumentParser(prog=f"python -m jobs.{job}", description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="YAML file overlaid on the defaults")
@@ -113,14 +197,22 @@ def summary_line(job: str, run_id: str | None, counts: dict, seconds: float, ext
     return out
 
 
-def main(job: str, description: str, defaults: dict, run: Callable[[dict], dict],
+def main(job: str, description: str, settings: type, run: Callable[[dict], dict],
          argv: list[str] | None = None, use_ray: bool = True) -> dict:
-    """Parse arguments, start Ray, call `run(cfg)` and print its summary as one JSON line.
+    """Parse arguments and check the settings (exit 2 on any problem, before anything is
+    touched), start Ray, call `run(cfg)` and print its summary as one JSON line.
 
     `run` returns a dict with at least `run_id` and `counts` (`in`, `ok`, `failed`, `skipped`);
     anything under `extra` is added to the summary."""
-    args = make_parser(job, description, defaults).parse_args(argv)
-    cfg = load_config(defaults, args.config, args.sets)
+    args = make_parser(job, description, settings).parse_args(argv)
+    try:
+        cfg = load_config(settings, args.config, args.sets)
+    except SettingsError as e:
+        print(f"python -m jobs.{job}: invalid settings, nothing was run:", file=sys.stderr)
+        for m in e.errors:
+            print(f"  {m}", file=sys.stderr)
+        sys.stderr.flush()
+        raise SystemExit(2) from None
     if args.quiet:
         cfg["progress"] = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)

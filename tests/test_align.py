@@ -405,10 +405,10 @@ def _counts(s: dict) -> tuple:
 
 
 def _cfg(inp, out, *sets):
-    from jobs.align import DEFAULTS
+    from jobs.align import SETTINGS
     from jobs.cli import load_config
 
-    return load_config(DEFAULTS, None, [f"input={inp}", f"output={out}", f"align.size={SIZE}",
+    return load_config(SETTINGS, None, [f"input={inp}", f"output={out}", f"align.size={SIZE}",
                                         "align.mtcnn_min_face=40", "align.batch_size=4", "progress=false", *sets])
 
 
