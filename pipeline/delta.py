@@ -308,13 +308,32 @@ def _ensure_table(output: str, table: str, schema: pa.Schema):
 
     dt = open_table(output, table)
     if dt is not None:
-        return dt
+        return _add_missing_columns(output, table, dt, schema)
     uri = table_root(output, table)
     try:
         DeltaTable.create(_delta_uri(uri), schema=Schema.from_arrow(delta_schema(schema)), mode="ignore",
                           storage_options=storage_options(uri), name=table)
     except Exception as e:  # noqa: BLE001 - a concurrent creator won: use its table
         log.info("table %s was created concurrently (%s)", uri, type(e).__name__)
+    return open_table(output, table)
+
+
+def _add_missing_columns(output: str, table: str, dt, schema: pa.Schema):
+    """A table made before `schema` gained nullable columns gets them (a metadata-only commit):
+    Delta reads by the table's own schema, so a data file's extra columns would stay invisible."""
+    from deltalake import Schema
+
+    have = {f.name for f in dt.schema().fields}
+    missing = [f for f in delta_schema(schema) if f.name not in have]
+    if not missing:
+        return dt
+    log.info("adding columns %s to the table %s", [f.name for f in missing], table)
+    try:
+        dt.alter.add_columns(list(Schema.from_arrow(pa.schema(missing)).fields))
+    except Exception:  # noqa: BLE001 - a concurrent run may have added them first
+        have = {f.name for f in open_table(output, table).schema().fields}
+        if any(f.name not in have for f in missing):
+            raise
     return open_table(output, table)
 
 

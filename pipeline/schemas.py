@@ -238,6 +238,12 @@ def faces_table(rows: Iterable[dict], run_id: str, created_at: _dt.datetime | No
 # The `latents` table
 
 METRIC_COLUMNS = ("psnr", "mse", "lpips", "id_similarity")
+# Paste-back (pipeline.paste_stage), in the latents and edits tables; null without paste_back.
+COMPOSITE_FIELDS = (
+    pa.field("composite_uri", pa.string()),     # the whole photo with this face pasted back
+    pa.field("psnr_outside", pa.float32()),     # composite vs photo outside the face masks: inf = untouched
+    pa.field("psnr_box", pa.float32()),         # composite vs photo inside the face quad's bounding box
+)
 
 
 def latents_schema(n_latent: int, style_dim: int) -> pa.Schema:
@@ -260,6 +266,7 @@ def latents_schema(n_latent: int, style_dim: int) -> pa.Schema:
         pa.field("id_similarity", pa.float32()),
         pa.field("metric_backbones", pa.string()),  # labels: says "RANDOM-INIT" for test backbones
         pa.field("reconstruction_uri", pa.string()),
+        *COMPOSITE_FIELDS,                          # paste_back=true: the reconstruction in its photo
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ], metadata={b"table": b"latents", b"version": b"1",
@@ -338,6 +345,7 @@ def edits_schema() -> pa.Schema:
         pa.field("error", pa.string()),
         pa.field("output_uri", pa.string()),           # the edited image (PNG)
         pa.field("source_reconstruction_uri", pa.string()),
+        *COMPOSITE_FIELDS,                             # paste_back=true: the edit in its photo
         pa.field("id_similarity", pa.float32()),       # edited vs source reconstruction
         pa.field("lpips", pa.float32()),               # edited vs source reconstruction
         pa.field("logit_before", pa.float32()),        # classifier logit of `attribute`
