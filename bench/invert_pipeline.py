@@ -109,7 +109,7 @@ def main() -> None:
                     f"invert.device={args.device}", f"invert.amp={args.amp}",
                     "invert.num_gpus=" + ("1" if device.type == "cuda" else "0"), "progress=false"]
             t = time.perf_counter()
-            res = invert.run(load_config(invert.DEFAULTS, None, sets))
+            res = invert.run(load_config(invert.SETTINGS, None, sets))
             wall = time.perf_counter() - t
             with open(storage.join(out, storage.RUNS_DIR, f"{res['run_id']}.json")) as f:
                 job_s = float(json.load(f)["summary"]["seconds"])

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         crops, out = os.path.join(work, f"crops_{i}_{n}"), os.path.join(work, f"ds_{i}_{n}")
         write_crops(crops, n, seed=i)
         commit_faces_table(crops, out)
-        cfgs = {"invert": load_config(invert.DEFAULTS, None, [f"input={out}", f"output={out}", *model,
+        cfgs = {"invert": load_config(invert.SETTINGS, None, [f"input={out}", f"output={out}", *model,
                                                               "invert.batch_size=64", "invert.load_batch_size=256"]),
                 "evaluate": load_config(evaluate.DEFAULTS, None, [f"input={out}", *model,
                                                                   "metric_weights.skip_missing=true",

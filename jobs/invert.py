@@ -19,6 +19,7 @@ Counts (one per face): in = ok + failed + skipped.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -26,6 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.cli import main
+from jobs.sections import JobSettings, MetricWeights, ModelActorSection, NamedModelSection
+from jobs.settings import setting
 from pipeline import delta, storage
 from pipeline.compute import actor_pool, device_for, gpus_per_actor
 from pipeline.images import hash_crops, load_crops
@@ -39,40 +42,33 @@ log = logging.getLogger("stbatch.invert")
 JOB = "invert"
 TABLE = "latents"
 
-DEFAULTS = {
-    "input": None,    # dataset root written by jobs.align, or a folder of aligned crops
-    "output": None,   # dataset root for latents/, reconstructions/, _runs/
-    "progress": True,
-    "model": {
-        "checkpoint": None,  # URI of the Style Transformer checkpoint (official layout)
-        "sha256": None,      # verify the file when set
-        "preset": None,      # without checkpoint: a seeded random model of this preset (tests)
-        "seed": 0,
-        "name": None,        # name written to the table (default: the file name)
-    },
-    "metrics": False,        # reconstruct and score every face
-    "retry_failed": False,   # also retry permanent failures (decode_error ...); transient ones are always retried
-    "metric_weights": {
-        "lpips_alexnet": None,   # torchvision AlexNet state_dict URI (LPIPS backbone)
-        "facenet": None,         # facenet-pytorch VGGFace2 InceptionResnetV1 state_dict URI
-        "allow_random_init": False,  # tests only: random backbones, labelled in every row
-        "skip_missing": False,       # leave a metric without weights uncomputed (null, labelled)
-    },
-    "invert": {
-        "batch_size": 8,         # faces per model call (per actor)
-        "concurrency": 1,        # inversion actors (int, or [min, max])
-        "num_gpus": "auto",      # per actor: auto = 1 when the cluster has GPUs
-        "num_cpus": 1,           # per actor (Ray's accounting; leave CPUs for the read stage)
-        "torch_threads": 0,      # intra-op threads per actor on the CPU (0 = num_cpus)
-        "device": "auto",
-        "amp": "auto",           # auto (bf16 on CUDA, fp32 on CPU) | none | bf16 | fp16
-        "load_batch_size": 16,   # crops per read/preprocess task
-        "max_pixels": 64_000_000,
-        "rows_per_part": 20_000, # latents rows per Parquet data file (the write stage's batch)
-        "log_every_s": 30,
-    },
-    "testing": {"crash_once": None},  # {image_id, marker}: kill the actor once (retry test)
-}
+@dataclass
+class InvertSection(ModelActorSection):
+    torch_threads: int = setting(0, "intra-op threads per actor on the CPU (0: num_cpus)")
+    load_batch_size: int = setting(16, "crops per read / preprocess task")
+    max_pixels: int = setting(64_000_000, "refuse crops declaring more pixels")
+
+
+@dataclass
+class TestingSection:
+    crash_once: dict[str, str] | None = setting(None, "{image_id, marker}: kill the actor once (retry test)")
+
+
+@dataclass
+class Settings(JobSettings):
+    input: str | None = setting(None, "dataset root written by jobs.align, or a folder of aligned crops")
+    output: str | None = setting(None, "dataset root for latents/, reconstructions/, _runs/")
+    model: NamedModelSection = setting(NamedModelSection, "the inversion model")
+    metrics: bool = setting(False, "reconstruct and score every face")
+    retry_failed: bool = setting(False, "also retry permanent failures (decode_error ...); transient ones "
+                                        "always are")
+    metric_weights: MetricWeights = setting(MetricWeights, "backbones of LPIPS and ID similarity (metrics=true)")
+    invert: InvertSection = setting(InvertSection, "the inversion actors (batch_size: faces per model call; "
+                                                   "num_cpus: leave CPUs for the read stage)")
+    testing: TestingSection = setting(TestingSection, "test hooks")
+
+
+SETTINGS = Settings
 
 
 LATENT_KEY = ("image_id", "face_index")
@@ -170,4 +166,4 @@ DESCRIPTION = __doc__
 
 
 if __name__ == "__main__":
-    main(JOB, DESCRIPTION, DEFAULTS, run)
+    main(JOB, DESCRIPTION, SETTINGS, run)

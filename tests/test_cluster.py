@@ -27,8 +27,8 @@ from jobs.cli import load_config
 inp, out, ckpt = sys.argv[1:4]
 sets = [f"input={inp}", f"output={out}", f"model.checkpoint={ckpt}", "invert.batch_size=2",
         "invert.load_batch_size=2", "progress=false"]
-r1 = invert.run(load_config(invert.DEFAULTS, None, sets))
-r2 = invert.run(load_config(invert.DEFAULTS, None, sets))
+r1 = invert.run(load_config(invert.SETTINGS, None, sets))
+r2 = invert.run(load_config(invert.SETTINGS, None, sets))
 print("RESULT " + json.dumps({"first": r1["counts"], "second": r2["counts"]}))
 ray.shutdown()
 cluster.shutdown()

@@ -17,7 +17,7 @@ RND = {"metrics": "true", "metric_weights.allow_random_init": "true"}
 def _invert(crops, out, ckpt, **over):
     sets = [f"input={crops}", f"output={out}", f"model.checkpoint={ckpt}", "invert.batch_size=4",
             "invert.load_batch_size=4", "progress=false"] + [f"{k}={v}" for k, v in over.items()]
-    return invert.run(load_config(invert.DEFAULTS, None, sets))
+    return invert.run(load_config(invert.SETTINGS, None, sets))
 
 
 def _ecfg(inp, ckpt, *extra):

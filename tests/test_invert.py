@@ -25,7 +25,7 @@ def _cfg(inp, out, ckpt, **over):
     sets = [f"input={inp}", f"output={out}", f"model.checkpoint={ckpt}", "invert.batch_size=4",
             "invert.load_batch_size=4", "progress=false"]
     sets += [f"{k}={v}" for k, v in over.items()]
-    return load_config(invert.DEFAULTS, None, sets)
+    return load_config(invert.SETTINGS, None, sets)
 
 
 def _table(out):

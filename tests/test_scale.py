@@ -46,7 +46,7 @@ def _run(job, tmp_path, name, n):
     crops, out = str(tmp_path / f"c_{name}"), str(tmp_path / f"ds_{name}")
     write_crops(crops, n, seed=n)
     model = ["model.preset=tiny-32", "progress=false"]
-    icfg = load_config(invert.DEFAULTS, None, [f"input={crops}", f"output={out}", *model,
+    icfg = load_config(invert.SETTINGS, None, [f"input={crops}", f"output={out}", *model,
                                                "invert.batch_size=64", "invert.load_batch_size=64"])
     ecfg = load_config(evaluate.DEFAULTS, None, [f"input={out}", *model, "metric_weights.skip_missing=true",
                                                  "evaluate.batch_size=64", "evaluate.load_batch_size=64"])
