@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         commit_faces_table(crops, out)
         cfgs = {"invert": load_config(invert.SETTINGS, None, [f"input={out}", f"output={out}", *model,
                                                               "invert.batch_size=64", "invert.load_batch_size=256"]),
-                "evaluate": load_config(evaluate.DEFAULTS, None, [f"input={out}", *model,
+                "evaluate": load_config(evaluate.SETTINGS, None, [f"input={out}", *model,
                                                                   "metric_weights.skip_missing=true",
                                                                   "evaluate.batch_size=64",
                                                                   "evaluate.load_batch_size=256"])}

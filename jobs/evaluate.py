@@ -20,9 +20,12 @@ Counts (one per face): in = ok + failed + skipped.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import partial
 
 from jobs.cli import main
+from jobs.sections import JobSettings, MetricWeights, ModelActorSection, NamedModelSection
+from jobs.settings import setting
 from pipeline import delta
 from pipeline.compute import actor_pool, device_for, gpus_per_actor
 from pipeline.evaluate_stage import LATENT_COLUMNS, EvaluateBatch, load_targets, lost_rows, ok_latents
@@ -36,21 +39,24 @@ JOB = "evaluate"
 TABLE = "metrics"
 METRICS = TableSpec(TABLE, metrics_schema(), ("image_id", "face_index"))
 
-DEFAULTS = {
-    "input": None,    # dataset root holding a committed `latents` table
-    "output": None,   # where metrics/ and reconstructions/ go (default: input)
-    "progress": True,
-    "model": {"checkpoint": None, "sha256": None, "preset": None, "seed": 0, "name": None},
-    "metric_weights": {"lpips_alexnet": None, "facenet": None, "allow_random_init": False,
-                       "skip_missing": False},
-    "retry_failed": False,   # also retry permanent failures (model_mismatch ...); transient ones are always retried
-    "evaluate": {
-        "batch_size": 8, "concurrency": 1, "num_gpus": "auto", "num_cpus": 1, "device": "auto",
-        "amp": "auto", "load_batch_size": 16, "max_pixels": 64_000_000,
-        "rows_per_part": 20_000,  # metrics rows per Parquet data file (the write stage's batch)
-        "log_every_s": 30,
-    },
-}
+@dataclass
+class EvaluateSection(ModelActorSection):
+    load_batch_size: int = setting(16, "faces per crop read / preprocess task")
+    max_pixels: int = setting(64_000_000, "refuse crops declaring more pixels")
+
+
+@dataclass
+class Settings(JobSettings):
+    input: str | None = setting(None, "dataset root holding a committed latents table")
+    output: str | None = setting(None, "where metrics/ and reconstructions/ go (default: input)")
+    model: NamedModelSection = setting(NamedModelSection, "the inversion model that made the codes")
+    metric_weights: MetricWeights = setting(MetricWeights, "backbones of LPIPS and ID similarity")
+    retry_failed: bool = setting(False, "also retry permanent failures (model_mismatch ...); transient ones "
+                                        "always are")
+    evaluate: EvaluateSection = setting(EvaluateSection, "the evaluation actors (batch_size: faces per model call)")
+
+
+SETTINGS = Settings
 
 
 def _n_ok(batch):
@@ -118,4 +124,4 @@ def run(cfg: dict, before_commit=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(JOB, __doc__, DEFAULTS, run)
+    main(JOB, __doc__, SETTINGS, run)

@@ -21,7 +21,7 @@ def _invert(crops, out, ckpt, **over):
 
 
 def _ecfg(inp, ckpt, *extra):
-    return load_config(evaluate.DEFAULTS, None, [f"input={inp}", f"model.checkpoint={ckpt}",
+    return load_config(evaluate.SETTINGS, None, [f"input={inp}", f"model.checkpoint={ckpt}",
                                                  "metric_weights.allow_random_init=true", "evaluate.batch_size=4",
                                                  "evaluate.load_batch_size=4", "progress=false", *extra])
 

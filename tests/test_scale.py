@@ -48,7 +48,7 @@ def _run(job, tmp_path, name, n):
     model = ["model.preset=tiny-32", "progress=false"]
     icfg = load_config(invert.SETTINGS, None, [f"input={crops}", f"output={out}", *model,
                                                "invert.batch_size=64", "invert.load_batch_size=64"])
-    ecfg = load_config(evaluate.DEFAULTS, None, [f"input={out}", *model, "metric_weights.skip_missing=true",
+    ecfg = load_config(evaluate.SETTINGS, None, [f"input={out}", *model, "metric_weights.skip_missing=true",
                                                  "evaluate.batch_size=64", "evaluate.load_batch_size=64"])
     if job == "evaluate":
         invert.run(icfg)
