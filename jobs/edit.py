@@ -21,7 +21,10 @@ sha256 where it is loaded.
 Requests: a Parquet or CSV table with columns image_id, face_index (default 0), kind
 (`label` | `reference` | `direction`), attribute, strength (default 1.0), target (label: 1 add,
 0 remove; default 1), reference_image_id (+ reference_face_index, default 0), direction_uri
-(.npy/.pt: [D] or [n_latent, D]), order (label: 1 or 2; default 1). Or, with requests=null,
+(.npy/.pt: [D] or [n_latent, D], under `output` or `direction_prefixes`, at most
+`direction_max_bytes`), order (label: 1 or 2; default 1). A default applies to an empty cell
+only; NaN, "NA" or other text in a numeric field is a bad_request, and a column that is not
+one of these stops the job before anything runs (pipeline.edit_requests). Or, with requests=null,
 the cross product of `sweep` (image_ids: all | [...], kinds, attributes, strengths, targets,
 reference_image_ids, direction_uris); a sweep over all faces is built in Ray tasks from the
 latents snapshot.
@@ -59,9 +62,10 @@ import pyarrow.compute as pc
 from jobs.cli import main
 from pipeline import model_registry, storage
 from pipeline.compute import actor_pool, device_for, gpus_per_actor
-from pipeline.edit_stage import (REQUEST_FIELDS, STATUS_OK, EditBatch, EditContext, as_role, codes_for_join,
-                                 expand_sweep, prepare_requests, request_keys, request_rows, sweep_batch, with_status)
-from pipeline.fit_data import read_latents, read_table_uri
+from pipeline.edit_requests import (DIRECTION_MAX_BYTES, STATUS_OK, EditContext, expand_sweep, prepare_requests,
+                                    read_requests, request_keys, sweep_batch)
+from pipeline.edit_stage import EditBatch, as_role, codes_for_join, request_rows, with_status
+from pipeline.fit_data import read_latents
 from pipeline.runner import JobRun, TableSpec, WriteResult, run_summary
 from pipeline.schemas import edits_schema
 
@@ -100,7 +104,8 @@ DEFAULTS = {
         "skip_missing": False,       # leave a metric without weights uncomputed (null, labelled)
     },
     "retry_failed": False,         # also retry permanent failures (bad_request ...); transient ones always are
-    "direction_prefixes": [],      # when set, direction_uri must start with one of these
+    "direction_prefixes": [],      # where direction_uri may point besides `output` (URI prefixes, whole path components)
+    "direction_max_bytes": DIRECTION_MAX_BYTES,  # a larger direction file is a bad_request (size checked before reading)
     "edit": {
         "batch_size": 8, "concurrency": 1, "num_gpus": "auto", "num_cpus": 1, "device": "auto",
         "amp": "auto",
@@ -167,13 +172,7 @@ def build_requests(cfg: dict, ctx: EditContext):
 
     sw = cfg["sweep"]
     if cfg.get("requests"):
-        t = read_table_uri(cfg["requests"], string_columns=("image_id", "reference_image_id", "kind", "attribute",
-                                                            "direction_uri"))
-        unknown = sorted(set(t.column_names) - set(REQUEST_FIELDS))
-        if unknown:
-            log.warning("requests: columns %s are not request fields, ignored", unknown)
-        rows = t.select([c for c in t.column_names if c in REQUEST_FIELDS]).to_pylist()
-        del t
+        rows = read_requests(cfg["requests"])
     else:
         if not (sw.get("attributes") or sw.get("direction_uris")):
             raise SystemExit("edit: set requests=URI, or a sweep (sweep.attributes=[...] / sweep.direction_uris=[...])")
@@ -270,7 +269,8 @@ def run(cfg: dict, before_commit=None) -> dict:
     editors, editor_errors = check_editors(editor_rows, style_dim)
     ctx = EditContext(info["sha256"], clf_row["sha256"] if clf_row else None, attributes,
                       {a: m["sha256"] for a, m in editors.items()}, editor_errors, n_latent, style_dim,
-                      cfg.get("direction_prefixes"))
+                      [cfg["output"], *(cfg.get("direction_prefixes") or [])],
+                      int(cfg.get("direction_max_bytes") or DIRECTION_MAX_BYTES))
     requests, keys, has_ref = build_requests(cfg, ctx)
     marked = r.mark_done(requests, EDITS, retry_failed=bool(cfg.get("retry_failed"))).materialize()
     n_in = marked.count()

@@ -1,13 +1,6 @@
-"""Ray Data stage of the edit job, and the request handling it relies on.
+"""Ray Data stage of the edit job: requests (`pipeline.edit_requests`) meet their codes, and the
+actor that edits them.
 
-    requests (a user table or a config sweep)
-      -> normalize_request   types, defaults, the fields that matter for the kind
-      -> edit_id             sha256 of the canonical fields and of the models the edit uses:
-                             idempotent reruns, a new id when a model is retrained, safe keys
-      -> validate            unknown attribute / editor / direction: a failed row with a
-                             readable error, never an exception
-    prepare_requests          all three, for a table of request rows (driver for a user table,
-                              Ray tasks for a sweep over every face): REQUEST_SCHEMA rows
     codes = latents.map_batches(codes_for_join)          # ok codes (only the needed keys)
     ds = requests.join(as_role(codes, "source"), "left_outer", on=(image_id, face_index))
     ds = ds.join(as_role(codes, "reference"), "left_outer", on=(reference_image_id, ...))
@@ -23,10 +16,7 @@ the source reconstructions, scores them and writes PNGs. Its output rows follow
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import re
 
 import numpy as np
@@ -35,272 +25,27 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline import delta, storage
+from pipeline.edit_requests import REQUEST_FIELDS, STATUS_BAD, STATUS_OK, check_direction
 from pipeline.fit_data import codes_to_numpy
 from pipeline.images import encode_png
 from pipeline.models import ModelActor, build_metrics, metric_label
-from pipeline.schemas import EDIT_KINDS, edits_schema, make_table
+from pipeline.schemas import edits_schema, make_table
 from pipeline.scoring import to_uint8
 from pipeline.storage import image_key
 
 log = logging.getLogger("stbatch.edit")
 
-REQUEST_FIELDS = ("image_id", "face_index", "kind", "attribute", "strength", "target", "reference_image_id",
-                  "reference_face_index", "direction_uri", "order")
-STATUS_OK, STATUS_BAD, STATUS_MISMATCH, STATUS_ERROR = "ok", "bad_request", "model_mismatch", "edit_error"
-STATUS_SKIPPED = "skipped"
+STATUS_MISMATCH, STATUS_ERROR = "model_mismatch", "edit_error"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # Edited images live beside the `edits` Delta table, never inside it (a vacuum of the table
 # removes every file its log does not name).
 IMAGES = "edit_images"
 SOURCES = "edit_sources"
-REQUEST_TYPES = {"face_index": pa.int32(), "reference_face_index": pa.int32(), "strength": pa.float64(),
-                 "target": pa.int8(), "order": pa.int8()}
-REQUEST_SCHEMA = pa.schema([pa.field("edit_id", pa.string()),
-                            *[pa.field(k, REQUEST_TYPES.get(k, pa.string())) for k in REQUEST_FIELDS],
-                            pa.field("status", pa.string()), pa.field("error", pa.string())])
 CODE_COLUMNS = {"source": ("image_id", "face_index", "w_source", "source_sha256"),
                 "reference": ("reference_image_id", "reference_face_index", "w_reference", "reference_sha256")}
 
 
-# ---------------------------------------------------------------------------- requests
-
-def _blank(v):
-    if v is None:
-        return None
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    if isinstance(v, str) and not v.strip():
-        return None
-    return v
-
-
-def _int(v, default, name, allowed=None, minimum=None):
-    if v is None:
-        return default, None
-    try:
-        f = float(v)
-        if not f.is_integer():
-            raise ValueError
-        i = int(f)
-    except (TypeError, ValueError, OverflowError):
-        return str(v), f"{name} must be an integer, got {v!r}"
-    if allowed is not None and i not in allowed:
-        return i, f"{name} must be one of {list(allowed)}, got {i}"
-    if minimum is not None and i < minimum:
-        return i, f"{name} must be >= {minimum}, got {i}"
-    return i, None
-
-
-def _float(v, default, name):
-    if v is None:
-        return default, None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v), f"{name} must be a number, got {v!r}"
-    if not math.isfinite(f):
-        return str(v), f"{name} must be finite, got {v!r}"
-    return f, None
-
-
-def _str(v):
-    return None if v is None else str(v).strip()
-
-
-def normalize_request(raw: dict) -> tuple[dict, str | None]:
-    """A request row -> (canonical fields, first format error or None). Defaults: face_index 0,
-    strength 1.0, target 1 and order 1 (label), reference_face_index 0 (reference). Fields that
-    do not apply to the kind are set to None, so they do not change the edit_id."""
-    r = {k: _blank(raw.get(k)) for k in REQUEST_FIELDS}
-    errs: list[str] = []
-    kind = _str(r["kind"])
-    kind = kind.lower() if kind else None
-    req: dict = {"kind": kind}
-    if kind is None:
-        errs.append("kind is missing (label, reference or direction)")
-    elif kind not in EDIT_KINDS:
-        errs.append(f"bad kind {kind!r}: use label, reference or direction")
-    iid = _str(r["image_id"])
-    req["image_id"] = iid.lower() if iid else None
-    if not req["image_id"]:
-        errs.append("image_id is missing")
-    req["face_index"], e = _int(r["face_index"], 0, "face_index", minimum=0)
-    errs += [e] if e else []
-    req["attribute"] = _str(r["attribute"])
-    req["strength"], e = _float(r["strength"], 1.0, "strength")
-    errs += [e] if e else []
-    req["target"] = req["order"] = req["reference_image_id"] = req["reference_face_index"] = None
-    req["direction_uri"] = None
-    if kind == "label":
-        req["target"], e = _int(r["target"], 1, "target", allowed=(0, 1))
-        errs += [e] if e else []
-        req["order"], e = _int(r["order"], 1, "order", allowed=(1, 2))
-        errs += [e] if e else []
-        if not req["attribute"]:
-            errs.append("attribute is required for a label edit")
-    elif kind == "reference":
-        ref = _str(r["reference_image_id"])
-        req["reference_image_id"] = ref.lower() if ref else None
-        req["reference_face_index"], e = _int(r["reference_face_index"], 0, "reference_face_index", minimum=0)
-        errs += [e] if e else []
-        if not req["attribute"]:
-            errs.append("attribute is required for a reference edit")
-        if not req["reference_image_id"]:
-            errs.append("reference_image_id is required for a reference edit")
-    elif kind == "direction":
-        req["direction_uri"] = _str(r["direction_uri"])
-        if not req["direction_uri"]:
-            errs.append("direction_uri is required for a direction edit")
-    return req, (errs[0] if errs else None)
-
-
-def edit_id(req: dict, models: dict | None = None) -> str:
-    """sha256 hex of the canonical request (REQUEST_FIELDS) and of the models that make the
-    edit (`edit_models`), as sorted JSON: a retrained model gives new ids."""
-    canon = {k: req.get(k) for k in REQUEST_FIELDS}
-    canon["models"] = {k: v for k, v in sorted((models or {}).items()) if v}
-    return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
-
-
-class EditContext:
-    """What `validate` checks requests against and the model hashes of their edit ids (all
-    known on the driver before any edit; small, shipped to tasks)."""
-
-    def __init__(self, checkpoint_sha256: str, classifier_sha256: str | None, attributes: list[str] | None,
-                 editors: dict[str, str], editor_errors: dict[str, str], n_latent: int, style_dim: int,
-                 direction_prefixes: list[str] | None = None):
-        self.checkpoint_sha256 = checkpoint_sha256
-        self.classifier_sha256 = classifier_sha256
-        self.attributes = attributes      # the classifier's, or None without a classifier
-        self.editors = dict(editors)      # attribute -> sha256 of its loadable editor
-        self.editor_errors = dict(editor_errors)
-        self.n_latent, self.style_dim = int(n_latent), int(style_dim)
-        self.direction_prefixes = list(direction_prefixes or [])
-        self.directions: dict[str, str | None] = {}
-
-    def direction_error(self, uri: str) -> str | None:
-        if uri not in self.directions:
-            self.directions[uri] = check_direction(uri, self.n_latent, self.style_dim)[1]
-        return self.directions[uri]
-
-
-def edit_models(req: dict, ctx: EditContext) -> dict:
-    """The models an edit depends on: the inversion checkpoint (it renders), and the classifier
-    (label edits) or the attribute's editor (reference edits)."""
-    kind = req.get("kind")
-    return {"checkpoint": ctx.checkpoint_sha256,
-            "classifier": ctx.classifier_sha256 if kind == "label" else None,
-            "editor": ctx.editors.get(req.get("attribute")) if kind == "reference" else None}
-
-
-def validate(req: dict, ctx: EditContext) -> tuple[str, str | None]:
-    """(status, error): `ok`/None when the request can be carried out as far as the models and
-    files say; its codes are checked where they meet it (`check_codes`)."""
-    attr, kind = req["attribute"], req["kind"]
-    if attr is not None:
-        known = ctx.attributes if ctx.attributes is not None else (sorted(ctx.editors) if kind == "reference" else None)
-        if kind == "label" and ctx.attributes is None:
-            return STATUS_BAD, "label edits need a classifier (set classifier=ROOT)"
-        if known is not None and attr not in known:
-            shown = ", ".join(known[:8]) + (" ..." if len(known) > 8 else "")
-            return STATUS_BAD, f"unknown attribute {attr!r} (known: {shown})"
-    if kind == "reference":
-        if attr in ctx.editor_errors:
-            return STATUS_BAD, f"editor for {attr!r} cannot be used: {ctx.editor_errors[attr]}"
-        if attr not in ctx.editors:
-            return STATUS_BAD, f"no editor for attribute {attr!r} (no committed editor; set editors=ROOT)"
-    if kind == "direction":
-        uri = req["direction_uri"]
-        if ctx.direction_prefixes and not any(uri.startswith(p) for p in ctx.direction_prefixes):
-            return STATUS_BAD, f"direction_uri {uri!r} is outside the allowed prefixes {ctx.direction_prefixes}"
-        err = ctx.direction_error(uri)
-        if err:
-            return STATUS_BAD, err
-    return STATUS_OK, None
-
-
-def check_direction(uri: str, n_latent: int, style_dim: int) -> tuple[torch.Tensor | None, str | None]:
-    from stmodel.label_edit import load_direction
-
-    try:
-        n = load_direction(uri)
-    except Exception as e:  # noqa: BLE001 - any reading failure is this request's error
-        return None, f"cannot read direction file {uri}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-    if not (tuple(n.shape) == (style_dim,) or tuple(n.shape) == (n_latent, style_dim)):
-        return None, f"direction in {uri} has shape {list(n.shape)}; codes need [{style_dim}] or [{n_latent}, {style_dim}]"
-    return n, None
-
-
-def prepare_requests(rows, ctx: EditContext) -> pa.Table:
-    """Request rows (dicts) -> REQUEST_SCHEMA rows: canonical fields, edit_id, and status `ok`
-    (to edit), `bad_request` (with the reason) or `skipped` (the same edit_id earlier in
-    `rows`). Values that did not parse are kept in the id and stored as null."""
-    out: dict[str, list] = {f.name: [] for f in REQUEST_SCHEMA}
-    seen: set = set()
-    for row in rows:
-        req, err = normalize_request(row)
-        eid = edit_id(req, edit_models(req, ctx))
-        status = STATUS_BAD
-        if eid in seen:
-            status, err = STATUS_SKIPPED, None
-        elif err is None:
-            status, err = validate(req, ctx)
-        seen.add(eid)
-        for k in REQUEST_FIELDS:
-            v = req.get(k)
-            if k in ("face_index", "reference_face_index", "target", "order") and not isinstance(v, int):
-                v = None
-            if k == "strength" and not isinstance(v, float):
-                v = None
-            out[k].append(v)
-        out["edit_id"].append(eid)
-        out["status"].append(status)
-        out["error"].append(err)
-    return pa.table(out, schema=REQUEST_SCHEMA)
-
-
-def expand_sweep(sw: dict, faces: list[tuple[str, int]]) -> list[dict]:
-    """The request rows of a sweep for the given faces (its cross product)."""
-    attrs = list(dict.fromkeys(sw.get("attributes") or [])) or [None]
-    uniq = (lambda xs: list(dict.fromkeys(xs)))
-    out = []
-    for iid, fi in faces:
-        for kind in uniq(sw.get("kinds") or ["label"]):
-            for attr in attrs:
-                for s in uniq(sw.get("strengths") or [1.0]):
-                    base = {"image_id": iid, "face_index": fi, "kind": kind, "attribute": attr, "strength": s}
-                    if kind == "label":
-                        out += [{**base, "target": t, "order": sw.get("order", 1)}
-                                for t in uniq(sw.get("targets") or [1])]
-                    elif kind == "reference":
-                        out += [{**base, "reference_image_id": ref} for ref in uniq(sw.get("reference_image_ids") or [])
-                                if str(ref) != iid]
-                    elif kind == "direction":
-                        out += [{**base, "direction_uri": u} for u in uniq(sw.get("direction_uris") or [])]
-                    else:
-                        out.append(base)  # becomes a failed row: bad kind
-    return out
-
-
-def sweep_batch(batch: pa.Table, sweep: dict, ctx: EditContext) -> pa.Table:
-    """Ray task: latents rows (image_id, face_index, status) -> the sweep's requests for their ok
-    faces, prepared (a sweep over every face never passes through the driver)."""
-    ok = batch.filter(pc.equal(batch["status"], STATUS_OK))
-    faces = list(zip(ok["image_id"].to_pylist(), [int(f) for f in ok["face_index"].to_pylist()]))
-    return prepare_requests(expand_sweep(sweep, faces), ctx)
-
-
-def request_keys(t: pa.Table) -> pa.Table:
-    """The distinct code keys (image_id, face_index) that the requests to edit need: their
-    sources and their references."""
-    t = t.filter(pc.equal(t["status"], STATUS_OK))
-    ref = t.filter(pc.equal(t["kind"], "reference"))
-    keys = pa.concat_tables([
-        pa.table({"image_id": t["image_id"], "face_index": t["face_index"]}),
-        pa.table({"image_id": ref["reference_image_id"], "face_index": ref["reference_face_index"]})])
-    keys = keys.filter(pc.and_(pc.is_valid(keys["image_id"]), pc.is_valid(keys["face_index"])))
-    return keys.group_by(["image_id", "face_index"]).aggregate([])
-
+# ---------------------------------------------------------------------------- joins
 
 def codes_for_join(batch: pa.Table, keys_refs: list | None = None) -> pa.Table:
     """Ray task: latents rows (image_id, face_index, status, w_plus, checkpoint_sha256) -> the ok
@@ -548,6 +293,5 @@ class EditBatch(ModelActor):
                 status[i], error[i] = STATUS_ERROR, f"cannot write the edited image: {type(e).__name__}: {e}"
 
 
-__all__ = ["REQUEST_FIELDS", "REQUEST_SCHEMA", "normalize_request", "edit_id", "edit_models", "EditContext",
-           "validate", "check_direction", "prepare_requests", "expand_sweep", "sweep_batch", "request_keys",
-           "codes_for_join", "as_role", "with_status", "request_rows", "check_codes", "EditBatch"]
+__all__ = ["STATUS_MISMATCH", "STATUS_ERROR", "IMAGES", "SOURCES", "codes_for_join", "as_role", "with_status",
+           "request_rows", "check_codes", "EditBatch"]

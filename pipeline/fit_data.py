@@ -52,10 +52,11 @@ def is_val(image_ids, val_fraction: float, seed: int = 0) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- tables
 
-def read_table_uri(uri: str, string_columns: tuple[str, ...] = ()) -> pa.Table:
+def read_table_uri(uri: str, string_columns: tuple[str, ...] = (), null_values: list[str] | None = None) -> pa.Table:
     """A user-supplied table (attributes, edit requests: user-sized): Parquet (file or folder
     of parts) or CSV (`.csv`, `.csv.gz`, `.tsv`). In CSV, `string_columns` are read as text (a
-    hex id is never taken for a number) and empty cells are nulls."""
+    hex id is never taken for a number) and empty cells are nulls; `null_values` replaces
+    pyarrow's list of null spellings (`[""]`: "NA" and "NaN" stay values)."""
     fs, path = storage.url_to_fs(uri)
     if not fs.exists(path):
         raise SystemExit(f"table not found: {uri}")
@@ -69,7 +70,8 @@ def read_table_uri(uri: str, string_columns: tuple[str, ...] = ()) -> pa.Table:
             pa.BufferReader(data),
             parse_options=pacsv.ParseOptions(delimiter="\t" if low.endswith(".tsv") else ","),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in string_columns},
-                                                 strings_can_be_null=True),
+                                                 strings_can_be_null=True,
+                                                 **({"null_values": null_values} if null_values is not None else {})),
             read_options=pacsv.ReadOptions(use_threads=False))
     try:
         return pq.read_table(path, filesystem=fs)

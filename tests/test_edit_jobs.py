@@ -57,7 +57,7 @@ def _balanced(c: dict) -> bool:
 
 
 def test_requests_are_normalised_and_keyed():
-    from pipeline.edit_stage import EditContext, edit_id, edit_models, normalize_request
+    from pipeline.edit_requests import EditContext, edit_id, edit_models, normalize_request
 
     a, err = normalize_request({"image_id": "AB" * 32, "kind": "Label", "attribute": "Smiling", "strength": "2",
                                 "reference_image_id": "ignored for a label edit"})
@@ -122,7 +122,7 @@ def test_edit_job_end_to_end_local(ray_local, data, tmp_path):
     req = str(tmp_path / "requests.csv")
     pd.DataFrame(rows).to_csv(req, index=False)
     out = str(tmp_path / "edited")
-    res = edit.run(_edit_cfg(data, out, requests=req))
+    res = edit.run(_edit_cfg(data, out, requests=req, direction_prefixes=f"[{tmp_path}]"))
     n_ok = 24 + 3 + 2
     assert res["counts"] == {"in": len(rows), "ok": n_ok, "failed": len(bad), "skipped": 1}
     assert res["extra"]["classifier"]["run_id"] == data["classifier"]["run_id"]
@@ -161,10 +161,10 @@ def test_edit_job_end_to_end_local(ray_local, data, tmp_path):
     # permanent failures)
     req_pq = str(tmp_path / "requests.parquet")
     pd.read_csv(req).to_parquet(req_pq)
-    res2 = edit.run(_edit_cfg(data, out, requests=req_pq))
+    res2 = edit.run(_edit_cfg(data, out, requests=req_pq, direction_prefixes=f"[{tmp_path}]"))
     assert res2["counts"] == {"in": len(rows), "ok": 0, "failed": 0, "skipped": len(rows)}
     # retry_failed: the failed requests are tried again (and fail again), replacing their rows
-    res3 = edit.run(_edit_cfg(data, out, requests=req, retry_failed="true"))
+    res3 = edit.run(_edit_cfg(data, out, requests=req, retry_failed="true", direction_prefixes=f"[{tmp_path}]"))
     assert res3["counts"] == {"in": len(rows), "ok": 0, "failed": len(bad), "skipped": n_ok + 1}
     t3 = _edits(out)
     assert t3.num_rows == n_ok + len(bad)
