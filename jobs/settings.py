@@ -13,6 +13,7 @@ Types understood (and nothing else, so a schema cannot silently accept what it d
   str               a string
   X | None, X | Y   the first alternative that accepts the value
   Literal[...]      one of the listed values
+  bool | Section    a switch that may also be given as its section (`paste_back=true`, or its keys)
   list[X]           a list, each item an X
   tuple[X, Y]       a list of exactly that many items (`tuple[int, int]`: [min, max]); given as a list
   dict[str, X]      a mapping of free names to X (e.g. attribute -> editor URI)
@@ -56,6 +57,16 @@ def setting(default: Any, help: str) -> Any:
 
 def is_section(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def section_of(tp: Any) -> type | None:
+    """The section a field holds: its type, or the section alternative of a union such as
+    `bool | PasteBackSection` (a switch that may also be given as a section)."""
+    if is_section(tp):
+        return tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return next((a for a in typing.get_args(tp) if is_section(a)), None)
+    return None
 
 
 def fields_of(cls: type) -> list[tuple[str, Any, dataclasses.Field]]:
@@ -129,6 +140,9 @@ def _convert(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
             return value
         raise _Mismatch
     if origin in (Union, types.UnionType):
+        inner = section_of(tp)
+        if inner is not None and isinstance(value, Mapping):
+            return _parse_section(inner, value, key, errors)  # its own errors, key by key
         for alt in args:
             sub: list[str] = []
             try:
@@ -186,7 +200,11 @@ def _parse_section(cls: type, data: Mapping, path: str, errors: list[str]) -> di
         elif is_section(tp):
             out[name] = _parse_section(tp, {}, key, errors)
         else:
-            out[name] = copy.deepcopy(f.default) if f.default is not dataclasses.MISSING else f.default_factory()
+            d = copy.deepcopy(f.default) if f.default is not dataclasses.MISSING else f.default_factory()
+            try:  # the same conversions as a given value (1 -> 1.0 for a float)
+                out[name] = _convert(tp, d, key, errors)
+            except _Mismatch:
+                raise TypeError(f"settings: the default of {key}, {d!r}, is not {type_name(tp)}") from None
     return out
 
 
@@ -210,7 +228,7 @@ def defaults(cls: type) -> dict:
 
 def known_keys(cls: type) -> dict:
     """The tree of setting names: {name: subtree} for a section, {name: None} for a value."""
-    return {name: known_keys(tp) if is_section(tp) else None for name, tp, _ in fields_of(cls)}
+    return {name: known_keys(section_of(tp)) if section_of(tp) else None for name, tp, _ in fields_of(cls)}
 
 
 def _show(value: Any) -> str:
@@ -235,6 +253,8 @@ def describe(cls: type, path: str = "") -> str:
             else:
                 d = copy.deepcopy(f.default) if f.default is not dataclasses.MISSING else f.default_factory()
                 rows.append((f"{key} = {_show(d)}", f"{meaning} [{type_name(tp)}]"))
+                if section_of(tp) is not None:  # a switch that may also be given as this section
+                    walk(section_of(tp), key)
 
     walk(cls, path)
     width = min(44, max(len(left) for left, _ in rows))

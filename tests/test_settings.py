@@ -125,6 +125,7 @@ class S(JobSettings):
     names: list[str] = setting([], "some names")
     pairs: dict[str, str] = setting({}, "name -> uri")
     inner: Inner = setting(Inner, "a section")
+    switch: bool | Inner = setting(False, "off, on with the defaults, or a section")
 
 
 def test_schema_framework_types():
@@ -138,7 +139,14 @@ def test_schema_framework_types():
         "names: expected list of string, got ['x', 3] (list)",
         "pairs: expected mapping of name to string, got {'k': 1} (dict)",
         "inner.mode: expected one of a, b, got True (bool)"])
+    assert parse(S, {"switch": True})["switch"] is True and defaults(S)["switch"] is False
+    assert parse(S, {"switch": {"mode": "b"}})["switch"]["mode"] == "b"
+    with pytest.raises(SettingsError) as e:
+        parse(S, {"switch": {"mode": "c", "batch_sise": 2}})
+    assert e.value.errors == ["switch.batch_sise: unknown setting (did you mean switch.batch_size?)",
+                              "switch.mode: expected one of a, b, got 'c' (str)"]
     text = describe(S)
+    assert "switch = false" in text and "switch.mode = a" in text
     assert "inner.mode = a" in text and "a mode [one of a, b]" in text
 
 
