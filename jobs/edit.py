@@ -54,12 +54,16 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import numpy as np
 import pyarrow.compute as pc
 
 from jobs.cli import main
+from jobs.sections import JobSettings, MetricWeights, ModelActorSection, NamedModelSection
+from jobs.settings import setting
 from pipeline import model_registry, storage
 from pipeline.compute import actor_pool, device_for, gpus_per_actor
 from pipeline.edit_requests import (DIRECTION_MAX_BYTES, STATUS_OK, EditContext, expand_sweep, prepare_requests,
@@ -75,45 +79,50 @@ JOB = "edit"
 TABLE = "edits"
 EDITS = TableSpec(TABLE, edits_schema(), ("edit_id",))
 
-DEFAULTS = {
-    "latents": None,     # dataset root with a committed latents table
-    "requests": None,    # Parquet/CSV of edit requests; null: use `sweep`
-    "output": None,      # edits/ table, edit_images/, edit_sources/, _runs/
-    "progress": True,
-    "model": {"checkpoint": None, "sha256": None, "preset": None, "seed": 0, "name": None},
-    "classifier": None,        # dataset root with committed models (or a classifier file + classifier_sha256)
-    "classifier_run": None,    # that root's classifier of this run (default: the newest committed)
-    "classifier_sha256": None, # ... or with this sha256 (required for a file)
-    "editors": {},             # dataset root (each attribute's newest committed editor), or {attribute: ROOT|FILE}
-    "editors_run": None,       # the editors of this run of the root
-    "editors_sha256": {},      # {attribute: sha256}: required for an editor given as a file
-    "sweep": {
-        "image_ids": "all",        # all ok faces of the latents table, or a list of image ids (face 0)
-        "kinds": ["label"],
-        "attributes": [],
-        "strengths": [1.0],
-        "targets": [1],            # label edits
-        "order": 1,                # label edits
-        "reference_image_ids": [], # reference edits (face 0)
-        "direction_uris": [],      # direction edits
-    },
-    "metrics": True,               # ID similarity + LPIPS of each edit against the source reconstruction
-    "metric_weights": {
-        "lpips_alexnet": None, "facenet": None,
-        "allow_random_init": False,  # tests only: random backbones, labelled in every row
-        "skip_missing": False,       # leave a metric without weights uncomputed (null, labelled)
-    },
-    "retry_failed": False,         # also retry permanent failures (bad_request ...); transient ones always are
-    "direction_prefixes": [],      # where direction_uri may point besides `output` (URI prefixes, whole path components)
-    "direction_max_bytes": DIRECTION_MAX_BYTES,  # a larger direction file is a bad_request (size checked before reading)
-    "edit": {
-        "batch_size": 8, "concurrency": 1, "num_gpus": "auto", "num_cpus": 1, "device": "auto",
-        "amp": "auto",
-        "join_partitions": "auto",   # hash partitions of the request/code joins (auto: ~2000 requests each)
-        "rows_per_part": 20_000,     # edits rows per Parquet data file (the write stage's batch)
-        "log_every_s": 30,
-    },
-}
+@dataclass
+class SweepSection:
+    image_ids: str | list[str] = setting("all", "all ok faces of the latents table, or a list of image ids (face 0)")
+    kinds: list[Literal["label", "reference", "direction"]] = setting(["label"], "edit kinds")
+    attributes: list[str] = setting([], "attributes (label and reference edits)")
+    strengths: list[float] = setting([1.0], "edit strengths")
+    targets: list[int] = setting([1], "label edits: 1 add, 0 remove")
+    order: Literal[1, 2] = setting(1, "label edits: gradient order")
+    reference_image_ids: list[str] = setting([], "reference edits (face 0)")
+    direction_uris: list[str] = setting([], "direction edits (.npy/.pt files)")
+
+
+@dataclass
+class EditSection(ModelActorSection):
+    join_partitions: int | Literal["auto"] | None = setting("auto", "hash partitions of the request/code joins "
+                                                                    "(auto: ~2000 requests each)")
+
+
+@dataclass
+class Settings(JobSettings):
+    latents: str | None = setting(None, "dataset root with a committed latents table")
+    requests: str | None = setting(None, "Parquet/CSV of edit requests; null: use `sweep`")
+    output: str | None = setting(None, "edits/ table, edit_images/, edit_sources/, _runs/")
+    model: NamedModelSection = setting(NamedModelSection, "the inversion model that made the codes (renders edits)")
+    classifier: str | None = setting(None, "dataset root with committed models (or a classifier file + "
+                                           "classifier_sha256)")
+    classifier_run: str | None = setting(None, "that root's classifier of this run (default: the newest committed)")
+    classifier_sha256: str | None = setting(None, "... or with this sha256 (required for a file)")
+    editors: str | dict[str, str] | None = setting({}, "dataset root (each attribute's newest committed editor), "
+                                                       "or {attribute: ROOT|FILE}")
+    editors_run: str | None = setting(None, "the editors of this run of the root")
+    editors_sha256: dict[str, str] = setting({}, "{attribute: sha256}: required for an editor given as a file")
+    sweep: SweepSection = setting(SweepSection, "with requests=null: the cross product of these")
+    metrics: bool = setting(True, "ID similarity + LPIPS of each edit against the source reconstruction")
+    metric_weights: MetricWeights = setting(MetricWeights, "backbones of LPIPS and ID similarity")
+    retry_failed: bool = setting(False, "also retry permanent failures (bad_request ...); transient ones always are")
+    direction_prefixes: list[str] = setting([], "where direction_uri may point besides `output` (URI prefixes, whole "
+                                                "path components)")
+    direction_max_bytes: int = setting(DIRECTION_MAX_BYTES, "a larger direction file is a bad_request (size checked "
+                                                            "before reading)")
+    edit: EditSection = setting(EditSection, "the edit actors (batch_size: requests per model call)")
+
+
+SETTINGS = Settings
 
 
 def resolve_models(cfg: dict) -> tuple[dict | None, dict[str, dict]]:
@@ -322,4 +331,4 @@ DESCRIPTION = __doc__
 
 
 if __name__ == "__main__":
-    main(JOB, DESCRIPTION, DEFAULTS, run)
+    main(JOB, DESCRIPTION, SETTINGS, run)

@@ -38,7 +38,7 @@ def data(tmp_path_factory, tiny_checkpoint):
 
 
 def _cfg(**sets):
-    return load_config(edit.DEFAULTS, None, [f"{k}={v}" for k, v in {"progress": "false", **sets}.items()])
+    return load_config(edit.SETTINGS, None, [f"{k}={v}" for k, v in {"progress": "false", **sets}.items()])
 
 
 def _edit_cfg(data, output, **sets):
