@@ -32,6 +32,7 @@ from typing import Callable
 import yaml
 
 from jobs.settings import SettingsError, describe, known_keys, parse, unknown_message
+from pipeline.redact import install_log_redaction, redact_config, redact_text
 
 log = logging.getLogger("stbatch")
 
@@ -168,6 +169,8 @@ def init_ray(cfg: dict) -> None:
                 kw[k] = rc[k]
         # A local Ray's workers inherit this environment (S3 endpoint and credentials included);
         # credentials are never copied into a runtime_env, where the dashboard would show them.
+    # the workers' log records are redacted as the driver's are (merged with a submitted job's env)
+    kw["runtime_env"] = {"worker_process_setup_hook": "pipeline.redact.install_log_redaction"}
     ray.init(**kw)
     from ray.data import DataContext
 
@@ -216,13 +219,18 @@ def main(job: str, description: str, settings: type, run: Callable[[dict], dict]
     if args.quiet:
         cfg["progress"] = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    install_log_redaction()
     t0 = time.time()
     if use_ray:
         init_ray(cfg)
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except SystemExit as e:  # a job's stop message may quote a URI
+        raise SystemExit(redact_text(e.code) if isinstance(e.code, str) else e.code) from None
     counts = result["counts"]
     if counts.get("in", 0) != counts.get("ok", 0) + counts.get("failed", 0) + counts.get("skipped", 0):
         log.error("accounting mismatch: %s", counts)
     summary = summary_line(job, result.get("run_id"), counts, time.time() - t0, result.get("extra"))
+    summary = redact_config(summary)
     print(json.dumps(summary, default=str), flush=True)
     return summary

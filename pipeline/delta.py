@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import storage
+from pipeline.redact import redact_table
 
 log = logging.getLogger("stbatch.delta")
 
@@ -184,7 +185,8 @@ def write_data_file(t: pa.Table, output: str, table: str, run_id: str, tag: str 
     fs, path = storage.url_to_fs(uri)
     if isinstance(fs, LocalFileSystem):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    t = t.replace_schema_metadata(None).cast(delta_schema(t.schema))
+    # every table row passes here: no URI secret (userinfo, signed query) is ever stored
+    t = redact_table(t.replace_schema_metadata(None).cast(delta_schema(t.schema)))
     pq.write_table(t, path, filesystem=fs, compression="zstd")
     return FileRecord(name, int(fs.size(path)), t.num_rows)
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from urllib.parse import urlsplit
 
 import torch
 
+from pipeline.redact import redact_text
 from stmodel.checkpoint import inversion_config, load_bytes, load_inversion, read_bytes
 from stmodel.config import ModelConfig, get_preset
 from stmodel.inversion import StyleTransformer
@@ -79,7 +81,13 @@ def model_shapes(spec: dict) -> dict:
 
 
 def _name(spec: dict) -> str:
-    return spec.get("name") or os.path.basename(str(spec["checkpoint"]).rstrip("/"))
+    """The model's name in rows and records: `name`, else the checkpoint's file name (never its
+    query string, which a presigned URL signs with)."""
+    if spec.get("name"):
+        return redact_text(str(spec["name"]))
+    uri = str(spec["checkpoint"])
+    path = urlsplit(uri).path if "://" in uri else uri
+    return os.path.basename(path.rstrip("/"))
 
 
 def _random_spec(spec: dict) -> tuple[str, int]:

@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from pipeline.redact import redact_text
+
 PALETTE = ("#3b6ea5", "#d9822b", "#3a9a5b", "#c0392b", "#8e6bbf", "#7f8c8d")
 
 CSS = """
@@ -52,7 +54,8 @@ pre.err{white-space:pre-wrap;margin:0;font-size:12px;max-width:700px}
 
 
 def esc(x) -> str:
-    return html.escape("" if x is None else str(x), quote=True)
+    """Escaped text, with any URI's secrets redacted (every value a page shows passes here)."""
+    return html.escape(redact_text("" if x is None else str(x)), quote=True)
 
 
 def fmt(x, digits: int = 4) -> str:

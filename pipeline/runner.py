@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import delta, storage
-from pipeline.redact import redact_config, redact_uri
+from pipeline.redact import redact_config
 
 log = logging.getLogger("stbatch.runner")
 
@@ -230,11 +230,13 @@ class JobRun:
             self.versions[spec.name] = delta.commit(self.output, spec.name, spec.schema, list(spec.key),
                                                     res.files, self.run_id, meta, replace=replace,
                                                     replace_key=list(spec.replace_key or spec.key))
-        record = {"run_id": self.run_id, "job": self.job, "output": redact_uri(self.output),
-                  "started_at": self.started.isoformat(),
-                  "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-                  "code_version": meta["code_version"], "config": self.config,
-                  "tables": {k: v for k, v in self.versions.items()}, "summary": summary, **(extra or {})}
+        # the summary and the extras carry URIs too (inputs, model names and files)
+        record = redact_config({"run_id": self.run_id, "job": self.job, "output": self.output,
+                                "started_at": self.started.isoformat(),
+                                "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+                                "code_version": meta["code_version"], "config": self.config,
+                                "tables": {k: v for k, v in self.versions.items()}, "summary": summary,
+                                **(extra or {})})
         storage.write_bytes(storage.join(self.output, storage.RUNS_DIR, f"{self.run_id}.json"),
                             json.dumps(record, indent=2, sort_keys=True, default=str).encode())
         return record
