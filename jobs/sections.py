@@ -77,3 +77,22 @@ class TrainSection:
     torch_threads: int = setting(0, "intra-op threads per worker (0: torch's default)")
     log_every: int = setting(10, "steps (epochs for the classifier) between log lines")
     ray_storage: str | None = setting(None, "Ray Train's run folder (shared storage on a multi-node cluster)")
+
+
+@dataclass
+class PasteBackSection:
+    """The paste-back stage (pipeline.paste_stage) of jobs.edit and jobs.invert: given as a
+    section, it is on unless `enabled: false`; `paste_back=true` is this with every default."""
+    enabled: bool = setting(True, "paste the crops back into their photos (a section given turns it on)")
+    format: Literal["jpeg", "png"] = setting("jpeg", "composite file format (png: lossless, outside pixels "
+                                                     "bit-identical to the upright photo)")
+    quality: int = setting(95, "JPEG quality, 1-100")
+    group: Literal["face", "photo"] = setting("face", "one composite per face, or per photo (its faces edited "
+                                                      "with the same request pasted together)")
+    faces: str | None = setting(None, "dataset root with the photos' committed faces table (null: the job's own "
+                                      "input root)")
+    feather: float = setting(0.25, "mask feather, fraction of the face ellipse's radius (0-1]")
+    radii: tuple[float, float] = setting([0.8, 0.9], "face ellipse radii, fractions of the quad's half side (0-1]")
+    batch_size: int = setting(16, "rows per paste task (group=face; rows of one photo in a task share one read)")
+    num_cpus: float = setting(1, "CPUs per paste task")
+    max_pixels: int = setting(64_000_000, "refuse photos declaring more pixels")

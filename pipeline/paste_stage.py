@@ -51,14 +51,13 @@ STATUS_WRITE = "write_error"
 CROP_PNG = "_crop_png"   # the crop's PNG bytes, when the stage before holds them (edit actor)
 # The faces columns the join brings, renamed so they never collide with a job's own columns.
 FACE_COLUMNS = {"source_uri": "_photo_uri", "quad": "_quad", "width": "_photo_w", "height": "_photo_h"}
-TRANSIENT = (CROP_PNG, *FACE_COLUMNS.values())
 RESULT_COLUMNS = ("composite_uri", "psnr_outside", "psnr_box")
 _MEMBER = re.compile(r"^[0-9a-f]{64}(_[0-9]+)?$")
 
 
 @dataclass(frozen=True)
 class PasteSettings:
-    """What one paste stage does (validated by `settings_from`)."""
+    """What one paste stage does (from a job's `paste_back` setting by `settings_from`)."""
 
     output: str                    # dataset root; composites go under <output>/composites/<folder>/
     folder: str                    # edits | reconstructions
@@ -71,11 +70,22 @@ class PasteSettings:
     feather: float = 0.25
     radii: tuple = (0.8, 0.9)
     max_pixels: int = 64_000_000
+    batch_size: int = 16
+    num_cpus: float = 1.0
+    schema: pa.Schema | None = None   # the job's table: the rows come out as exactly this (set before `paste`)
 
 
-def settings_from(section: dict, job: str, **fixed) -> PasteSettings:
-    """A job's `paste_back` config section -> PasteSettings; a bad value is a SystemExit that
-    names the setting, before anything runs."""
+def settings_from(value, job: str, **fixed) -> PasteSettings | None:
+    """A job's `paste_back` setting (true / false, or its section, which is on unless
+    `enabled: false`; see jobs.sections.PasteBackSection) -> PasteSettings, or None when off. A
+    bad value is a SystemExit naming the setting, before anything runs."""
+    if value is None or value is False:
+        return None
+    if value is not True and not isinstance(value, dict):
+        raise SystemExit(f"{job}: paste_back must be true, false or a section, got {value!r}")
+    section = {} if value is True else value
+    if not section.get("enabled", True):
+        return None
     fmt = str(section.get("format", "jpeg")).lower()
     if fmt not in FORMATS:
         raise SystemExit(f"{job}: paste_back.format must be jpeg or png, got {section.get('format')!r}")
@@ -86,14 +96,18 @@ def settings_from(section: dict, job: str, **fixed) -> PasteSettings:
         quality = int(section.get("quality", 95))
         feather = float(section.get("feather", 0.25))
         radii = tuple(float(r) for r in np.broadcast_to(np.asarray(section.get("radii", (0.8, 0.9)), float), (2,)))
+        sizes = {k: int(section.get(k, d)) for k, d in (("max_pixels", 64_000_000), ("batch_size", 16))}
+        num_cpus = float(section.get("num_cpus", 1))
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"{job}: paste_back.quality / feather / radii must be numbers ({e})") from None
+        raise SystemExit(f"{job}: paste_back settings must be numbers where they are numbers ({e})") from None
     if not 1 <= quality <= 100:
         raise SystemExit(f"{job}: paste_back.quality must be 1-100, got {quality}")
     if not (0 < feather <= 1 and all(0 < r <= 1 for r in radii)):
         raise SystemExit(f"{job}: paste_back.feather and paste_back.radii must be in (0, 1]")
+    if min(sizes.values()) < 1 or num_cpus <= 0:
+        raise SystemExit(f"{job}: paste_back.batch_size, max_pixels and num_cpus must be positive")
     return PasteSettings(format="png" if fmt == "png" else "jpeg", quality=quality, group=group, feather=feather,
-                         radii=radii, **fixed)
+                         radii=radii, num_cpus=num_cpus, **sizes, **fixed)
 
 
 def faces_table_exists(root: str) -> bool:
@@ -117,12 +131,14 @@ def attach_faces(ds, faces_root: str, partitions: int):
     return ds.join(faces, "left_outer", num_partitions=max(1, int(partitions)), on=("image_id", "face_index"))
 
 
-def paste(ds, settings: PasteSettings, batch_size: int = 16, num_cpus: float = 1.0):
+def paste(ds, settings: PasteSettings):
     """The paste stage on rows that carry their faces (`attach_faces`)."""
-    kw = {"batch_format": "pyarrow", "fn_kwargs": {"settings": settings}, "num_cpus": float(num_cpus)}
+    if settings.schema is None:
+        raise ValueError("paste: settings.schema (the job's table) is not set")
+    kw = {"batch_format": "pyarrow", "fn_kwargs": {"settings": settings}, "num_cpus": settings.num_cpus}
     if settings.group == "photo":  # every face of a photo in one call, whatever the batching before
         return ds.groupby("image_id").map_groups(paste_batch, **kw)
-    return ds.map_batches(paste_batch, batch_size=int(batch_size), **kw)
+    return ds.map_batches(paste_batch, batch_size=settings.batch_size, **kw)
 
 
 # ---------------------------------------------------------------------------- one batch
@@ -290,9 +306,9 @@ def _paste_photo(rows: list[dict], idx: list[int], settings: PasteSettings, res:
 
 
 def paste_batch(batch: pa.Table, settings: PasteSettings) -> pa.Table:
-    """Ray task: rows with their faces (`attach_faces`) -> the same rows without the transient
-    columns, with composite_uri / psnr_outside / psnr_box, or a paste failure status."""
-    keep = [c for c in batch.column_names if c not in TRANSIENT]
+    """Ray task: rows with their faces (`attach_faces`) -> the same rows as `settings.schema`
+    (the transient columns dropped), with composite_uri / psnr_outside / psnr_box, or a paste
+    failure status."""
     n = batch.num_rows
     rows = batch.to_pylist()
     res = {"status": [r["status"] for r in rows], "error": [r.get("error") for r in rows],
@@ -309,13 +325,6 @@ def paste_batch(batch: pa.Table, settings: PasteSettings) -> pa.Table:
         by_photo.setdefault(str(r["image_id"]), []).append(i)
     for idx in by_photo.values():
         _paste_photo(rows, idx, settings, res)
-    out = batch.select(keep)
-    for name, values in res.items():
-        typ = out.schema.field(name).type if name in out.column_names else (
-            pa.string() if name == "composite_uri" else pa.float32())
-        arr = pa.array(values, typ)
-        if name in out.column_names:
-            out = out.set_column(out.column_names.index(name), name, arr)
-        else:
-            out = out.append_column(name, arr)
-    return out
+    schema = settings.schema
+    cols = [pa.array(res[f.name], f.type) if f.name in res else batch[f.name].cast(f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
