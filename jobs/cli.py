@@ -74,26 +74,30 @@ def other_jobs_keys(job_settings: type) -> list[dict]:
     """The setting-name trees of the other jobs a config file may be shared with."""
     trees = []
     for name in CONFIG_JOBS:
-        cls = getattr(importlib.import_module(f"jobs.{name}"), "SETTINGS", None)  # TRANSITION: None
-        if cls is not None and cls is not job_settings:
+        cls = importlib.import_module(f"jobs.{name}").SETTINGS
+        if cls is not job_settings:
             trees.append(known_keys(cls))
     return trees
 
 
-def for_this_job(data: Mapping, mine: dict, others: list[dict], path: str, errors: list[str]) -> dict:
-    """A config file's mapping, less what only other jobs know; unknown keys go to `errors`."""
+def for_this_job(data: Mapping, mine: dict | None, others: list[dict], path: str, errors: list[str]) -> dict:
+    """A config file's mapping, less what only other jobs know (whose keys are still checked
+    against those jobs' settings); unknown keys go to `errors`."""
     out = {}
     for k, v in data.items():
         k = str(k)
         key = f"{path}.{k}" if path else k
-        if k in mine:
-            sub = mine[k]
-            if sub is not None and isinstance(v, Mapping):
-                out[k] = for_this_job(v, sub, [o[k] for o in others if isinstance(o.get(k), dict)], key, errors)
+        theirs = [o[k] for o in others if isinstance(o.get(k), dict)]
+        if mine is not None and k in mine:
+            if mine[k] is not None and isinstance(v, Mapping):
+                out[k] = for_this_job(v, mine[k], theirs, key, errors)
             else:
                 out[k] = v  # a value, or a wrong type that parse names
-        elif not any(k in o for o in others):
-            names = list(mine) + sorted({n for o in others for n in o} - set(mine))
+        elif any(k in o for o in others):
+            if theirs and isinstance(v, Mapping):
+                for_this_job(v, None, theirs, key, errors)  # another job's section: checked, not kept
+        else:
+            names = list(mine or {}) + sorted({n for o in others for n in o} - set(mine or {}))
             errors.append(unknown_message(path, k, names))
     return out
 
@@ -120,14 +124,6 @@ def load_config(settings: type, config_file: str | None, sets: list[str]) -> dic
     """The job's validated configuration as a plain dict: defaults of `settings`, overlaid by the
     config file (see the module doc for keys of other jobs), overlaid by each `--set`. Raises
     SettingsError with every problem found."""
-    if isinstance(settings, dict):  # TRANSITION: a job not yet converted to a settings class
-        cfg = deep_merge({"ray": {"address": None, "num_cpus": None, "num_gpus": None}}, settings)
-        if config_file:
-            with open(config_file) as f:
-                cfg = deep_merge(cfg, yaml.safe_load(f) or {})
-        for s in sets or []:
-            set_dotted(cfg, s)
-        return cfg
     errors: list[str] = []
     data: dict = {}
     if config_file:
@@ -182,7 +178,7 @@ def init_ray(cfg: dict) -> None:
 def make_parser(job: str, description: str, settings: type) -> argparse.ArgumentParser:
     epilog = ("settings (--config FILE or --set key=value; a config file may hold other jobs' sections,\n"
               "which this job ignores; an unknown key or a wrong type stops the job before it starts):\n"
-              + (describe(settings) if isinstance(settings, type) else yaml.safe_dump(settings)))  # TRANSITION
+              + describe(settings))
     p = argparse.ArgumentParser(prog=f"python -m jobs.{job}", description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="YAML file overlaid on the defaults")

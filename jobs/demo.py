@@ -1,6 +1,6 @@
 """The embedded demo: the whole system on one laptop, with nothing downloaded.
 
-    python -m jobs.demo [--set output=demo_out] [--set train.steps=1500]
+    python -m jobs.demo [--set output=demo_out] [--set train_encoder.steps=1500]
 
 No pretrained weights exist here, so the demo builds what it needs and says so:
   1. a seeded tiny StyleGAN2 generator (tiny-32), and a training set sampled from it whose true
@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +31,8 @@ import pyarrow.parquet as pq
 import torch
 
 from jobs.cli import load_config, main
+from jobs.sections import JobSettings
+from jobs.settings import setting
 from pipeline import delta, storage
 from pipeline.schemas import nested_list_array
 
@@ -38,19 +41,37 @@ log = logging.getLogger("stbatch.demo")
 JOB = "demo"
 ATTRIBUTES = ("synthetic_a", "synthetic_b", "synthetic_c")
 
-DEFAULTS = {
-    "output": "demo_out",   # local folder used as the object store
-    "progress": False,
-    "preset": "tiny-32",
-    "seed": 0,
-    "n_train": 384,
-    "n_val": 64,
-    "truncation": 0.7,
-    "train": {"steps": 1500, "batch_size": 8, "lr": 1e-3, "log_every": 25, "val_every": 250,
-              "checkpoint_every": 250},
-    "fit": {"classifier_epochs": 30, "editor_steps": 300},
-    "align_size": 256,
-}
+@dataclass
+class DemoTrainSection:
+    steps: int = setting(1500, "train_encoder steps")
+    batch_size: int = setting(8, "train_encoder batch size")
+    lr: float = setting(1e-3, "train_encoder learning rate")
+    log_every: int = setting(25, "steps between log lines")
+    val_every: int = setting(250, "steps between validation grids")
+    checkpoint_every: int = setting(250, "steps between checkpoints")
+
+
+@dataclass
+class DemoFitSection:
+    classifier_epochs: int = setting(30, "fit_classifier epochs")
+    editor_steps: int = setting(300, "fit_editor steps")
+
+
+@dataclass
+class Settings(JobSettings):
+    output: str = setting("demo_out", "local folder used as the object store")
+    progress: bool = setting(False, "Ray Data progress bars on stderr")
+    preset: str = setting("tiny-32", "the seeded generator's preset")
+    seed: int = setting(0, "seed of the generator and the sampled images")
+    n_train: int = setting(384, "training images sampled from the generator")
+    n_val: int = setting(64, "validation images")
+    truncation: float = setting(0.7, "psi of the sampled codes")
+    train_encoder: DemoTrainSection = setting(DemoTrainSection, "the encoder training run")
+    fit: DemoFitSection = setting(DemoFitSection, "the classifier and editor fits")
+    align_size: int = setting(256, "aligned crop side")
+
+
+SETTINGS = Settings
 
 METRICS_NO_WEIGHTS = ["metric_weights.skip_missing=true"]
 
@@ -146,7 +167,7 @@ def run(cfg: dict) -> dict:
 
     def job(name, module, sets, **kw):
         t = time.time()
-        c = load_config(module.DEFAULTS, None, sets + ["progress=false"])
+        c = load_config(module.SETTINGS, None, sets + ["progress=false"])
         res = module.run(c, **kw)
         timings[name] = round(time.time() - t, 1)
         summaries[name] = res
@@ -161,16 +182,17 @@ def run(cfg: dict) -> dict:
     data = sample_dataset(g, root, int(cfg["n_train"]), int(cfg["n_val"]), float(cfg["truncation"]),
                           int(cfg["seed"]))
 
-    tr = cfg["train"]
+    tr = cfg["train_encoder"]
     say("2/10 train_encoder", f"{tr['steps']} steps of the pSp L2 objective (LPIPS/ID off: no backbone "
                              "weights here), Ray Train, one CPU worker")
     res = job("train_encoder", train_encoder, [
         f"input={root}/synthetic/train", f"val_input={root}/synthetic/val", f"output={root}",
         f"val_codes={root}/synthetic_meta/codes.parquet", f"model.generator={gen_uri}", f"model.preset={cfg['preset']}",
-        f"model.seed={cfg['seed']}", "train.lpips=0", "train.id=0", f"train.steps={tr['steps']}",
-        f"train.batch_size={tr['batch_size']}", f"train.lr={tr['lr']}", f"train.log_every={tr['log_every']}",
-        f"train.val_every={tr['val_every']}", f"train.checkpoint_every={tr['checkpoint_every']}",
-        f"train.val_images={min(64, int(cfg['n_val']))}"])
+        f"model.seed={cfg['seed']}", "train_encoder.lpips=0", "train_encoder.id=0",
+        f"train_encoder.steps={tr['steps']}", f"train_encoder.batch_size={tr['batch_size']}",
+        f"train_encoder.lr={tr['lr']}", f"train_encoder.log_every={tr['log_every']}",
+        f"train_encoder.val_every={tr['val_every']}", f"train_encoder.checkpoint_every={tr['checkpoint_every']}",
+        f"train_encoder.val_images={min(64, int(cfg['n_val']))}"])
     ev = res["extra"]["eval"]
     say("2/10 train_encoder", "validation PSNR: trained {:.2f} dB | mean latent {:.2f} dB | untrained {:.2f} dB; "
         "W+ MSE to true codes: trained {:.4f} | mean latent {:.4f} | untrained {:.4f}".format(
@@ -191,13 +213,13 @@ def run(cfg: dict) -> dict:
 
     say("5/10 fit_classifier", f"latent classifier for {', '.join(ATTRIBUTES)} (labels from the true codes)")
     job("fit_classifier", fit_classifier, [f"latents={root}", f"attributes={root}/synthetic_meta/attributes.parquet",
-                                           f"output={root}", f"train.epochs={cfg['fit']['classifier_epochs']}",
-                                           "train.batch_size=32", "train.lr=0.001"])
+                                           f"output={root}", f"fit_classifier.epochs={cfg['fit']['classifier_epochs']}",
+                                           "fit_classifier.batch_size=32", "fit_classifier.lr=0.001"])
 
     say("6/10 fit_editor", "reference-based edit transformer for synthetic_a")
     job("fit_editor", fit_editor, [f"latents={root}", f"classifier={root}", f"output={root}",
-                                   "attributes=[synthetic_a]", f"train.steps={cfg['fit']['editor_steps']}",
-                                   "train.batch_size=32", "train.lr=0.001"])
+                                   "attributes=[synthetic_a]", f"fit_editor.steps={cfg['fit']['editor_steps']}",
+                                   "fit_editor.batch_size=32", "fit_editor.lr=0.001"])
 
     say("7/10 edit", "label, reference and direction edits of the astronaut faces and some synthetic images")
     requests = edit_requests(root, data["ids"][:4])
@@ -251,4 +273,4 @@ def edit_requests(root: str, synthetic_ids: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    main(JOB, __doc__, DEFAULTS, run)
+    main(JOB, __doc__, SETTINGS, run)

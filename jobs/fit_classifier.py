@@ -1,7 +1,7 @@
 """Fit job: the latent attribute classifier (official LCNet layout) on inverted W+ codes.
 
     python -m jobs.fit_classifier --set latents=URI --set attributes=URI --set output=URI \\
-        [--set attributes_list=[Smiling,Male]] [--set val_fraction=0.1] [--set train.epochs=20]
+        [--set attributes_list=[Smiling,Male]] [--set val_fraction=0.1] [--set fit_classifier.epochs=20]
 
 `latents` is a dataset root with a committed `latents` table (jobs.invert). `attributes` is a
 Parquet or CSV table: `image_id` (optionally `face_index`; or `file`/`filename`, matched to the
@@ -37,11 +37,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from jobs.cli import main
+from jobs.sections import CodeTrainSection, JobSettings
+from jobs.settings import setting
 from pipeline import model_registry, storage
 from pipeline.compute import fit
 from pipeline.fit_data import code_shape, read_latents
@@ -59,24 +62,34 @@ TABLE = "classifier_eval"
 EVAL = TableSpec(TABLE, classifier_eval_schema(), ("run_id", "attribute"))
 MODEL_FILE = "classifier.pt"
 
-DEFAULTS = {
-    "latents": None,          # dataset root with a committed latents table
-    "attributes": None,       # Parquet/CSV: image_id (or file) + one 0/1 (or -1/1) column per attribute
-    "attributes_list": None,  # choose / order the attributes (default: the table's numeric columns)
-    "output": None,           # model_files/classifier/<run>/classifier.pt, models/ + classifier_eval/ tables, _runs/
-    "val_fraction": 0.1,      # held-out share of image ids (hash of image_id)
-    "split_seed": 0,
-    "progress": True,
-    "classifier": {"hidden": [2048, 512], "emb_dim": 32},  # the official LCNet_40 sizes
-    "train": {
-        "epochs": 20, "batch_size": 256, "lr": 1e-4, "weight_decay": 0.0, "seed": 0,
-        "num_workers": 1, "use_gpu": "auto", "torch_threads": 0,
-        "shuffle_buffer": 4096,   # rows in the local shuffle buffer of each worker
-        "materialize": True,      # keep the prepared codes in the object store across epochs
-        "log_every": 1,
-        "ray_storage": None,      # Ray Train's run folder (shared storage on a multi-node cluster)
-    },
-}
+@dataclass
+class ClassifierSection:
+    hidden: list[int] = setting([2048, 512], "hidden layer widths (the official LCNet_40 sizes)")
+    emb_dim: int = setting(32, "per-attribute embedding size")
+
+
+@dataclass
+class FitClassifierSection(CodeTrainSection):
+    epochs: int = setting(20, "passes over the training codes")
+    batch_size: int = setting(256, "codes per step and worker")
+    log_every: int = setting(1, "epochs between log lines")
+
+
+@dataclass
+class Settings(JobSettings):
+    latents: str | None = setting(None, "dataset root with a committed latents table")
+    attributes: str | None = setting(None, "Parquet/CSV: image_id (or file) + one 0/1 (or -1/1) column per attribute")
+    attributes_list: list[str] | None = setting(None, "choose / order the attributes (default: the table's numeric "
+                                                      "columns)")
+    output: str | None = setting(None, "model_files/classifier/<run>/classifier.pt, models/ + classifier_eval/ "
+                                       "tables, _runs/")
+    val_fraction: float = setting(0.1, "held-out share of image ids (hash of image_id)")
+    split_seed: int = setting(0, "seed of that hash")
+    classifier: ClassifierSection = setting(ClassifierSection, "the classifier's shape")
+    fit_classifier: FitClassifierSection = setting(FitClassifierSection, "Ray Train settings")
+
+
+SETTINGS = Settings
 
 
 def format_eval(rows: list[dict]) -> str:
@@ -93,7 +106,7 @@ def run(cfg: dict, before_commit=None) -> dict:
     for k in ("latents", "attributes", "output"):
         if not cfg.get(k):
             raise SystemExit(f"fit_classifier: set {k}=URI")
-    t = cfg["train"]
+    t = cfg["fit_classifier"]
     r = JobRun(cfg["output"], JOB, cfg)
     vf, seed = float(cfg["val_fraction"]), int(cfg["split_seed"])
     labels = load_labels(cfg["attributes"], cfg.get("attributes_list"))
@@ -155,4 +168,4 @@ DESCRIPTION = __doc__
 
 
 if __name__ == "__main__":
-    main(JOB, DESCRIPTION, DEFAULTS, run)
+    main(JOB, DESCRIPTION, SETTINGS, run)

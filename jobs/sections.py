@@ -80,6 +80,14 @@ class TrainSection:
 
 
 @dataclass
+class CodeTrainSection(TrainSection):
+    """Training on W+ codes read through Ray Data (jobs.fit_classifier, jobs.fit_editor)."""
+    weight_decay: float = setting(0.0, "Adam weight decay")
+    shuffle_buffer: int = setting(4096, "rows in the local shuffle buffer of each worker (0: no shuffle)")
+    materialize: bool = setting(True, "keep the prepared codes in the object store across epochs")
+
+
+@dataclass
 class PasteBackSection:
     """The paste-back stage (pipeline.paste_stage) of jobs.edit and jobs.invert: given as a
     section, it is on unless `enabled: false`; `paste_back=true` is this with every default."""

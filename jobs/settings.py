@@ -174,7 +174,10 @@ def _dotted(path: str, name: str) -> str:
 def nearest(name: str, candidates: list[str]) -> str | None:
     """The candidate closest to a misspelt name, if one is close enough."""
     near = difflib.get_close_matches(name, candidates, n=1, cutoff=0.7)
-    return near[0] if near else None
+    if near:
+        return near[0]
+    longer = sorted(c for c in candidates if c.startswith(name + "_"))  # train -> train_encoder
+    return longer[0] if len(longer) == 1 else None
 
 
 def unknown_message(path: str, name: str, candidates: list[str]) -> str:

@@ -7,8 +7,8 @@ pSp objective, on Ray Train (TorchTrainer, data parallel; one CPU worker locally
 
 `input` is a folder of aligned face images (any fsspec URI). The job first checks every file
 (undecodable ones are reported and counted as failed, never trained on), then trains for
-`train.steps` steps, writing the model in the official checkpoint layout to
-`<output>/checkpoints/` every `train.checkpoint_every` steps, a loss log to
+`train_encoder.steps` steps, writing the model in the official checkpoint layout to
+`<output>/checkpoints/` every `train_encoder.checkpoint_every` steps, a loss log to
 `<output>/train/log.jsonl` and validation grids to `<output>/train/grids/`. Rerunning the
 same command after a crash resumes from the newest complete checkpoint and stops at the same
 step count. At the end it evaluates on the validation images: reconstruction PSNR / MSE of the
@@ -24,11 +24,14 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from jobs.cli import main
+from jobs.sections import JobSettings, MetricWeights, ModelSection, TrainSection
+from jobs.settings import setting
 from pipeline import storage
 from pipeline.compute import fit, use_gpu
 from pipeline.runner import JobRun
@@ -38,30 +41,39 @@ log = logging.getLogger("stbatch.train")
 
 JOB = "train_encoder"
 
-DEFAULTS = {
-    "input": None,        # folder of aligned training images
-    "output": None,       # checkpoints/, train/ go here
-    "val_input": None,    # folder of validation images (default: the first images of input)
-    "val_codes": None,    # optional Parquet (file, w_plus): true codes of the validation images
-    "progress": True,
-    "model": {
-        "generator": None,   # plain StyleGAN2 file (g_ema) to train an encoder for
-        "generator_sha256": None,
-        "preset": None,      # its shape (ffhq-1024, cars-512, tiny-*)
-        "checkpoint": None,  # or: an inversion checkpoint to fine-tune
-        "sha256": None,
-        "seed": 0,
-    },
-    "metric_weights": {"lpips_alexnet": None, "facenet": None, "allow_random_init": False},
-    "train": {
-        "steps": 1000, "batch_size": 8, "lr": 1e-4,
-        "l2": 1.0, "lpips": 0.8, "id": 0.1, "w_norm": 0.0,
-        "num_workers": 1, "use_gpu": "auto", "torch_threads": 0,
-        "log_every": 10, "val_every": 100, "checkpoint_every": 100, "val_images": 8,
-        "seed": 0, "resume": True,
-        "ray_storage": None,   # Ray Train's run folder (shared storage on a multi-node cluster)
-    },
-}
+@dataclass
+class EncoderModelSection(ModelSection):
+    preset: str | None = setting(None, "the generator's shape (ffhq-1024, cars-512, tiny-*)")
+    generator: str | None = setting(None, "plain StyleGAN2 file (g_ema) to train an encoder for (or: checkpoint, "
+                                          "an inversion checkpoint to fine-tune)")
+    generator_sha256: str | None = setting(None, "verify the generator file against this sha256 when set")
+
+
+@dataclass
+class TrainEncoderSection(TrainSection):
+    steps: int = setting(1000, "training steps (a rerun resumes and stops at the same count)")
+    l2: float = setting(1.0, "loss weight of the pixel MSE")
+    lpips: float = setting(0.8, "loss weight of LPIPS (needs metric_weights.lpips_alexnet, or 0)")
+    id: float = setting(0.1, "loss weight of ID similarity (needs metric_weights.facenet, or 0)")
+    w_norm: float = setting(0.0, "loss weight of the W+ distance to the mean latent")
+    val_every: int = setting(100, "steps between validation grids")
+    checkpoint_every: int = setting(100, "steps between checkpoints")
+    val_images: int = setting(8, "validation images in the grids and the final evaluation")
+    resume: bool = setting(True, "resume from the newest complete checkpoint under output")
+
+
+@dataclass
+class Settings(JobSettings):
+    input: str | None = setting(None, "folder of aligned training images")
+    output: str | None = setting(None, "checkpoints/ and train/ go here")
+    val_input: str | None = setting(None, "folder of validation images (default: the first images of input)")
+    val_codes: str | None = setting(None, "optional Parquet (file, w_plus): true codes of the validation images")
+    model: EncoderModelSection = setting(EncoderModelSection, "what the encoder is trained for")
+    metric_weights: MetricWeights = setting(MetricWeights, "backbones of the LPIPS and ID losses")
+    train_encoder: TrainEncoderSection = setting(TrainEncoderSection, "Ray Train settings and loss weights")
+
+
+SETTINGS = Settings
 
 
 def _decode_all(files: list[str], input_size: int, target_size: int) -> dict:
@@ -117,7 +129,7 @@ def run(cfg: dict) -> dict:
 
     if not cfg.get("input") or not cfg.get("output"):
         raise SystemExit("train_encoder: set input=URI (training images) and output=URI")
-    t = cfg["train"]
+    t = cfg["train_encoder"]
     t0 = time.time()
     files = storage.list_files(cfg["input"])
     if not files:
@@ -162,4 +174,4 @@ def run(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(JOB, __doc__, DEFAULTS, run)
+    main(JOB, __doc__, SETTINGS, run)

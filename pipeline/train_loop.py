@@ -127,7 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from stmodel.losses import LossWeights, PSPLoss
 
-    t = config["train"]
+    t = config["train_encoder"]
     output = config["output"]
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(int(t["seed"]) + rank)

@@ -26,9 +26,10 @@ MARGIN_DB = 1.5
 
 @pytest.mark.slow
 def test_short_demo_end_to_end(ray_local, tmp_path):
-    cfg = load_config(demo.DEFAULTS, None, [
-        f"output={tmp_path / 'demo'}", "n_train=128", "n_val=16", "train.steps=300", "train.log_every=50",
-        "train.val_every=150", "train.checkpoint_every=150", "fit.classifier_epochs=10", "fit.editor_steps=40"])
+    cfg = load_config(demo.SETTINGS, None, [
+        f"output={tmp_path / 'demo'}", "n_train=128", "n_val=16", "train_encoder.steps=300",
+        "train_encoder.log_every=50", "train_encoder.val_every=150", "train_encoder.checkpoint_every=150",
+        "fit.classifier_epochs=10", "fit.editor_steps=40"])
     res = demo.run(cfg)
     ev = res["extra"]["eval"]
     print("demo eval:", ev)

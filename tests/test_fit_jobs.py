@@ -38,14 +38,14 @@ def data(tmp_path_factory, tiny_checkpoint):
 
 
 def _cfg(job, **sets):
-    return load_config(job.DEFAULTS, None, [f"{k}={v}" for k, v in {"progress": "false", **sets}.items()])
+    return load_config(job.SETTINGS, None, [f"{k}={v}" for k, v in {"progress": "false", **sets}.items()])
 
 
 def _clf_cfg(data, **sets):
     return _cfg(fit_classifier, latents=data["root"], attributes=data["attributes"], output=data["root"],
-                val_fraction=0.2, **{"classifier.hidden": "[256,64]", "train.epochs": 10, "train.batch_size": 64,
-                                     "train.lr": 1e-3, "train.ray_storage": str(data["base"] / "ray_results"),
-                                     **sets})
+                val_fraction=0.2, **{"classifier.hidden": "[256,64]", "fit_classifier.epochs": 10,
+                                     "fit_classifier.batch_size": 64, "fit_classifier.lr": 1e-3,
+                                     "fit_classifier.ray_storage": str(data["base"] / "ray_results"), **sets})
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_failed_fit_run_publishes_no_model(classifier, data):
         raise KeyboardInterrupt("killed before publishing")
 
     with pytest.raises(KeyboardInterrupt):
-        fit_classifier.run(_clf_cfg(data, **{"train.epochs": 1}), before_commit=die)
+        fit_classifier.run(_clf_cfg(data, **{"fit_classifier.epochs": 1}), before_commit=die)
     orphan = os.path.join(data["root"], "model_files", "classifier", failed["run_id"], "classifier.pt")
     assert os.path.exists(orphan)  # written, never published
     after = {t: delta.read_snapshot_arrow(data["root"], t).to_pylist() for t in ("models", "classifier_eval")}
@@ -119,8 +119,8 @@ def test_failed_fit_run_publishes_no_model(classifier, data):
 def editors(classifier, data):
     res = fit_editor.run(_cfg(
         fit_editor, classifier=data["root"], output=data["root"], attributes="[Smiling]", latents=data["root"],
-        val_fraction=0.25, **{"editor.ff_dim": 128, "train.steps": 150, "train.batch_size": 64,
-                              "train.lr": 1e-3, "train.ray_storage": str(data["base"] / "ray_results")}))
+        val_fraction=0.25, **{"editor.ff_dim": 128, "fit_editor.steps": 150, "fit_editor.batch_size": 64,
+                              "fit_editor.lr": 1e-3, "fit_editor.ray_storage": str(data["base"] / "ray_results")}))
     return {"res": res}
 
 
@@ -157,8 +157,8 @@ def test_fit_editor_sampled_codes(classifier, data):
         fit_editor, classifier=classifier["uri"], classifier_sha256=classifier["res"]["extra"]["classifier_sha256"],
         output=out, attributes="[Young]",
         **{"model.checkpoint": data["ckpt"], "sample.n": 128, "sample.n_val": 32, "sample.mean_n": 256,
-           "editor.ff_dim": 64, "train.steps": 4, "train.batch_size": 32,
-           "train.ray_storage": str(data["base"] / "ray_results")}))
+           "editor.ff_dim": 64, "fit_editor.steps": 4, "fit_editor.batch_size": 32,
+           "fit_editor.ray_storage": str(data["base"] / "ray_results")}))
     assert res["counts"] == {"in": 160, "ok": 160, "failed": 0, "skipped": 0}
     e = res["extra"]["editors"]["Young"]
     assert e["steps"] == 4 and e["pairs"] == 16 and os.path.exists(e["uri"])

@@ -56,7 +56,7 @@ def _snapshot(root: str) -> pa.Table:
 
 def _run(root: str, **sets):
     sets = [f"output={root}"] + [f"{k}={v}" for k, v in sets.items()]
-    return maintain.run(load_config(maintain.DEFAULTS, None, sets))
+    return maintain.run(load_config(maintain.SETTINGS, None, sets))
 
 
 def _check_maintain(root: str) -> None:

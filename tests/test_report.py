@@ -113,7 +113,7 @@ def _dataset(root: str, labels: str = REAL, mismatch: bool = False) -> dict:
 
 
 def _run(inp: str, **sets) -> dict:
-    return report.run(load_config(report.DEFAULTS, None, [f"input={inp}"] + [f"{k}={v}" for k, v in sets.items()]))
+    return report.run(load_config(report.SETTINGS, None, [f"input={inp}"] + [f"{k}={v}" for k, v in sets.items()]))
 
 
 def _html(uri: str) -> str:

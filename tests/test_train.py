@@ -52,9 +52,10 @@ stmodel.uri.write_bytes = write_bytes
 def _command(root: str) -> list[str]:
     sets = [f"input={root}/synthetic/train", f"val_input={root}/synthetic/val", f"output={root}/run",
             f"val_codes={root}/synthetic_meta/codes.parquet", f"model.generator={root}/models/generator.pt",
-            "model.preset=tiny-32", "train.lpips=0", "train.id=0", f"train.steps={STEPS}", "train.batch_size=4",
-            "train.lr=0.001", "train.log_every=1", f"train.val_every={EVERY}", f"train.checkpoint_every={EVERY}",
-            "train.val_images=4", f"train.ray_storage={root}/ray_results", "ray.num_cpus=2"]
+            "model.preset=tiny-32", "train_encoder.lpips=0", "train_encoder.id=0", f"train_encoder.steps={STEPS}",
+            "train_encoder.batch_size=4", "train_encoder.lr=0.001", "train_encoder.log_every=1",
+            f"train_encoder.val_every={EVERY}", f"train_encoder.checkpoint_every={EVERY}", "train_encoder.val_images=4",
+            f"train_encoder.ray_storage={root}/ray_results", "ray.num_cpus=2"]
     return [sys.executable, "-m", "jobs.train_encoder", "--quiet"] + [a for s in sets for a in ("--set", s)]
 
 
