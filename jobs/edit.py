@@ -48,6 +48,16 @@ that is ok, or a permanent failure (bad_request), is skipped; transient failures
 rows lost by the pipeline: pipeline.runner.TRANSIENT_STATUSES) are tried again, and
 `retry_failed=true` retries every failure.
 
+Paste-back (`paste_back=true`, or the `paste_back` section): each edited face is warped back
+into its whole photo (pipeline.paste_stage; the quad and photo URI come from the committed
+`faces` table under `paste_back.faces`, default the `latents` root), written to
+`<output>/composites/edits/<edit_id>.jpg|png` with the photo's upright orientation, size and
+RGB ICC profile; `paste_back.group=photo` pastes the faces of one photo edited with the same
+request into one composite (named by the sha256 of their edit_ids). The row gets
+`composite_uri`, `psnr_outside` (inf: nothing outside the face masks changed) and `psnr_box`
+(inside the quad's bounding box); a photo that cannot be read or pasted makes the row
+`read_error` (transient) or `paste_error` with the reason.
+
 Counts, one per request: in = ok + failed + skipped (skipped = done before, or repeated).
 """
 from __future__ import annotations
@@ -62,12 +72,12 @@ import numpy as np
 import pyarrow.compute as pc
 
 from jobs.cli import main
-from jobs.sections import JobSettings, MetricWeights, ModelActorSection, NamedModelSection
+from jobs.sections import JobSettings, MetricWeights, ModelActorSection, NamedModelSection, PasteBackSection
 from jobs.settings import setting
-from pipeline import model_registry, storage
+from pipeline import model_registry, paste_stage, storage
 from pipeline.compute import actor_pool, device_for, gpus_per_actor
-from pipeline.edit_requests import (DIRECTION_MAX_BYTES, STATUS_OK, EditContext, expand_sweep, prepare_requests,
-                                    read_requests, request_keys, sweep_batch)
+from pipeline.edit_requests import (DIRECTION_MAX_BYTES, REQUEST_FIELDS, STATUS_OK, EditContext, expand_sweep,
+                                    prepare_requests, read_requests, request_keys, sweep_batch)
 from pipeline.edit_stage import EditBatch, as_role, codes_for_join, request_rows, with_status
 from pipeline.fit_data import read_latents
 from pipeline.runner import JobRun, TableSpec, WriteResult, run_summary
@@ -115,6 +125,8 @@ class Settings(JobSettings):
     metrics: bool = setting(True, "ID similarity + LPIPS of each edit against the source reconstruction")
     metric_weights: MetricWeights = setting(MetricWeights, "backbones of LPIPS and ID similarity")
     retry_failed: bool = setting(False, "also retry permanent failures (bad_request ...); transient ones always are")
+    paste_back: bool | PasteBackSection = setting(False, "paste each edit into its whole photo: true (the defaults "
+                                                         "below) or the section")
     direction_prefixes: list[str] = setting([], "where direction_uri may point besides `output` (URI prefixes, whole "
                                                 "path components)")
     direction_max_bytes: int = setting(DIRECTION_MAX_BYTES, "a larger direction file is a bad_request (size checked "
@@ -200,14 +212,35 @@ def build_requests(cfg: dict, ctx: EditContext):
     return ray.data.from_arrow(table), keys, has_ref
 
 
+def join_partitions(c: dict, n_todo: int) -> int:
+    parts = c.get("join_partitions", "auto")
+    return max(1, min(64, math.ceil(n_todo / 2000))) if parts in (None, "auto") else int(parts)
+
+
+def paste_settings(cfg: dict) -> tuple[paste_stage.PasteSettings | None, str | None]:
+    """(the paste stage's settings, the root of the faces table), or (None, None) without
+    paste_back; a bad setting or a missing faces table stops the job before it starts."""
+    # group=photo: the faces of a photo whose requests are the same but for face_index
+    same_request = tuple(f for f in REQUEST_FIELDS if f not in ("image_id", "face_index"))
+    ps = paste_stage.settings_from(cfg.get("paste_back"), JOB, output=cfg["output"], folder="edits",
+                                   member_columns=("edit_id",), crop_uri_column="output_uri", schema=EDITS.schema,
+                                   group_columns=same_request)
+    if ps is None:
+        return None, None
+    pb = cfg["paste_back"] if isinstance(cfg["paste_back"], dict) else {}
+    root = pb.get("faces") or cfg["latents"]
+    if not paste_stage.faces_table_exists(root):
+        raise SystemExit(f"edit: paste_back needs the photos' faces table (quads, photo URIs) and {root} has no "
+                         f"committed one: set paste_back.faces=ROOT (the jobs.align output the latents came from)")
+    return ps, root
+
+
 def join_codes(todo, cfg: dict, keys: list | None, has_ref: bool, n_todo: int):
     """The requests to edit joined with their source codes (and reference codes): hash joins
     in Ray Data, left outer (a request without a code is failed by the edit stage). The codes
     are read once; with reference edits they are materialised (in the object store) for the
     two joins."""
-    c = cfg["edit"]
-    parts = c.get("join_partitions", "auto")
-    parts = max(1, min(64, math.ceil(n_todo / 2000))) if parts in (None, "auto") else int(parts)
+    parts = join_partitions(cfg["edit"], n_todo)
     latents = read_latents(cfg["latents"], ["image_id", "face_index", "status", "w_plus", "checkpoint_sha256"])
     codes = latents.map_batches(codes_for_join, batch_format="pyarrow", fn_kwargs={"keys_refs": keys})
     if has_ref:
@@ -262,6 +295,7 @@ def run(cfg: dict, before_commit=None) -> dict:
         if not (w.get("allow_random_init") or w.get("skip_missing")) and not (w.get("lpips_alexnet") and w.get("facenet")):
             raise SystemExit("edit: metrics need metric_weights.lpips_alexnet and metric_weights.facenet "
                              "(weights URIs), metric_weights.skip_missing=true, or metrics=false")
+    paste, faces_root = paste_settings(cfg)
     c = cfg["edit"]
     r = JobRun(cfg["output"], JOB, cfg, rows_per_file=int(c["rows_per_part"]), log_every_s=float(c["log_every_s"]))
     mc, info = describe_model(cfg["model"])
@@ -304,7 +338,10 @@ def run(cfg: dict, before_commit=None) -> dict:
                 "metrics": cfg["metric_weights"] if cfg["metrics"] else None,
                 "device": device_for(c["device"], num_gpus), "amp": c["amp"],
                 "torch_threads": max(1, int(float(c["num_cpus"]))),
+                "keep_crops": paste is not None,
             })
+        if paste is not None:
+            edited = paste_stage.paste(paste_stage.attach_faces(edited, faces_root, join_partitions(c, n_todo)), paste)
         ds = edited.union(ds)
     res = WriteResult()
     if n_in:

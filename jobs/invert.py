@@ -14,10 +14,18 @@ The encoder runs alone unless `metrics=true`: then the generator reconstructs ea
 reconstruction is written to `<output>/reconstructions/`, and PSNR / MSE / LPIPS / ID
 similarity go into the table and the summary (mean / p50 / p95).
 
+With `metrics=true` and `paste_back=true` (or the `paste_back` section), each reconstruction is
+also warped back into its whole photo (pipeline.paste_stage, the quads of the input's `faces`
+table): `<output>/composites/reconstructions/<image_id>_<face>.jpg|png` (group=photo: all
+faces of a photo in one file), the photo's upright orientation, size and RGB ICC profile kept;
+`composite_uri`, `psnr_outside` and `psnr_box` go into the latents row. It needs an align
+output as input (a plain folder of crops has no photos to paste into).
+
 Counts (one per face): in = ok + failed + skipped.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -27,9 +35,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.cli import main
-from jobs.sections import JobSettings, MetricWeights, ModelActorSection, NamedModelSection
+from jobs.sections import JobSettings, MetricWeights, ModelActorSection, NamedModelSection, PasteBackSection
 from jobs.settings import setting
-from pipeline import delta, storage
+from pipeline import delta, paste_stage, storage
 from pipeline.compute import actor_pool, device_for, gpus_per_actor
 from pipeline.images import hash_crops, load_crops
 from pipeline.invert_stage import InvertBatch, lost_rows
@@ -65,6 +73,8 @@ class Settings(JobSettings):
     metric_weights: MetricWeights = setting(MetricWeights, "backbones of LPIPS and ID similarity (metrics=true)")
     invert: InvertSection = setting(InvertSection, "the inversion actors (batch_size: faces per model call; "
                                                    "num_cpus: leave CPUs for the read stage)")
+    paste_back: bool | PasteBackSection = setting(False, "metrics=true: reconstructions pasted back into their "
+                                                         "photos (true, or a section: format, quality, group, ...)")
     testing: TestingSection = setting(TestingSection, "test hooks")
 
 
@@ -129,11 +139,30 @@ def latents_table(shapes: dict) -> TableSpec:
     return TableSpec(TABLE, latents_schema(shapes["n_latent"], shapes["style_dim"]), LATENT_KEY)
 
 
+def paste_settings(cfg: dict) -> tuple[paste_stage.PasteSettings | None, str | None]:
+    """(the paste stage's settings, the root of the faces table), or (None, None) without
+    paste_back; stops the job before it starts when paste_back cannot be done."""
+    ps = paste_stage.settings_from(cfg.get("paste_back"), JOB, output=cfg["output"], folder="reconstructions",
+                                   member_columns=LATENT_KEY, group_columns=(), crop_uri_column="reconstruction_uri")
+    if ps is None:
+        return None, None
+    if not cfg["metrics"]:
+        raise SystemExit("invert: paste_back pastes the reconstructions, which only metrics=true makes: "
+                         "set metrics=true, or paste_back=false")
+    if not paste_stage.faces_table_exists(cfg["input"]):
+        raise SystemExit(f"invert: paste_back needs photos to paste into, and the input {cfg['input']} has no "
+                         f"committed faces table (a plain folder of crops has no quads): invert a jobs.align "
+                         f"output, or set paste_back=false")
+    pb = cfg["paste_back"] if isinstance(cfg["paste_back"], dict) else {}
+    return ps, pb.get("faces") or cfg["input"]
+
+
 def run(cfg: dict, before_commit=None) -> dict:
     import ray
 
     if not cfg.get("input") or not cfg.get("output"):
         raise SystemExit("invert: set input=URI and output=URI")
+    paste, faces_root = paste_settings(cfg)
     c = cfg["invert"]
     shapes = model_shapes(cfg["model"])
     r = JobRun(cfg["output"], JOB, cfg, rows_per_file=int(c["rows_per_part"]), log_every_s=float(c["log_every_s"]))
@@ -145,6 +174,9 @@ def run(cfg: dict, before_commit=None) -> dict:
     if work is not None:
         work = r.mark_done(work, spec, retry_failed=bool(cfg.get("retry_failed")))
         ds = build_dataset(work, cfg, r.run_id, shapes["pool_size"] if cfg["metrics"] else None)
+        if paste is not None:
+            ds = paste_stage.paste(paste_stage.attach_faces(ds, faces_root, max(1, min(64, -(-n_in // 2000)))),
+                                   dataclasses.replace(paste, schema=spec.schema))
         res = r.write(ds, spec, expected=n_in, inputs=work,
                       lost_rows=partial(lost_rows, n_latent=shapes["n_latent"], style_dim=shapes["style_dim"],
                                         run_id=r.run_id))

@@ -29,6 +29,7 @@ from pipeline.edit_requests import REQUEST_FIELDS, STATUS_BAD, STATUS_OK, check_
 from pipeline.fit_data import codes_to_numpy
 from pipeline.images import encode_png
 from pipeline.models import ModelActor, build_metrics, metric_label
+from pipeline.paste_stage import CROP_PNG
 from pipeline.schemas import edits_schema, make_table
 from pipeline.scoring import to_uint8
 from pipeline.storage import image_key
@@ -130,11 +131,13 @@ class EditBatch(ModelActor):
     """Actor: model, classifier, editors and metric backbones loaded once; a batch of requests
     joined with their codes -> `edits` rows (edited PNG under `<output>/edit_images/<edit_id>.png`,
     source reconstruction under `<output>/edit_sources/<image_id>_<face>.png`). `editors` maps an
-    attribute to {uri, sha256}; every file is verified against its committed sha256."""
+    attribute to {uri, sha256}; every file is verified against its committed sha256.
+    `keep_crops`: each row also carries its edited PNG's bytes (pipeline.paste_stage.CROP_PNG)
+    for the paste-back stage after it, so that stage does not read the file back."""
 
     def __init__(self, model: dict, run_id: str, output: str, classifier: str | None = None,
                  classifier_sha256: str | None = None, editors: dict | None = None, metrics: dict | None = None,
-                 device: str = "auto", amp: str = "auto", torch_threads: int = 0):
+                 device: str = "auto", amp: str = "auto", torch_threads: int = 0, keep_crops: bool = False):
         from stmodel.classifier import load_classifier
         from stmodel.editor import load_editor
 
@@ -156,6 +159,7 @@ class EditBatch(ModelActor):
         self.schema = edits_schema()
         self.directions: dict[str, torch.Tensor] = {}
         self.sources_written: set = set()
+        self.keep_crops = bool(keep_crops)
 
     def _direction(self, uri: str) -> torch.Tensor:
         if uri not in self.directions:
@@ -231,12 +235,13 @@ class EditBatch(ModelActor):
         wr = torch.from_numpy(w_r).to(self.device)
         cols = {k: [r[k] for r in meta] for k in ("edit_id",) + REQUEST_FIELDS}
         out = {k: [None] * n for k in ("output_uri", "source_reconstruction_uri", "metric_backbones")}
+        pngs: list = [None] * n
         nums = {k: np.full(n, np.nan, np.float32) for k in ("id_similarity", "lpips", "logit_before", "logit_after")}
         we = self._edit_codes(meta, ws, wr, status, error)
         ok = [i for i in range(n) if status[i] == STATUS_OK]
         if ok:
             try:
-                self._render(meta, ok, ws, we, out, nums, status, error)
+                self._render(meta, ok, ws, we, out, nums, status, error, pngs)
             except Exception as e:  # noqa: BLE001 - a failing batch becomes failed rows, not a crash
                 log.exception("rendering failed for a batch of %d edits", len(ok))
                 for i in ok:
@@ -244,10 +249,13 @@ class EditBatch(ModelActor):
                     out["output_uri"][i] = out["source_reconstruction_uri"][i] = None
         cols.update(status=status, error=error, model=[self.info["name"]] * n,
                     checkpoint_sha256=[self.info["sha256"]] * n, **out, **nums)
-        return make_table(cols, self.schema, self.run_id)
+        table = make_table(cols, self.schema, self.run_id)
+        if self.keep_crops:
+            table = table.append_column(CROP_PNG, pa.array(pngs, pa.binary()))
+        return table
 
     @torch.no_grad()
-    def _render(self, meta, ok, ws, we, out, nums, status, error) -> None:
+    def _render(self, meta, ok, ws, we, out, nums, status, error, pngs) -> None:
         ix = torch.tensor(ok, device=ws.device)
         w_src, w_edit = ws[ix], we[ix]
         if self.clf is not None:
@@ -286,8 +294,10 @@ class EditBatch(ModelActor):
                 if not _HEX64.match(eid):
                     raise ValueError(f"edit_id {eid!r} is not a sha256 hex")
                 uri = storage.join(self.output, storage.safe_key(f"{IMAGES}/{eid}.png"))
-                storage.write_bytes(uri, encode_png(edit_png[j]))
+                png = encode_png(edit_png[j])
+                storage.write_bytes(uri, png)
                 out["output_uri"][i] = uri
+                pngs[i] = png if self.keep_crops else None
                 out["source_reconstruction_uri"][i] = src_uri[src_keys[j]]
             except Exception as e:  # noqa: BLE001 - a failed write fails that row only
                 status[i], error[i] = STATUS_ERROR, f"cannot write the edited image: {type(e).__name__}: {e}"

@@ -99,7 +99,8 @@ def settings_from(value, job: str, **fixed) -> PasteSettings | None:
         sizes = {k: int(section.get(k, d)) for k, d in (("max_pixels", 64_000_000), ("batch_size", 16))}
         num_cpus = float(section.get("num_cpus", 1))
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"{job}: paste_back settings must be numbers where they are numbers ({e})") from None
+        raise SystemExit(f"{job}: paste_back.quality, feather, radii, max_pixels, batch_size and num_cpus must be "
+                         f"numbers ({e})") from None
     if not 1 <= quality <= 100:
         raise SystemExit(f"{job}: paste_back.quality must be 1-100, got {quality}")
     if not (0 < feather <= 1 and all(0 < r <= 1 for r in radii)):
