@@ -69,6 +69,16 @@ def test_config_file_loads_for_every_job(path, job):
         assert _get(cfg, key) == want
 
 
+def test_training_jobs_have_their_own_sections():
+    """ffhq.yaml's encoder training settings reach train_encoder only."""
+    ffhq = str(ROOT / "configs" / "ffhq.yaml")
+    assert load_config(_settings("train_encoder"), ffhq, [])["train_encoder"]["batch_size"] == 8
+    assert load_config(_settings("fit_editor"), ffhq, [])["fit_editor"]["batch_size"] == 64
+    assert load_config(_settings("fit_classifier"), ffhq, [])["fit_classifier"]["batch_size"] == 256
+    errs = _errors(_settings("train_encoder"), ["train.steps=3"])
+    assert errs == ["train: unknown setting (did you mean train_encoder?)"]
+
+
 def test_config_file_unknown_key_is_an_error_with_suggestion(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("invert:\n  batch_sise: 4\nalign:\n  size: 64\ntrain:\n  steps: 3\n")
@@ -92,14 +102,16 @@ def test_set_must_name_this_jobs_setting():
 
 def test_wrong_types_name_key_value_and_type_all_together():
     errs = _errors(_settings("invert"), ["metrics=ture", "invert.batch_size=abc", "invert.num_cpus=[1,2]",
-                                         "invert.concurrency=[1,2,3]", "invert.amp=bf17", "metrics=1"])
+                                         "invert.concurrency=[1,2,3]", "invert.amp=bf17", "metrics=1",
+                                         "invert.load_batch_size=[4]"])
     # the last --set of a key wins: metrics=1 (an int is not a bool)
     assert "metrics: expected bool (true or false), got 1 (int)" in errs
     assert "invert.batch_size: expected int, got 'abc' (str)" in errs
     assert "invert.num_cpus: expected number, got [1, 2] (list)" in errs
     assert "invert.concurrency: expected int or [int, int], got [1, 2, 3] (list)" in errs
     assert any(e.startswith("invert.amp: expected one of auto, none, bf16, fp16, got 'bf17'") for e in errs)
-    assert len(errs) == 5
+    assert "invert.load_batch_size: expected int, got [4] (list)" in errs
+    assert len(errs) == 6
 
 
 def test_bool_is_strict_and_numbers_convert():
