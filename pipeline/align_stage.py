@@ -19,7 +19,6 @@ not faces. Nothing here raises on bad data.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import traceback
@@ -31,6 +30,7 @@ from PIL import Image
 
 from pipeline import delta, storage
 from pipeline.decode import IDENTITY_MAP, STATUS_OK, decode_image, decode_region, image_id as hash_image_id
+from pipeline.inputs import UNREAD_PREFIX, unread_id  # noqa: F401 - part of this module's API
 from pipeline.runner import STATUS_LOST, STATUS_SKIPPED, UNIT_COLUMN, is_done
 from pipeline.schemas import faces_table
 
@@ -45,7 +45,6 @@ REFINE_SIZE = 256           # side of the upright crop the landmark refinement r
 PNG_STRATEGY_RLE = 3        # zlib Z_RLE: measured on 256 and 1024 crops, 5-15 % smaller files than
                             # the default strategy at level 1, and no slower (level 6: 3-4x slower)
 FACE_POLICIES = ("largest", "all")
-UNREAD_PREFIX = "unread:"
 
 
 def aligned_key(image_id: str, face_index: int) -> str:
@@ -58,12 +57,6 @@ def source_uri_of(path: str, protocol: str | None) -> str:
     if not protocol or protocol == "file" or "://" in path:
         return path
     return f"{protocol}://{path}"
-
-
-def unread_id(source_uri: str) -> str:
-    """The `image_id` of a row for a file whose bytes were never read: derived from its URI (not
-    a content hash), so that the same unreadable file keeps one row across runs."""
-    return UNREAD_PREFIX + hashlib.sha256(source_uri.encode()).hexdigest()
 
 
 def hash_files(batch: dict, protocol: str | None = None) -> dict:

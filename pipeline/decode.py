@@ -13,13 +13,25 @@ pixel (u, v) of `image` is at (a * u + bx, a * v + by) in the full-resolution, E
 photo (pixel centres). `width` / `height` are always the full-resolution oriented size. Other
 formats, and JPEGs too small to reduce, decode at full size with pixel_map (1, 0, 0).
 
-Order of checks: empty -> header (format, declared size) -> pixel limit / minimum side ->
-decode (full, or reduced) -> EXIF orientation -> conversion to RGB. The pixel limit is checked on the size
+Order of checks: empty -> header (format, declared size) -> allowed format -> frames -> pixel
+limit / minimum side -> decode (full, or reduced) -> EXIF orientation -> conversion to RGB. The pixel limit is checked on the size
 declared in the header, before any pixel data is decompressed (decompression bombs).
 
 Conversions: CMYK/YCbCr/LAB/HSV -> RGB (through the embedded ICC profile when there is one),
 grayscale and 1-bit -> RGB, palette -> RGB (transparency honoured), 16/32-bit integer and float
 grayscale scaled to 8 bits (not clipped), alpha composited over a white background.
+
+Formats: only the allowed formats' parsers ever see the bytes (`Image.open(formats=...)`);
+default DEFAULT_FORMATS (JPEG, PNG, WebP, TIFF, BMP, GIF, and AVIF / HEIF where a Pillow
+plugin for them is installed). A file in another format Pillow knows (ICO, PSD, EPS ...) is
+`unsupported_format`, naming it; bytes no image parser recognises (a text file, a PDF) are
+`decode_error`. A camera JPEG with an MPF index (Pillow's "MPO": the photo followed by
+previews or depth maps) counts as JPEG, and its first image is the photo.
+
+Multi-frame files (animated GIF / WebP / AVIF, multi-page TIFF): `multi_frame="refuse"`
+(default) refuses them with status `multi_frame`, naming the frame count, since no single
+frame is "the photo"; `multi_frame="first"` decodes the first frame (`Decoded.frames` keeps
+the count).
 """
 from __future__ import annotations
 
@@ -38,6 +50,15 @@ STATUS_OK = "ok"
 STATUS_DECODE_ERROR = "decode_error"
 STATUS_TOO_LARGE = "too_large"
 STATUS_TOO_SMALL = "too_small"
+STATUS_UNSUPPORTED = "unsupported_format"
+STATUS_MULTI_FRAME = "multi_frame"
+MULTI_FRAME_POLICIES = ("refuse", "first")
+
+Image.init()
+_BASE_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
+# AVIF / HEIF only with a decoder for them (Pillow's own AVIF build, or the pillow-heif plugin)
+DEFAULT_FORMATS = _BASE_FORMATS + tuple(f for f in ("AVIF", "HEIF") if f in Image.OPEN)
+_SAME_AS = {"MPO": "JPEG"}  # the format Pillow reports -> the allowed format it counts as
 
 JPEG_REDUCTIONS = (8, 4, 2)   # libjpeg's DCT scalings that Pillow's draft() offers
 IDENTITY_MAP = (1.0, 0.0, 0.0)
@@ -55,6 +76,7 @@ class Decoded:
     width: int | None = None         # after EXIF orientation (header size when not decoded), full resolution
     height: int | None = None
     format: str | None = None
+    frames: int = 1                  # frames in the file (multi_frame="first" decoded the first)
     pixel_map: tuple[float, float, float] = IDENTITY_MAP  # image pixel (u, v) -> photo (a u + bx, a v + by)
 
     @property
@@ -65,6 +87,17 @@ class Decoded:
 def image_id(data: bytes) -> str:
     """The project's image id: hex sha256 of the source file's bytes."""
     return hashlib.sha256(data).hexdigest()
+
+
+def allowed_formats(names=None) -> tuple[str, ...]:
+    """The allow-list as Pillow format names (upper case); refuses a name Pillow cannot open."""
+    if names is None:
+        return DEFAULT_FORMATS
+    out = tuple(dict.fromkeys(str(n).strip().upper() for n in ([names] if isinstance(names, str) else names)))
+    unknown = [n for n in out if n not in Image.OPEN and n not in _SAME_AS]
+    if unknown:
+        raise ValueError(f"formats: Pillow cannot open {unknown}; known formats: {sorted(Image.OPEN)}")
+    return out
 
 
 def _describe(e: BaseException) -> str:
@@ -180,30 +213,67 @@ def _stored_box(box: tuple[int, int, int, int], o: int, stored: tuple[int, int])
             7: (sw - v1, sh - u1, sw - v0, sh - u0), 8: (sw - v1, u0, sw - v0, u1)}[o]
 
 
-def _open(data: bytes, max_pixels: int, min_side: int):
-    """(image, None) with the header checked, or (None, failed Decoded)."""
-    if data is None or len(data) == 0:
-        return None, Decoded(STATUS_DECODE_ERROR, "empty file (0 bytes)")
+def _other_format(data: bytes) -> str | None:
+    """The format of bytes that no allowed parser took, if any Pillow parser knows it (header
+    only: the file is closed before any pixel is decoded)."""
     try:
-        im = Image.open(io.BytesIO(data))
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format
+    except Exception:  # noqa: BLE001 - not an image at all
+        return None
+
+
+def _frames(im: Image.Image) -> int:
+    if not getattr(im, "is_animated", False):
+        return 1
+    try:
+        return int(im.n_frames)
+    except Exception:  # noqa: BLE001 - a broken later frame: at least two
+        return 2
+
+
+def _open(data: bytes, max_pixels: int, min_side: int, formats=None, multi_frame: str = "refuse"):
+    """(image, frames, None) with the header checked, or (None, 0, failed Decoded)."""
+    if data is None or len(data) == 0:
+        return None, 0, Decoded(STATUS_DECODE_ERROR, "empty file (0 bytes)")
+    allowed = allowed_formats(formats)
+    parsers = sorted(set(allowed) | {k for k, v in _SAME_AS.items() if v in allowed} - set(_SAME_AS))
+    try:
+        im = Image.open(io.BytesIO(data), formats=parsers)
     except Image.DecompressionBombError as e:
         # Pillow's own guard (2x Image.MAX_IMAGE_PIXELS) fired while reading the header.
-        return None, Decoded(STATUS_TOO_LARGE, f"header declares a decompression bomb, refused before decoding ({e})")
+        return None, 0, Decoded(STATUS_TOO_LARGE,
+                                f"header declares a decompression bomb, refused before decoding ({e})")
     except UnidentifiedImageError:
+        other = _other_format(data)
+        if other is not None:
+            return None, 0, Decoded(STATUS_UNSUPPORTED, f"{other} image: format not in the allowed formats "
+                                                        f"{list(allowed)}", format=other)
         head = bytes(data[:16])
-        return None, Decoded(STATUS_DECODE_ERROR,
-                             f"not a recognised image format ({len(data)} bytes, starts with {head!r})")
+        return None, 0, Decoded(STATUS_DECODE_ERROR,
+                                f"not a recognised image format ({len(data)} bytes, starts with {head!r})")
     fmt = im.format
+    if _SAME_AS.get(fmt, fmt) not in allowed:
+        im.close()
+        return None, 0, Decoded(STATUS_UNSUPPORTED, f"{fmt} image: format not in the allowed formats {list(allowed)}",
+                                format=fmt)
     w, h = int(im.size[0]), int(im.size[1])
+    frames = 1 if fmt == "MPO" else _frames(im)
+    if frames > 1 and multi_frame != "first":
+        im.close()
+        return None, 0, Decoded(STATUS_MULTI_FRAME, f"{fmt} with {frames} frames (animated or multi-page): "
+                                                    f"multi-frame files are refused (multi_frame=refuse; "
+                                                    f"multi_frame=first decodes the first frame)",
+                                width=w, height=h, format=fmt)
     if w * h > max_pixels:
         im.close()
-        return None, Decoded(STATUS_TOO_LARGE, f"header declares {w}x{h} = {w * h} pixels > max_pixels {max_pixels}; "
+        return None, 0, Decoded(STATUS_TOO_LARGE, f"header declares {w}x{h} = {w * h} pixels > max_pixels {max_pixels}; "
                                                f"refused before decoding", width=w, height=h, format=fmt)
     if min(w, h) < min_side:
         im.close()
-        return None, Decoded(STATUS_TOO_SMALL, f"image is {w}x{h}, smaller than min_image_side {min_side}",
+        return None, 0, Decoded(STATUS_TOO_SMALL, f"image is {w}x{h}, smaller than min_image_side {min_side}",
                              width=w, height=h, format=fmt)
-    return im, None
+    return im, frames, None
 
 
 def _load(im: Image.Image, reduce: int):
@@ -219,7 +289,7 @@ def _load(im: Image.Image, reduce: int):
     return (r, _orientation(im), full), None
 
 
-def _finish(im: Image.Image, o: int, full_oriented: tuple[int, int], pixel_map, fmt) -> Decoded:
+def _finish(im: Image.Image, o: int, full_oriented: tuple[int, int], pixel_map, fmt, frames: int = 1) -> Decoded:
     if o != 1:
         im = im.transpose(ORIENTATION_METHODS[o])
     arr = to_rgb_array(im)
@@ -227,19 +297,21 @@ def _finish(im: Image.Image, o: int, full_oriented: tuple[int, int], pixel_map, 
         return Decoded(STATUS_DECODE_ERROR, f"unexpected decoded shape {arr.shape} (mode {im.mode})",
                        width=full_oriented[0], height=full_oriented[1], format=fmt)
     return Decoded(STATUS_OK, None, np.ascontiguousarray(arr), width=int(full_oriented[0]),
-                   height=int(full_oriented[1]), format=fmt, pixel_map=pixel_map)
+                   height=int(full_oriented[1]), format=fmt, frames=frames, pixel_map=pixel_map)
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 min_side: int = DEFAULT_MIN_SIDE, min_long_side: int | None = None) -> Decoded:
+                 min_side: int = DEFAULT_MIN_SIDE, min_long_side: int | None = None,
+                 formats=None, multi_frame: str = "refuse") -> Decoded:
     """Decode untrusted bytes to RGB; every failure is a status with readable text.
 
     `min_long_side`: a JPEG whose longer side allows it is decoded at the coarsest DCT scale
-    (1/8, 1/4, 1/2) that keeps its longer side >= min_long_side (see the module docstring)."""
+    (1/8, 1/4, 1/2) that keeps its longer side >= min_long_side (see the module docstring).
+    `formats`: the allowed formats (default DEFAULT_FORMATS); `multi_frame`: refuse | first."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im, failed = _open(data, max_pixels, min_side)
+            im, frames, failed = _open(data, max_pixels, min_side, formats, multi_frame)
             if failed is not None:
                 return failed
             with im:
@@ -248,7 +320,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
                 if failed is not None:
                     return failed
                 r, o, full = loaded
-                return _finish(im, o, _oriented(*full, o), _pixel_map(r, o, full, im.size), fmt)
+                return _finish(im, o, _oriented(*full, o), _pixel_map(r, o, full, im.size), fmt, frames)
     except Exception as e:  # noqa: BLE001 - never raise on data
         return Decoded(STATUS_DECODE_ERROR, f"cannot decode image ({_describe(e)})")
 
@@ -257,11 +329,12 @@ def decode_region(data: bytes, reduce: int, box, max_pixels: int = DEFAULT_MAX_P
     """The pixels of `box` = (x0, y0, x1, y1) of the full-resolution oriented photo (any floats;
     clipped to the photo), decoded at 1/reduce scale where the format allows (JPEG; else 1):
     only that window is cut out, oriented and converted to RGB. `pixel_map` maps the window's
-    pixels into the photo; `width` / `height` are the whole photo's. Never raises on data."""
+    pixels into the photo; `width` / `height` are the whole photo's. Never raises on data.
+    The bytes were admitted by `decode_image` already: any format, the first frame."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im, failed = _open(data, max_pixels, 1)
+            im, _, failed = _open(data, max_pixels, 1, tuple(Image.OPEN), "first")
             if failed is not None:
                 return failed
             with im:

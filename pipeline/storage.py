@@ -65,20 +65,58 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
-def list_files(uri: str) -> list[str]:
-    """Every file under a prefix (recursive, sorted, hidden `_`/`.` names skipped), as URIs."""
+# What an input listing leaves out: only the project's own bookkeeping, never a user's file
+# (camera names such as `_DSC0001.JPG` are listed). Left out:
+#   - `_delta_log/` and `_runs/` folders, and every folder holding a `_delta_log` (a Delta table's
+#     data files);
+#   - under one of our dataset roots (a folder with `_runs/` directly under it), the folders the
+#     jobs write there (OUTPUT_FOLDERS);
+#   - the temporary names of an unfinished local write (`<name>.tmp-<8 hex>`, stmodel.uri);
+#   - hidden dot-names (`.DS_Store`, `._IMG_0001.JPG` AppleDouble files, `.git/`): operating
+#     system and tool metadata, not photos.
+BOOKKEEPING_DIRS = frozenset({"_delta_log", RUNS_DIR})
+OUTPUT_FOLDERS = frozenset({"aligned", "reconstructions", "edit_sources", "edit_images", "composites",
+                            "model_files", "checkpoints", "train", "report"})
+_TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{8}$")
+
+
+def list_sized(uri: str) -> list[tuple[str, int | None]]:
+    """(URI, size in bytes from the listing) of every input file under a prefix: recursive,
+    sorted, the project's bookkeeping left out (see BOOKKEEPING_DIRS above). A size the store
+    does not report is None."""
     fs, root = url_to_fs(uri)
     if not fs.exists(root):
         return []
     if fs.isfile(root):
-        return [full_uri(fs, root)]
+        return [(full_uri(fs, root), _size(fs.info(root)))]
+    found = fs.find(root, detail=True, withdirs=True)
+    rels = {p: p[len(root):].lstrip("/") for p in found}
+    tables = {"/".join(rel.split("/")[:rel.split("/").index("_delta_log")]) for rel in rels.values()
+              if "_delta_log" in rel.split("/")}
+    dataset_root = any(rel == RUNS_DIR or rel.startswith(RUNS_DIR + "/") for rel in rels.values())
     out = []
-    for p in sorted(fs.find(root)):
-        rel = p[len(root):].lstrip("/")
-        if any(part.startswith(("_", ".")) for part in rel.split("/")):
+    for p in sorted(found):
+        info, rel = found[p], rels[p]
+        if info.get("type") == "directory" or not rel:
             continue
-        out.append(full_uri(fs, p))
+        parts = rel.split("/")
+        dirs = ["/".join(parts[:i]) for i in range(len(parts))]
+        if (any(part in BOOKKEEPING_DIRS or part.startswith(".") for part in parts)
+                or any(d in tables for d in dirs) or _TEMP_NAME.search(parts[-1])
+                or (dataset_root and len(parts) > 1 and parts[0] in OUTPUT_FOLDERS)):
+            continue
+        out.append((full_uri(fs, p), _size(info)))
     return out
+
+
+def _size(info: dict) -> int | None:
+    size = info.get("size")
+    return None if size is None else int(size)
+
+
+def list_files(uri: str) -> list[str]:
+    """Every input file under a prefix, as URIs (see `list_sized`)."""
+    return [u for u, _ in list_sized(uri)]
 
 
 def ray_paths(root: str, uris: list[str]) -> tuple[list[str], fsspec.AbstractFileSystem | None]:
