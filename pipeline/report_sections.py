@@ -129,6 +129,30 @@ def _pairs(ctx: dict, snap: Snapshot, with_metrics: bool) -> str:
     return "".join(out)
 
 
+def _photo_pairs(ctx: dict, snap: Snapshot, crops: tuple[tuple[str, str], ...]) -> str:
+    """Whole photos, before | after (the paste-back composite), beside the row's crops (`crops`:
+    (column, caption) pairs), for the first ok rows with a composite. The photo is the row's
+    `source_uri`, else the faces / latents tables' for its image_id."""
+    cfg, imgs = ctx["cfg"], ctx["images"]
+    flt = where(snap.names, status="ok", nonnull=("composite_uri",))
+    n = snap.count(flt)
+    if not n:
+        return ""
+    shown = snap.head(cfg["max_images"], ["image_id", "face_index", "source_uri", "composite_uri", "psnr_box",
+                                          "psnr_outside", *(c for c, _ in crops)], flt).to_pylist()
+    photos = _known_photos(ctx, sorted({r["image_id"] for r in shown if r.get("image_id") and not r.get("source_uri")}))
+    px = 2 * int(cfg["thumb_px"])
+    out = [f"<h3>Whole photos: before | after (first {len(shown)} of {n} composites)</h3>"]
+    for r in shown:
+        tip = "  ".join(f"{m}={H.fmt(r.get(m), 4)}" for m in ("psnr_box", "psnr_outside") if r.get(m) is not None)
+        cells = [imgs.cell(r.get(c), cap) for c, cap in crops]
+        cells += [imgs.cell(r.get("source_uri") or photos.get(r.get("image_id")), "photo", px=px),
+                  imgs.cell(r.get("composite_uri"), "composite", title=tip, px=px)]
+        out.append(H.pair_row(str(r.get("image_id") or "")[:10], cells,
+                              title=f"{r.get('image_id')} face {r.get('face_index')}\n{tip}"))
+    return "".join(out)
+
+
 def _mean(v: np.ndarray) -> float | None:
     return float(v.mean()) if v.size else None
 
@@ -284,6 +308,7 @@ def section_latents(ctx: dict) -> str | None:
     out.append(_status_table(snap.value_counts("status")))
     pairs = _pairs(ctx, snap, with_metrics=True)
     out.append(pairs or H.missing("no reconstructions (run jobs.invert with metrics=true, or jobs.evaluate)"))
+    out.append(_photo_pairs(ctx, snap, (("aligned_uri", "input"), ("reconstruction_uri", "reconstruction"))))
     metrics = snap.read(METRICS)
     out.append("<h3>Reconstruction metrics</h3>")
     out.append(_metric_summary_table(metrics))
@@ -340,6 +365,19 @@ def _known_sources(ctx: dict, ids: list) -> dict[str, str]:
             continue
         t = snap.read(["image_id", "aligned_uri"], pc.field("image_id").isin(ids) & pc.field("aligned_uri").is_valid())
         for iid, uri in zip(_col(t, "image_id"), _col(t, "aligned_uri")):
+            known.setdefault(iid, uri)
+    return known
+
+
+def _known_photos(ctx: dict, ids: list) -> dict[str, str]:
+    """The source photos of these image ids in the faces / latents tables (bounded by `ids`)."""
+    known: dict[str, str] = {}
+    for name in ("faces", "latents"):
+        snap = ctx["snaps"].get(name)
+        if snap is None or not ids or not (snap.has("image_id") and snap.has("source_uri")):
+            continue
+        t = snap.read(["image_id", "source_uri"], pc.field("image_id").isin(ids) & pc.field("source_uri").is_valid())
+        for iid, uri in zip(_col(t, "image_id"), _col(t, "source_uri")):
             known.setdefault(iid, uri)
     return known
 
@@ -422,6 +460,7 @@ def section_edits(ctx: dict) -> str | None:
             out.append(H.pair_row(str(iid or "")[:10], cells, title=str(iid)))
     else:
         out.append(H.missing("the edits table has no output_uri column: no images to show"))
+    out.append(_photo_pairs(ctx, snap, (("source_reconstruction_uri", "source"), ("output_uri", "edit"))))
     out.append(_edit_summary(snap))
     scores = snap.read(["id_similarity", "lpips"])
     hist = [H.svg_histogram(_floats(scores, c), c, bins=cfg["bins"]) for c in ("id_similarity", "lpips")
