@@ -44,11 +44,20 @@ CONFIG_JOBS = ("align", "invert", "evaluate", "edit", "fit_classifier", "fit_edi
 def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
+        if isinstance(v, dict) and isinstance(out.get(k), (dict, bool)):
+            out[k] = deep_merge(_as_section(out[k]), v)
+        elif isinstance(v, bool) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], "enabled": v}
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+def _as_section(value: dict | bool) -> dict:
+    """A switch that may also be given as its section (`paste_back=true`, then
+    `paste_back.group=photo`): the bool becomes the section's `enabled`, so neither order of
+    the two settings loses the other."""
+    return value if isinstance(value, dict) else {"enabled": value}
 
 
 def set_dotted(cfg: dict, assignment: str) -> None:
@@ -64,10 +73,15 @@ def set_dotted(cfg: dict, assignment: str) -> None:
     node = cfg
     parts = key.split(".")
     for i, p in enumerate(parts[:-1]):
+        if isinstance(node.get(p), bool):
+            node[p] = _as_section(node[p])
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise SettingsError([f"--set {key}: {'.'.join(parts[:i + 1])} is set to a value, not a section"])
-    node[parts[-1]] = value
+    if isinstance(value, bool) and isinstance(node.get(parts[-1]), dict):
+        node[parts[-1]] = {**node[parts[-1]], "enabled": value}
+    else:
+        node[parts[-1]] = value
 
 
 def other_jobs_keys(job_settings: type) -> list[dict]:
@@ -209,7 +223,7 @@ def main(job: str, description: str, settings: type, run: Callable[[dict], dict]
     except SettingsError as e:
         print(f"python -m jobs.{job}: invalid settings, nothing was run:", file=sys.stderr)
         for m in e.errors:
-            print(f"  {m}", file=sys.stderr)
+            print(f"  {redact_text(m)}", file=sys.stderr)
         sys.stderr.flush()
         raise SystemExit(2) from None
     if args.quiet:

@@ -127,6 +127,15 @@ def test_section_given_a_value_and_value_given_a_section():
     assert "output: expected string or null, got {'x': 1} (dict)" in errs
 
 
+@pytest.mark.parametrize("sets", [["paste_back=true", "paste_back.group=photo"],
+                                  ["paste_back.group=photo", "paste_back=true"]])
+def test_switch_then_its_keys_in_either_order(sets):
+    cfg = load_config(_settings("edit"), None, sets)
+    assert cfg["paste_back"]["group"] == "photo" and cfg["paste_back"]["enabled"] is True
+    off = load_config(_settings("edit"), None, [*sets, "paste_back=false"])
+    assert off["paste_back"]["enabled"] is False and off["paste_back"]["group"] == "photo"
+
+
 @dataclass
 class Inner(ActorSection):
     mode: Literal["a", "b"] = setting("a", "a mode")
