@@ -2,16 +2,26 @@
 
     python -m jobs.align --config FILE --set input=URI --set output=URI [--set align.size=256]
 
-Reads every file under `input` once (hidden `_*` / `.*` names skipped) and hashes it (image_id =
-sha256 of the bytes); an image whose committed `faces` rows are all ok or permanent failures is
+Reads every file under `input` once and hashes it (image_id = sha256 of the bytes); only the
+project's own bookkeeping is left out of the listing (`_delta_log/`, `_runs/`, Delta table
+folders, the jobs' output folders under a dataset root, unfinished temporary writes) and hidden
+dot-names (`.DS_Store`, `._*` AppleDouble files): a camera's `_DSC0001.JPG` is processed
+(pipeline.storage.list_sized). A file over `align.max_bytes` (its size from the listing) is
+never read: one `too_large` row keyed by its URI. The others are decoded with the allowed
+`align.formats` (else `unsupported_format`, naming the format) and the `align.multi_frame`
+policy (an animated GIF / WebP or multi-page TIFF: `multi_frame`, or its first frame), see
+pipeline.decode. An image whose committed `faces` rows are all ok or permanent failures is
 skipped before decoding. The rest are decoded, detected and aligned as Ray Data stages; the
 workers write the crops to `<output>/aligned/` and the rows as data files of the `faces` Delta
 table, which the run publishes in one commit (nothing is visible before it; a killed run is
 simply done again).
 
 Retries: `align_error`, `read_error` and `lost` are transient, so the next run tries the image
-again; `decode_error`, `too_large`, `too_small` and `no_face` are permanent and tried again only
-with `retry_failed=true`. A retried image's new rows replace all of its earlier rows (key
+again; `decode_error`, `too_large`, `too_small`, `unsupported_format`, `multi_frame` and `no_face`
+are permanent and tried again only with `retry_failed=true`. A batch that kills its actor
+(native crash, out of memory) is retried `align.max_task_retries` times, then its files run
+again in halved batches until the file that does it is alone: it gets a `worker_crash` row
+(transient), the others their results (pipeline.runner). A retried image's new rows replace all of its earlier rows (key
 image_id, face_index; replaced per image_id), so the snapshot holds each image once. A listed
 file whose bytes could not be read has no content hash: its `read_error` row is keyed by its URI
 (`unread:<sha256 of the URI>`), replaced when the same URI fails again, and left in place when the
@@ -20,8 +30,9 @@ file later reads fine (its new rows carry the content image_id).
 Counts (one per input file, however many faces it has):
   in      files listed under `input`
   ok      files that produced at least one aligned face (status ok)
-  failed  files with a failure status (decode_error, too_large, too_small, no_face, align_error,
-          read_error for a listed file that could not be read, lost)
+  failed  files with a failure status (decode_error, too_large, too_small, unsupported_format,
+          multi_frame, no_face, align_error, read_error for a listed file that could not be read,
+          lost, worker_crash)
   skipped files whose image is already done in the committed table
 in = ok + failed + skipped. Files with the same bytes under two names in one run are both
 processed and each counted by its own outcome (so the counts still add up to `in`), while the
@@ -38,8 +49,10 @@ from jobs.cli import main
 from jobs.sections import ActorSection, JobSettings
 from jobs.settings import setting
 from pipeline import storage
-from pipeline.align_stage import AlignFaces, decode_batch, hash_files, lost_file_rows
-from pipeline.compute import actor_pool, device_for, gpus_per_actor
+from pipeline.align_stage import AlignFaces, decode_batch, failed_file_rows, hash_files, lost_file_rows
+from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
+from pipeline.decode import DEFAULT_FORMATS, allowed_formats
+from pipeline.inputs import refused_rows, split_by_size
 from pipeline.runner import JobRun, TableSpec, WriteResult
 from pipeline.schemas import FACES_SCHEMA
 
@@ -58,6 +71,12 @@ class AlignSection(ActorSection):
     min_face_px: float = setting(32, "shorter box side a face must reach (else too_small)")
     max_faces: int = setting(16, "cap per image with face_policy=all")
     max_pixels: int = setting(64_000_000, "refuse images declaring more pixels (checked on the header)")
+    max_bytes: int = setting(100_000_000, "refuse files bigger than this, from the listing, unread (too_large; "
+                                          "0: no cap)")
+    formats: list[str] = setting(list(DEFAULT_FORMATS), "image formats decoded (Pillow names); others: "
+                                                         "unsupported_format")
+    multi_frame: Literal["refuse", "first"] = setting("refuse", "animated / multi-page files: refuse (status "
+                                                                "multi_frame) | first (first frame)")
     min_image_side: int = setting(32, "refuse images smaller than this")
     detect_max_side: int | None = setting(1024, "detection runs on a copy downscaled to this longer side "
                                                 "(null: full size)")
@@ -83,9 +102,10 @@ class Settings(JobSettings):
 SETTINGS = Settings
 
 
-def build_dataset(files: list[str], cfg: dict, run: JobRun):
+def build_dataset(files: list[str], cfg: dict, run: JobRun, batch_size: int | None = None, n_rows: int | None = None):
     """The Ray Data plan: read bytes -> hash (tasks) -> mark done images -> decode (tasks) ->
-    detect + align (actors)."""
+    detect + align (actors). `batch_size` overrides align.batch_size (the runner's isolation
+    passes); `n_rows`: the run's files (the actors' restart budget)."""
     import ray
 
     a = cfg["align"]
@@ -93,25 +113,30 @@ def build_dataset(files: list[str], cfg: dict, run: JobRun):
     paths, fs = storage.ray_paths(cfg["input"], files)
     num_gpus = gpus_per_actor(a.get("num_gpus", "auto"))
     device = device_for(a["device"], num_gpus)
-    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs, ignore_missing_paths=True)
-    ds = ds.map_batches(hash_files, batch_size=int(a["decode_batch_size"]), batch_format="numpy",
+    # an isolation pass (batch_size given): a block per file, no task batch above batch_size
+    dbs = min(int(a["decode_batch_size"]), int(batch_size)) if batch_size else int(a["decode_batch_size"])
+    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs, ignore_missing_paths=True,
+                                    **({"override_num_blocks": len(paths)} if batch_size else {}))
+    ds = ds.map_batches(hash_files, batch_size=dbs, batch_format="numpy",
                         fn_kwargs={"protocol": None if protocol == "file" else protocol})
     ds = run.mark_done(ds, FACES, retry_failed=bool(cfg.get("retry_failed")), key=("image_id",))
-    ds = ds.map_batches(decode_batch, batch_size=int(a["decode_batch_size"]), batch_format="numpy",
-                        fn_kwargs={"max_pixels": int(a["max_pixels"]), "min_side": int(a["min_image_side"])})
+    ds = ds.map_batches(decode_batch, batch_size=dbs, batch_format="numpy",
+                        fn_kwargs={"max_pixels": int(a["max_pixels"]), "min_side": int(a["min_image_side"]),
+                                   "formats": list(a["formats"]), "multi_frame": a["multi_frame"]})
     kw = {}
     if num_gpus > 0:
         kw["num_gpus"] = num_gpus
+    bs = int(batch_size or a["batch_size"])
     return ds.map_batches(
-        AlignFaces, batch_size=int(a["batch_size"]), batch_format="numpy", compute=actor_pool(a["concurrency"]),
-        num_cpus=float(a["num_cpus"]), **kw,
+        AlignFaces, batch_size=bs, batch_format="numpy", compute=actor_pool(a["concurrency"]),
+        num_cpus=float(a["num_cpus"]), **kw, **retry_args(a, n_rows or len(files)),
         fn_constructor_kwargs={
             "output": cfg["output"], "run_id": run.run_id, "size": int(a["size"]),
             "supersample": int(a["supersample"]), "face_policy": a["face_policy"],
             "min_score": float(a["min_score"]), "min_face_px": float(a["min_face_px"]),
             "max_faces": int(a["max_faces"]), "device": device, "detect_max_side": a["detect_max_side"],
             "mtcnn_min_face": int(a["mtcnn_min_face"]), "mtcnn_thresholds": list(a["mtcnn_thresholds"]),
-            "detect_batch": int(a["batch_size"]), "png_compress_level": int(a["png_compress_level"]),
+            "detect_batch": bs, "png_compress_level": int(a["png_compress_level"]),
             "refine_passes": int(a["refine_passes"]), "torch_threads": max(1, int(float(a["num_cpus"]))),
         })
 
@@ -125,16 +150,33 @@ def run(cfg: dict, before_commit=None) -> dict:
     a = cfg["align"]
     if a["face_policy"] not in ("largest", "all"):
         raise SystemExit(f"align.face_policy must be 'largest' or 'all', got {a['face_policy']!r}")
+    try:
+        allowed_formats(a["formats"])
+    except ValueError as e:
+        raise SystemExit(f"align.{e}") from None
     r = JobRun(cfg["output"], JOB, cfg, rows_per_file=int(a["rows_per_part"]), log_every_s=float(a["log_every_s"]))
-    files = storage.list_files(cfg["input"])
-    log.info("align %s -> %s: %d files, run %s", cfg["input"], cfg["output"], len(files), r.run_id)
+    sized = storage.list_sized(cfg["input"])
+    files, big = split_by_size(sized, int(a["max_bytes"]))
+    log.info("align %s -> %s: %d files (%d over max_bytes), run %s", cfg["input"], cfg["output"], len(sized),
+             len(big), r.run_id)
     res = WriteResult()
+    retry_failed = bool(cfg.get("retry_failed"))
     if files:
+        def rerun(rows, bs: int | None):
+            uris = files if bs is None else [str(u) for u in rows.to_pandas()["source_uri"]]
+            return build_dataset(uris, cfg, r, bs, len(files))
+
         inputs = ray.data.from_items([{"source_uri": u, "status": "ok"} for u in files])
-        res = r.write(build_dataset(files, cfg, r), FACES, expected=len(files), inputs=inputs,
+        res = r.write(None, FACES, expected=len(files), inputs=inputs,
                       lost_rows=partial(lost_file_rows, output=cfg["output"], run_id=r.run_id,
-                                        retry_failed=bool(cfg.get("retry_failed"))),
-                      lost_key=("source_uri",))
+                                        retry_failed=retry_failed),
+                      lost_key=("source_uri",), rerun=rerun, batch_size=int(a["batch_size"]))
+    if big:  # files over max_bytes: a row each, never read
+        rows = r.mark_done(ray.data.from_arrow(refused_rows(big, int(a["max_bytes"]))), FACES,
+                           retry_failed=retry_failed, key=("image_id",))
+        res.merge(r.write(rows.map_batches(failed_file_rows, batch_format="pyarrow", fn_kwargs={"run_id": r.run_id}),
+                          FACES))
+    files = [u for u, _ in sized]
     counts = {"in": len(files), **res.counts}
     seconds = r.seconds()
     faces = res.statuses.get("ok", 0)

@@ -75,7 +75,7 @@ from jobs.cli import main
 from jobs.sections import JobSettings, MetricWeights, ModelActorSection, NamedModelSection, PasteBackSection
 from jobs.settings import setting
 from pipeline import model_registry, paste_stage, storage
-from pipeline.compute import actor_pool, device_for, gpus_per_actor
+from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
 from pipeline.edit_requests import (DIRECTION_MAX_BYTES, REQUEST_FIELDS, STATUS_OK, EditContext, expand_sweep,
                                     prepare_requests, read_requests, request_keys, sweep_batch)
 from pipeline.edit_stage import EditBatch, as_role, codes_for_join, request_rows, with_status
@@ -329,7 +329,7 @@ def run(cfg: dict, before_commit=None) -> dict:
         kw = {"num_gpus": num_gpus} if num_gpus > 0 else {}
         edited = join_codes(todo, cfg, keys, has_ref, n_todo).map_batches(
             EditBatch, batch_size=int(c["batch_size"]), batch_format="pyarrow", compute=actor_pool(c["concurrency"]),
-            num_cpus=float(c["num_cpus"]), **kw,
+            num_cpus=float(c["num_cpus"]), **kw, **retry_args(c, n_todo),
             fn_constructor_kwargs={
                 "model": cfg["model"], "run_id": r.run_id, "output": cfg["output"],
                 "classifier": clf_row["uri"] if clf_row else None,

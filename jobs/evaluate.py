@@ -27,7 +27,7 @@ from jobs.cli import main
 from jobs.sections import JobSettings, MetricWeights, ModelActorSection, NamedModelSection
 from jobs.settings import setting
 from pipeline import delta
-from pipeline.compute import actor_pool, device_for, gpus_per_actor
+from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
 from pipeline.evaluate_stage import LATENT_COLUMNS, EvaluateBatch, load_targets, lost_rows, ok_latents
 from pipeline.models import model_shapes
 from pipeline.runner import JobRun, TableSpec, WriteResult, run_summary
@@ -76,14 +76,18 @@ def work_rows(src: str):
     return lat.map_batches(ok_latents, batch_format="pyarrow"), int(n or 0)
 
 
-def build_dataset(work, cfg: dict, output: str, run_id: str, target_size: int):
+def build_dataset(work, cfg: dict, output: str, run_id: str, target_size: int, n_rows: int,
+                  batch_size: int | None = None):
+    """`batch_size` overrides evaluate.batch_size (the runner's isolation passes)."""
     c = cfg["evaluate"]
     num_gpus = gpus_per_actor(c["num_gpus"])
-    ds = work.map_batches(load_targets, batch_size=int(c["load_batch_size"]), batch_format="pyarrow",
+    load_bs = min(int(c["load_batch_size"]), int(batch_size)) if batch_size else int(c["load_batch_size"])
+    ds = work.map_batches(load_targets, batch_size=load_bs, batch_format="pyarrow",
                           fn_kwargs={"target_size": target_size, "max_pixels": int(c["max_pixels"])})
     kw = {"num_gpus": num_gpus} if num_gpus > 0 else {}
-    return ds.map_batches(EvaluateBatch, batch_size=int(c["batch_size"]), batch_format="numpy",
+    return ds.map_batches(EvaluateBatch, batch_size=int(batch_size or c["batch_size"]), batch_format="numpy",
                           compute=actor_pool(c["concurrency"]), num_cpus=float(c["num_cpus"]), **kw,
+                          **retry_args(c, n_rows),
                           fn_constructor_kwargs={
                               "model": cfg["model"], "run_id": run_id, "output": output,
                               "metrics": cfg["metric_weights"], "device": device_for(c["device"], num_gpus),
@@ -108,8 +112,11 @@ def run(cfg: dict, before_commit=None) -> dict:
     res = WriteResult()
     if work is not None and n_in:
         work = r.mark_done(work, METRICS, retry_failed=bool(cfg.get("retry_failed")))
-        ds = build_dataset(work, cfg, output, r.run_id, shapes["pool_size"])
-        res = r.write(ds, METRICS, expected=n_in, inputs=work, lost_rows=partial(lost_rows, run_id=r.run_id))
+        def stages(rows, batch_size=None):
+            return build_dataset(rows, cfg, output, r.run_id, shapes["pool_size"], n_in, batch_size)
+
+        res = r.write(None, METRICS, expected=n_in, inputs=work, lost_rows=partial(lost_rows, run_id=r.run_id),
+                      rerun=stages, batch_size=int(c["batch_size"]))
     counts = {"in": n_in, **res.counts}
     seconds = r.seconds()
     extra = {"metrics": run_summary(output, TABLE, res.files, METRIC_COLUMNS), "model": shapes["name"],

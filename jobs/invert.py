@@ -21,6 +21,14 @@ faces of a photo in one file), the photo's upright orientation, size and RGB ICC
 `composite_uri`, `psnr_outside` and `psnr_box` go into the latents row. It needs an align
 output as input (a plain folder of crops has no photos to paste into).
 
+A plain folder is listed with sizes: a file over `invert.max_bytes` is never read (status
+`too_large`, keyed by its URI); the others are decoded with the allowed `invert.formats`
+(`unsupported_format`) and the `invert.multi_frame` policy (`multi_frame`), see pipeline.decode.
+
+A batch that kills its actor (native crash, out of memory) is retried `invert.max_task_retries`
+times, then its faces run again in halved batches until the face that does it is alone: that
+face gets a `worker_crash` row, the others their results (pipeline.runner).
+
 Counts (one per face): in = ok + failed + skipped.
 """
 from __future__ import annotations
@@ -29,6 +37,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -38,9 +47,11 @@ from jobs.cli import main
 from jobs.sections import JobSettings, MetricWeights, ModelActorSection, NamedModelSection, PasteBackSection
 from jobs.settings import setting
 from pipeline import delta, paste_stage, storage
-from pipeline.compute import actor_pool, device_for, gpus_per_actor
+from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
+from pipeline.decode import DEFAULT_FORMATS, allowed_formats
 from pipeline.images import hash_crops, load_crops
-from pipeline.invert_stage import InvertBatch, lost_rows
+from pipeline.inputs import refused_rows, split_by_size
+from pipeline.invert_stage import InvertBatch, failed_rows, lost_rows
 from pipeline.models import model_shapes
 from pipeline.runner import JobRun, TableSpec, WriteResult, run_summary
 from pipeline.schemas import METRIC_COLUMNS, latents_schema
@@ -55,11 +66,11 @@ class InvertSection(ModelActorSection):
     torch_threads: int = setting(0, "intra-op threads per actor on the CPU (0: num_cpus)")
     load_batch_size: int = setting(16, "crops per read / preprocess task")
     max_pixels: int = setting(64_000_000, "refuse crops declaring more pixels")
-
-
-@dataclass
-class TestingSection:
-    crash_once: dict[str, str] | None = setting(None, "{image_id, marker}: kill the actor once (retry test)")
+    max_bytes: int = setting(20_000_000, "plain folder: refuse files bigger than this, unread (too_large; 0: no cap)")
+    formats: list[str] = setting(list(DEFAULT_FORMATS), "image formats decoded (Pillow names); others: "
+                                                         "unsupported_format")
+    multi_frame: Literal["refuse", "first"] = setting("refuse", "animated / multi-page files: refuse "
+                                                                   "(status multi_frame) | first (first frame)")
 
 
 @dataclass
@@ -75,7 +86,6 @@ class Settings(JobSettings):
                                                    "num_cpus: leave CPUs for the read stage)")
     paste_back: bool | PasteBackSection = setting(False, "metrics=true: reconstructions pasted back into their "
                                                          "photos (true, or a section: format, quality, group, ...)")
-    testing: TestingSection = setting(TestingSection, "test hooks")
 
 
 SETTINGS = Settings
@@ -90,9 +100,11 @@ def _ok_faces(batch: pa.Table) -> pa.Table:
     return t.append_column("error", pa.nulls(t.num_rows, pa.string()))
 
 
-def work_rows(src: str):
-    """One row per face to invert, and how many: the committed `faces` table of an align output,
-    or every file of a plain folder of aligned crops (read once; image_id = sha256 of the bytes)."""
+def work_rows(src: str, max_bytes: int = 0):
+    """(work rows, how many, work rows refused before reading): one row per face to invert, from
+    the committed `faces` table of an align output, or every file of a plain folder of aligned
+    crops (read once; image_id = sha256 of the bytes) but those over `max_bytes`, which are
+    never read (pipeline.inputs; None when there are none)."""
     import ray
 
     faces = delta.read_snapshot(src, "faces", columns=WORK_COLUMNS)
@@ -100,38 +112,44 @@ def work_rows(src: str):
         ds = faces.map_batches(_ok_faces, batch_format="pyarrow")
         n = ds.count()
         log.info("input %s: %d aligned faces in the committed faces table", src, n)
-        return ds, n
-    files = storage.list_files(src)
+        return ds, n, None
+    sized = storage.list_sized(src)
+    files, big = split_by_size(sized, max_bytes)
+    refused = refused_rows(big, max_bytes) if big else None
+    log.info("input %s: plain folder of %d crops (%d over max_bytes)", src, len(sized), len(big))
     if not files:
-        return None, 0
-    log.info("input %s: plain folder of %d crops", src, len(files))
+        return None, len(sized), refused
     paths, fs = storage.ray_paths(src, files)
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
     if fs is not None:  # keys without protocol -> URIs another process can open
         ds = ds.map_batches(_with_protocol, batch_format="numpy", fn_kwargs={"protocol": storage.protocol_of(src)})
-    return ds.map_batches(hash_crops, batch_format="numpy", batch_size=64), len(files)
+    return ds.map_batches(hash_crops, batch_format="numpy", batch_size=64), len(sized), refused
 
 
 def _with_protocol(batch: dict, protocol: str) -> dict:
     return {**batch, "path": np.array([f"{protocol}://{p}" for p in batch["path"]], dtype=object)}
 
 
-def build_dataset(work, cfg: dict, run_id: str, target_size: int | None):
+def build_dataset(work, cfg: dict, run_id: str, target_size: int | None, n_rows: int,
+                  batch_size: int | None = None, actor=InvertBatch):
+    """Decode (tasks) -> invert (actors) over `work`; `batch_size` overrides invert.batch_size
+    (the runner's isolation passes); `actor`: the stage's class (a test may pass a subclass)."""
     c = cfg["invert"]
     num_gpus = gpus_per_actor(c["num_gpus"])
-    ds = work.map_batches(load_crops, batch_size=int(c["load_batch_size"]), batch_format="numpy",
+    load_bs = min(int(c["load_batch_size"]), int(batch_size)) if batch_size else int(c["load_batch_size"])
+    ds = work.map_batches(load_crops, batch_size=load_bs, batch_format="numpy",
                           fn_kwargs={"input_size": int(cfg["_input_size"]), "target_size": target_size,
-                                     "max_pixels": int(c["max_pixels"])})
+                                     "max_pixels": int(c["max_pixels"]), "formats": list(c["formats"]),
+                                     "multi_frame": c["multi_frame"]})
     kw = {"num_gpus": num_gpus} if num_gpus > 0 else {}
     return ds.map_batches(
-        InvertBatch, batch_size=int(c["batch_size"]), batch_format="numpy", compute=actor_pool(c["concurrency"]),
-        num_cpus=float(c["num_cpus"]), **kw,
+        actor, batch_size=int(batch_size or c["batch_size"]), batch_format="numpy",
+        compute=actor_pool(c["concurrency"]), num_cpus=float(c["num_cpus"]), **kw, **retry_args(c, n_rows),
         fn_constructor_kwargs={
             "model": cfg["model"], "run_id": run_id, "output": cfg["output"],
             "device": device_for(c["device"], num_gpus), "amp": c["amp"],
             "metrics": cfg["metric_weights"] if cfg["metrics"] else None,
             "torch_threads": int(c.get("torch_threads") or 0) or max(1, int(float(c["num_cpus"]))),
-            "crash_once": (cfg.get("testing") or {}).get("crash_once"),
         })
 
 
@@ -157,29 +175,45 @@ def paste_settings(cfg: dict) -> tuple[paste_stage.PasteSettings | None, str | N
     return ps, pb.get("faces") or cfg["input"]
 
 
-def run(cfg: dict, before_commit=None) -> dict:
+def run(cfg: dict, before_commit=None, actor=InvertBatch) -> dict:
+    """The job body (also callable from Python; `before_commit(run)` and `actor`, the inversion
+    stage's class, are for tests)."""
     import ray
 
     if not cfg.get("input") or not cfg.get("output"):
         raise SystemExit("invert: set input=URI and output=URI")
     paste, faces_root = paste_settings(cfg)
     c = cfg["invert"]
+    try:
+        allowed_formats(c["formats"])
+    except ValueError as e:
+        raise SystemExit(f"invert.{e}") from None
     shapes = model_shapes(cfg["model"])
     r = JobRun(cfg["output"], JOB, cfg, rows_per_file=int(c["rows_per_part"]), log_every_s=float(c["log_every_s"]))
     cfg = {**cfg, "_input_size": shapes["input_size"]}
     spec = latents_table(shapes)
-    work, n_in = work_rows(cfg["input"])
+    work, n_in, refused = work_rows(cfg["input"], int(c["max_bytes"]))
     log.info("invert %s -> %s: %d faces, run %s", cfg["input"], cfg["output"], n_in, r.run_id)
     res = WriteResult()
-    if work is not None:
-        work = r.mark_done(work, spec, retry_failed=bool(cfg.get("retry_failed")))
-        ds = build_dataset(work, cfg, r.run_id, shapes["pool_size"] if cfg["metrics"] else None)
+    shape_kw = {"n_latent": shapes["n_latent"], "style_dim": shapes["style_dim"], "run_id": r.run_id}
+
+    def stages(rows, batch_size=None):
+        ds = build_dataset(rows, cfg, r.run_id, shapes["pool_size"] if cfg["metrics"] else None, n_in,
+                           batch_size, actor)
         if paste is not None:
             ds = paste_stage.paste(paste_stage.attach_faces(ds, faces_root, max(1, min(64, -(-n_in // 2000)))),
                                    dataclasses.replace(paste, schema=spec.schema))
-        res = r.write(ds, spec, expected=n_in, inputs=work,
-                      lost_rows=partial(lost_rows, n_latent=shapes["n_latent"], style_dim=shapes["style_dim"],
-                                        run_id=r.run_id))
+        return ds
+
+    retry_failed = bool(cfg.get("retry_failed"))
+    if work is not None:
+        work = r.mark_done(work, spec, retry_failed=retry_failed)
+        res = r.write(None, spec, expected=n_in - (refused.num_rows if refused is not None else 0),
+                      inputs=work, lost_rows=partial(lost_rows, **shape_kw), rerun=stages,
+                      batch_size=int(c["batch_size"]))
+    if refused is not None:  # files over max_bytes: a row each, never read
+        rows = r.mark_done(ray.data.from_arrow(refused), spec, retry_failed=retry_failed)
+        res.merge(r.write(rows.map_batches(failed_rows, batch_format="pyarrow", fn_kwargs=shape_kw), spec))
     counts = {"in": n_in, **res.counts}
     seconds = r.seconds()
     extra = {"faces_per_s": round((counts["ok"] + counts["failed"]) / max(seconds, 1e-9), 3),

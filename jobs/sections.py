@@ -58,6 +58,10 @@ class ActorSection:
     device: str = setting("auto", "auto | cpu | cuda (auto: cuda when the actor has a GPU)")
     rows_per_part: int = setting(20_000, "table rows per Parquet data file (the write stage's batch)")
     log_every_s: float = setting(30, "seconds between progress lines")
+    max_task_retries: int = setting(1, "times a batch is run again after its actor died (crash, OOM); then its "
+                                       "faces are isolated in halved batches, a face crashing alone: worker_crash")
+    max_restarts: int | Literal["auto"] = setting("auto", "restarts per actor; auto: one per attempt of every batch "
+                                                          "(finite; fewer than the crashes met leaves no actors)")
 
 
 @dataclass

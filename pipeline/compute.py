@@ -51,5 +51,22 @@ def actor_pool(concurrency):
     return ray.data.ActorPoolStrategy(size=int(concurrency))
 
 
+def retry_args(section: dict, n_rows: int) -> dict:
+    """`map_batches` keywords that bound an actor stage's fault tolerance (Ray Data's default is
+    unbounded: max_restarts=-1, max_task_retries=-1, so a face that kills its worker every time
+    hangs the job). `max_task_retries`: times a task is run again after its actor died; then the
+    task fails and the runner isolates its rows (pipeline.runner, `write(rerun=...)`).
+    `max_restarts`: restarts per actor; `auto` = one per attempt of every task of the pass
+    (n_rows x (max_task_retries + 1)), finite and never fewer than the crashes the pass can meet:
+    an actor past its restarts stays dead in Ray Data's pool, which then waits forever."""
+    retries = int(section.get("max_task_retries", 1))
+    if retries < 0:
+        raise ValueError(f"max_task_retries must be >= 0, got {retries}")
+    restarts = section.get("max_restarts", "auto")
+    if restarts in (None, "auto"):
+        restarts = max(1, int(n_rows)) * (retries + 1)
+    return {"max_restarts": int(restarts), "max_task_retries": retries}
+
+
 def device_for(device: str, num_gpus: float) -> str:
     return device if device not in (None, "auto") else ("cuda" if num_gpus > 0 else "cpu")

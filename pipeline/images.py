@@ -39,11 +39,13 @@ def hash_crops(batch: dict) -> dict:
 
 
 def load_crops(batch: dict, input_size: int | None, target_size: int | None = None,
-               max_pixels: int = 64_000_000) -> dict:
+               max_pixels: int = 64_000_000, formats=None, multi_frame: str = "refuse") -> dict:
     """Decode aligned crops (from a `bytes` column when the read stage has them, else from
     `aligned_uri`) into `image` (encoder input, when `input_size` is set) and `target` (the crop
     at the reconstruction's size, when `target_size` is set). Rows whose `status` is not ok are
-    passed through untouched; a crop that cannot be read or decoded becomes that row's status."""
+    passed through untouched; a crop that cannot be read or decoded becomes that row's status
+    (read_error, or pipeline.decode's: decode_error, too_large, unsupported_format, multi_frame;
+    `formats` and `multi_frame` as there)."""
     n = len(batch["aligned_uri"])
     status = np.array(batch["status"], dtype=object) if "status" in batch else np.array([STATUS_OK] * n, object)
     error = np.array(batch["error"], dtype=object) if "error" in batch else np.array([None] * n, object)
@@ -61,9 +63,9 @@ def load_crops(batch: dict, input_size: int | None, target_size: int | None = No
             except Exception as e:  # noqa: BLE001 - any storage failure is this row's error
                 status[i], error[i] = "read_error", f"cannot read {uri}: {type(e).__name__}: {e}"
                 continue
-        d = decode_image(data, max_pixels=max_pixels, min_side=1)
+        d = decode_image(data, max_pixels=max_pixels, min_side=1, formats=formats, multi_frame=multi_frame)
         if d.status != STATUS_OK:
-            status[i], error[i] = "decode_error", d.error
+            status[i], error[i] = d.status, d.error
             continue
         if image is not None:
             image[i] = to_model_input(d.image, input_size)

@@ -13,8 +13,6 @@ status and error.
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -27,14 +25,24 @@ from pipeline.scoring import ReconstructionScorer, empty_metrics
 log = logging.getLogger("stbatch.invert")
 
 
+def failed_rows(batch: pa.Table, n_latent: int, style_dim: int, run_id: str) -> pa.Table:
+    """Work rows never inverted (refused before reading, or skipped) -> `latents` rows with
+    their own status and error."""
+    n = batch.num_rows
+    cols = {k: batch.column(k).to_pylist()
+            for k in ("image_id", "face_index", "source_uri", "aligned_uri", "status", "error")}
+    return make_table(cols, latents_schema(n_latent, style_dim), run_id,
+                      w_plus=np.zeros((n, n_latent, style_dim), np.float32), ok=np.zeros(n, bool))
+
+
 def lost_rows(batch: pa.Table, n_latent: int, style_dim: int, run_id: str) -> pa.Table:
     """Work rows that never came back from the pipeline (a worker died with them) -> failed
     `latents` rows; `lost` is transient, so the next run tries them again."""
     n = batch.num_rows
-    cols = {k: batch.column(k).to_pylist() for k in ("image_id", "face_index", "source_uri", "aligned_uri")}
-    cols.update(status=["lost"] * n, error=["row lost by the pipeline (worker crash)"] * n)
-    return make_table(cols, latents_schema(n_latent, style_dim), run_id,
-                      w_plus=np.zeros((n, n_latent, style_dim), np.float32), ok=np.zeros(n, bool))
+    batch = batch.select(["image_id", "face_index", "source_uri", "aligned_uri"])
+    batch = batch.append_column("status", pa.array(["lost"] * n, pa.string()))
+    batch = batch.append_column("error", pa.array(["row lost by the pipeline (worker crash)"] * n, pa.string()))
+    return failed_rows(batch, n_latent, style_dim, run_id)
 
 
 class InvertBatch(ModelActor):
@@ -42,26 +50,17 @@ class InvertBatch(ModelActor):
     preprocessed crops to `latents` rows."""
 
     def __init__(self, model: dict, run_id: str, output: str, device: str = "auto", amp: str = "auto",
-                 metrics: dict | None = None, torch_threads: int = 0, crash_once: dict | None = None):
+                 metrics: dict | None = None, torch_threads: int = 0):
         super().__init__(model, device, amp, torch_threads, generator=bool(metrics))
         cfg = self.model.cfg
         self.schema = latents_schema(cfg.n_latent, cfg.style_dim)
         self.run_id, self.output = run_id, output
         self.metrics = metrics
         self.scorer = ReconstructionScorer(metrics, self.device, output) if metrics else None
-        self.crash_once = crash_once
-
-    def _maybe_crash(self, ids) -> None:
-        """Fault injection for the retry test: kill this actor process once."""
-        c = self.crash_once
-        if c and c.get("image_id") in set(ids) and not Path(c["marker"]).exists():
-            Path(c["marker"]).write_text(str(os.getpid()))
-            os._exit(1)
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> pa.Table:
         ids = [str(i) for i in batch["image_id"]]
-        self._maybe_crash(ids)
         n = len(ids)
         status = np.array(batch["status"], dtype=object)
         error = np.array(batch["error"], dtype=object)

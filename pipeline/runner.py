@@ -4,17 +4,28 @@ lost-row accounting, the Delta commits and the run record. Every job uses it.
     run = JobRun(output, "invert", cfg)
     todo = run.mark_done(inputs, LATENTS, retry_failed=False)     # finished keys -> status "skipped"
     ds = todo.map_batches(...).map_batches(Model, ...)             # the job's own stages
-    res = run.write(ds, LATENTS, expected=n_in, inputs=inputs, lost_rows=fn)
+    res = run.write(None, LATENTS, expected=n_in, inputs=inputs, lost_rows=fn,
+                    rerun=lambda rows, bs: build(rows, bs), batch_size=B)  # poison isolation
     run.commit({LATENTS: res}, summary)
 
 Rows flow worker to storage: the write stage (Ray tasks) writes each batch as a Parquet data
 file of the table and returns a file record with per-status counts, so the driver holds one
 small record per file, never rows. Counts: in = ok + failed + skipped, where `skipped` rows
 (already done, or duplicates) are counted and never written.
+
+Poison isolation (`write(..., rerun=, batch_size=)`): actor stages retry a crashed task a finite
+number of times (pipeline.compute.retry_args); a task that still crashes is dropped
+(`max_errored_blocks=-1` on the run's execution) and its rows do not come back. Those rows are
+run again in the same run, in passes with half the batch size each (B/2, B/4, ... 1), each
+pass only over the rows still missing; a row still missing after the pass at batch size 1
+crashed its worker alone, every attempt: it is written as `worker_crash` (transient: the next
+run tries it again), and every other row of its batches has come back from a later pass. At
+most log2(B) + 1 passes, each over fewer rows, each crash bounded by the retries: bounded time.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import logging
 import time
@@ -33,6 +44,7 @@ log = logging.getLogger("stbatch.runner")
 STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped"   # counted, never written
 STATUS_LOST = "lost"         # went into the pipeline and never came back (worker crash)
+STATUS_WORKER_CRASH = "worker_crash"  # crashed its worker on every attempt, alone in its batch
 # Failures a later run retries by default; every other failure status is permanent (the same
 # input would fail the same way) and is retried only with `retry_failed=true`.
 TRANSIENT_STATUSES = frozenset({
@@ -66,6 +78,13 @@ class WriteResult:
             self.counts[k] += int(rec[f"n_{k}"])
         for s, n in json.loads(rec["statuses"]).items():
             self.statuses[s] = self.statuses.get(s, 0) + int(n)
+
+    def merge(self, other: "WriteResult") -> None:
+        self.files += other.files
+        for k, n in other.counts.items():
+            self.counts[k] = self.counts.get(k, 0) + n
+        for s, n in other.statuses.items():
+            self.statuses[s] = self.statuses.get(s, 0) + n
 
     @property
     def done(self) -> int:
@@ -108,12 +127,45 @@ def _missing(batch: pa.Table, key: list[str], back_refs: list) -> pa.Table:
                                            value_set=pc.unique(delta.key_strings(back, key)))))
 
 
-def write_batch(batch: pa.Table, output: str, table: str, run_id: str, schema: pa.Schema) -> pa.Table:
-    """Ray task: count a batch's rows and write those that are not skipped as one data file."""
+def _release_actors() -> None:
+    """End the actors of a finished execution (called between two executions of one job).
+
+    Ray Data drops its handles when an execution ends, and an actor lives as long as a handle
+    to it does; after a task of the pool failed, a handle stays referenced from the driver (the
+    recorded error's traceback), so the actor - restarted after its crash, idle - keeps its
+    CPUs / GPUs, and the next pass, on a small cluster, waits for them forever. The handles of
+    map workers still alive after a collection are those leftovers: ended here."""
+    import ray
+    from ray.actor import ActorHandle
+
+    gc.collect()
+    left = [o for o in gc.get_objects() if isinstance(o, ActorHandle)
+            and o._ray_actor_creation_function_descriptor.class_name.startswith("MapWorker(")]
+    for h in left:
+        ray.kill(h, no_restart=True)
+    if left:
+        log.info("ended %d actor(s) left by the finished pass", len(left))
+
+
+def _as_worker_crash(batch: pa.Table, batch_size: int) -> pa.Table:
+    """`lost` rows -> `worker_crash` rows with the reason (other statuses kept)."""
+    lost = pc.equal(batch.column("status"), STATUS_LOST)
+    error = (f"the worker died on this row in every attempt, alone in its batch (isolated from a batch of "
+             f"{batch_size} in passes of halved batch size): a native crash or out of memory on this input")
+    batch = batch.set_column(batch.schema.get_field_index("status"), "status",
+                             pc.if_else(lost, pa.scalar(STATUS_WORKER_CRASH), batch.column("status")))
+    err = batch.column("error").cast(pa.string())
+    return batch.set_column(batch.schema.get_field_index("error"), "error", pc.if_else(lost, pa.scalar(error), err))
+
+
+def write_batch(batch: pa.Table, output: str, table: str, run_id: str, schema: pa.Schema,
+                count_skipped: bool = True) -> pa.Table:
+    """Ray task: count a batch's rows and write those that are not skipped as one data file.
+    `count_skipped=False` (an isolation pass): skipped rows were counted by the first pass."""
     status = batch.column("status")
     unit = batch.column(UNIT_COLUMN) if UNIT_COLUMN in batch.column_names else None
     counted = unit if unit is not None else status
-    vals = [v for v in counted.to_pylist() if v is not None and v != ""]
+    vals = [v for v in counted.to_pylist() if v is not None and v != "" and (count_skipped or v != STATUS_SKIPPED)]
     if unit is not None:
         n_ok, n_skip = vals.count("ok"), vals.count("skipped")
         n_failed = len(vals) - n_ok - n_skip
@@ -166,16 +218,62 @@ class JobRun:
 
     def write(self, ds, table: TableSpec, expected: int | None = None, inputs=None,
               lost_rows: Callable[[pa.Table], pa.Table] | None = None,
-              lost_key: tuple[str, ...] | None = None) -> WriteResult:
+              lost_key: tuple[str, ...] | None = None, rerun: Callable | None = None,
+              batch_size: int | None = None) -> WriteResult:
         """Drain `ds` through the write stage; rows that never came back become `lost` rows.
 
         `lost_key`: the columns that match an input row with the rows written for it (default:
-        the table's key; align matches input files by `source_uri`)."""
+        the table's key; align matches input files by `source_uri`).
+        `rerun(rows, batch_size)`: the job's stages over some of `inputs` rows at another batch
+        size (`batch_size`: the first pass's); with it, a crashed task's rows are isolated in
+        passes of halved batch size and a row that crashes alone becomes `worker_crash` (see the
+        module docstring). A crash loses the actor's whole task, which is a bundle of blocks,
+        not one batch: `rows` come in blocks of at most `batch_size` rows, and `rerun` must not
+        batch them above it before the actor stage (its task stages take `batch_size` too).
+        With `rerun`, `ds` is None and the first pass is `rerun(inputs, None)`, built here: no
+        caller holds it, so its actors end when it is drained (see `_release_actors`)."""
         res = WriteResult()
+        if ds is None:
+            ds = rerun(inputs, None)
+        self._drain(ds, table, res, expected, tolerate_crashes=rerun is not None)
+        del ds
+        _release_actors()
+        if expected is not None and res.done < expected and inputs is not None and lost_rows is not None:
+            key = list(lost_key or table.key)
+            missing = self._missing_rows(inputs, key, table, res.files)
+            crashed = False
+            if rerun is not None and batch_size:
+                bs = int(batch_size)
+                while bs > 1 and missing.count():
+                    bs = max(1, bs // 2)
+                    log.warning("%d rows did not come back (a worker crashed): running them again in batches "
+                                "of %d", missing.count(), bs)
+                    before = len(res.files)
+                    self._drain(rerun(missing.repartition(target_num_rows_per_block=bs), bs), table, res, expected,
+                                tolerate_crashes=True, count_skipped=False)
+                    _release_actors()
+                    missing = self._missing_rows(missing, key, table, res.files[before:])
+                crashed = True
+            if missing.count():
+                self._write_lost(res, table, missing, lost_rows, expected, crashed, int(batch_size or 0))
+        return res
+
+    def _drain(self, ds, table: TableSpec, res: WriteResult, expected: int | None, tolerate_crashes: bool,
+               count_skipped: bool = True) -> None:
+        """Run `ds` through the write stage, adding each file record to `res`. With
+        `tolerate_crashes`, a task that fails for good (its actor died beyond its retries) is
+        dropped instead of failing the run: its rows are missing, for the isolation passes.
+        `count_skipped=False`: an isolation pass, whose skipped rows (align marks done files
+        again) the first pass counted already."""
+        from ray.data import Dataset
+
         last = time.time()
         out = ds.map_batches(write_batch, batch_format="pyarrow", batch_size=self.rows_per_file,
                              fn_kwargs={"output": self.output, "table": table.name, "run_id": self.run_id,
-                                        "schema": table.schema})
+                                        "schema": table.schema, "count_skipped": count_skipped})
+        if tolerate_crashes:
+            out = Dataset.copy(out, _deep_copy=True)  # its own DataContext: the setting stays with this run
+            out.context.max_errored_blocks = -1
         for rec in out.iter_rows():
             res.add(rec)
             if time.time() - last >= self.log_every_s:
@@ -183,9 +281,6 @@ class JobRun:
                 log.info("%s progress: %d%s rows (ok %d, failed %d, skipped %d), %.2f rows/s", self.job, res.done,
                          f"/{expected}" if expected else "", res.counts["ok"], res.counts["failed"],
                          res.counts["skipped"], res.done / max(time.time() - self.t0, 1e-9))
-        if expected is not None and res.done < expected and inputs is not None and lost_rows is not None:
-            self._write_lost(res, table, inputs, lost_rows, expected, lost_key)
-        return res
 
     def write_small(self, table: TableSpec, t: pa.Table) -> WriteResult:
         """Write rows built in the driver, for tables whose size does not grow with the dataset
@@ -195,21 +290,31 @@ class JobRun:
             res.add(write_batch(t, self.output, table.name, self.run_id, table.schema).to_pylist()[0])
         return res
 
-    def _write_lost(self, res: WriteResult, table: TableSpec, inputs, lost_rows, expected: int,
-                    lost_key: tuple[str, ...] | None = None) -> None:
+    def _missing_rows(self, rows, key: list[str], table: TableSpec, files: list[delta.FileRecord]):
+        """The rows of `rows` (not skipped) with no row of the same key in `files`, materialized
+        (a handful: the rows of crashed tasks)."""
         import ray
 
-        n_lost = expected - res.done
-        log.error("%d rows did not come back from the pipeline: writing them as '%s'", n_lost, STATUS_LOST)
-        key = list(lost_key or table.key)
         refs = []
-        if res.files:
+        if files:
             root = delta.table_root(self.output, table.name)
-            paths, fs = storage.ray_paths(root, [storage.join(root, f.path) for f in res.files])
+            paths, fs = storage.ray_paths(root, [storage.join(root, f.path) for f in files])
             refs = delta.broadcast_refs(ray.data.read_parquet(paths, filesystem=fs).select_columns(key))
-        missing = inputs.map_batches(_missing, batch_format="pyarrow", fn_kwargs={"key": key, "back_refs": refs})
+        return rows.map_batches(_missing, batch_format="pyarrow",
+                                fn_kwargs={"key": key, "back_refs": refs}).materialize()
+
+    def _write_lost(self, res: WriteResult, table: TableSpec, missing, lost_rows, expected: int,
+                    crashed: bool, batch_size: int) -> None:
+        """Rows that never came back: `lost` rows (`lost_rows` builds them; it may give another
+        status, such as align's read_error for a file that vanished), or, after the isolation
+        passes (`crashed`), `worker_crash` rows in place of `lost`."""
+        n_lost = expected - res.done
+        status = STATUS_WORKER_CRASH if crashed else STATUS_LOST
+        log.error("%d rows did not come back from the pipeline: writing them as '%s'", n_lost, status)
         before = res.done
         rows = missing.map_batches(lost_rows, batch_format="pyarrow")
+        if crashed:
+            rows = rows.map_batches(_as_worker_crash, batch_format="pyarrow", fn_kwargs={"batch_size": batch_size})
         for rec in rows.map_batches(write_batch, batch_format="pyarrow", batch_size=self.rows_per_file,
                                     fn_kwargs={"output": self.output, "table": table.name, "run_id": self.run_id,
                                                "schema": table.schema}).iter_rows():

@@ -160,23 +160,6 @@ def test_crash_before_publish_leaves_nothing_then_rerun_completes(ray_local, tmp
     assert all(o in os.listdir(os.path.join(out, "latents")) for o in orphans)  # left for vacuum, unread
 
 
-def test_actor_dies_on_one_batch_and_ray_retries(ray_local, tmp_path, tiny_checkpoint):
-    ckpt, _ = tiny_checkpoint
-    write_crops(tmp_path / "c", 8, seed=4)
-    from pipeline.decode import image_id
-
-    victim = image_id((tmp_path / "c" / "face_4_005.png").read_bytes())
-    marker = tmp_path / "crashed"
-    out = str(tmp_path / "ds")
-    r = invert.run(_cfg(str(tmp_path / "c"), out, ckpt, **{
-        "testing.crash_once": json.dumps({"image_id": victim, "marker": str(marker)})}))
-    assert marker.exists()  # the actor really died once
-    assert r["counts"] == {"in": 8, "ok": 8, "failed": 0, "skipped": 0}
-    t = _table(out)
-    ids = t["image_id"].to_pylist()
-    assert len(ids) == len(set(ids)) == 8 and victim in ids
-
-
 def test_reads_committed_align_output(ray_local, tmp_path, tiny_checkpoint):
     """Input = a dataset root written by jobs.align: only ok faces of committed runs are inverted."""
     ckpt, _ = tiny_checkpoint

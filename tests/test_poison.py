@@ -1,0 +1,74 @@
+"""Bounded retries and poison isolation: a face that kills its worker is found and failed alone.
+
+The fault is injected from here: a subclass of the inversion stage, defined in this test and
+handed to `jobs.invert.run(actor=...)`, that kills its own process (os._exit, as a native crash
+or the OOM killer would) on a batch holding a chosen face.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import pyarrow.compute as pc
+
+from jobs import invert
+from jobs.cli import load_config
+from pipeline import delta
+from pipeline.compute import retry_args
+from pipeline.decode import image_id
+from pipeline.invert_stage import InvertBatch
+from tests.conftest import write_crops
+
+
+def crashing_stage(poison: str, once: str, marker: str):
+    """An InvertBatch that dies on every batch holding `poison`, and on the first batch holding
+    `once` (a marker file remembers it across actor restarts). Defined in a function, so Ray
+    ships the class by value."""
+
+    class CrashingInvert(InvertBatch):
+        def __call__(self, batch):
+            ids = {str(i) for i in batch["image_id"]}
+            if poison in ids:
+                os._exit(1)
+            if once in ids and not os.path.exists(marker):
+                with open(marker, "w") as f:
+                    f.write(str(os.getpid()))
+                os._exit(1)
+            return super().__call__(batch)
+
+    return CrashingInvert
+
+
+def test_retry_args_are_finite():
+    assert retry_args({}, 10) == {"max_restarts": 20, "max_task_retries": 1}
+    assert retry_args({"max_task_retries": 0, "max_restarts": "auto"}, 0) == {"max_restarts": 1,
+                                                                             "max_task_retries": 0}
+    assert retry_args({"max_task_retries": 2, "max_restarts": 5}, 100) == {"max_restarts": 5, "max_task_retries": 2}
+
+
+def test_poison_face_ends_as_one_worker_crash_row_and_the_run_completes(ray_local, tmp_path, tiny_checkpoint):
+    ckpt, _ = tiny_checkpoint
+    files = write_crops(tmp_path / "c", 8, seed=11)
+    poison = image_id(open(files[5], "rb").read())
+    once = image_id(open(files[1], "rb").read())
+    marker = str(tmp_path / "crashed_once")
+    out = str(tmp_path / "ds")
+    cfg = load_config(invert.SETTINGS, None, [f"input={tmp_path / 'c'}", f"output={out}",
+                                               f"model.checkpoint={ckpt}", "invert.batch_size=4",
+                                               "invert.load_batch_size=4", "progress=false"])
+    result = {}
+    job = threading.Thread(target=lambda: result.update(invert.run(cfg, actor=crashing_stage(poison, once, marker))),
+                           daemon=True)
+    job.start()
+    job.join(timeout=900)  # bounded: an unbounded retry would hang here
+    assert not job.is_alive(), "the run did not finish: retries are not bounded"
+    assert os.path.exists(marker)  # the crash-once face really killed its worker once
+    assert result["counts"] == {"in": 8, "ok": 7, "failed": 1, "skipped": 0}
+    assert result["extra"]["statuses"] == {"ok": 7, "worker_crash": 1}
+    t = delta.read_snapshot_arrow(out, "latents")
+    assert t.num_rows == 8 and len(set(t["image_id"].to_pylist())) == 8
+    bad = t.filter(pc.equal(t["status"], "worker_crash")).to_pylist()
+    assert [r["image_id"] for r in bad] == [poison]
+    assert "every attempt" in bad[0]["error"] and bad[0]["w_plus"] is None
+    ok = t.filter(pc.equal(t["status"], "ok"))
+    assert once in ok["image_id"].to_pylist()  # crashed once, retried, inverted
