@@ -71,7 +71,7 @@ def hash_files(batch: dict, protocol: str | None = None) -> dict:
 
 
 def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32, protocol: str | None = None,
-                 draft_side: int | None = DRAFT_SIDE) -> dict:
+                 draft_side: int | None = DRAFT_SIDE, formats=None, multi_frame: str = "refuse") -> dict:
     """Decode stage over work rows (`hash_files`; raw (path, bytes) rows are hashed first).
 
     A large JPEG is decoded at the coarsest DCT scale that keeps its longer side >= `draft_side`
@@ -79,7 +79,8 @@ def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32, 
     where they lie in the full-resolution photo, and `bytes` keeps the file for the finer
     window a crop may need (empty when `image` is already full size). `width` / `height` are
     the photo's full oriented size. Rows whose status is not ok (skipped: already done) are
-    passed through undecoded."""
+    passed through undecoded. `formats` / `multi_frame`: the allowed formats and the policy for
+    animated / multi-page files (pipeline.decode)."""
     if "image_id" not in batch:
         batch = hash_files(batch, protocol)
     out = {k: [] for k in ("image_id", "source_uri", "status", "error", "width", "height", "image", "pixel_map",
@@ -99,7 +100,8 @@ def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32, 
             out["bytes"].append(b"")
             continue
         data = bytes(data) if data is not None else b""
-        d = decode_image(data, max_pixels=max_pixels, min_side=min_side, min_long_side=draft_side)
+        d = decode_image(data, max_pixels=max_pixels, min_side=min_side, min_long_side=draft_side,
+                         formats=formats, multi_frame=multi_frame)
         out["status"].append(d.status)
         out["error"].append(d.error or "")
         out["width"].append(-1 if d.width is None else d.width)
@@ -124,6 +126,14 @@ def file_units(rows: list[list[dict]]) -> list[str]:
         unit = STATUS_SKIPPED if st == [STATUS_SKIPPED] else ("ok" if STATUS_OK in st else "failed")
         out += [unit] + [""] * (len(rs) - 1)
     return out
+
+
+def failed_file_rows(batch: pa.Table, run_id: str) -> pa.Table:
+    """Work rows of files never read (pipeline.inputs: refused by size; or skipped, already done)
+    -> `faces` rows with their own status and error, one per file, counted per file."""
+    rows = [{k: r[k] for k in ("image_id", "source_uri", "status", "error")} for r in batch.to_pylist()]
+    t = faces_table(rows, run_id)
+    return t.append_column(UNIT_COLUMN, pa.array(file_units([[r] for r in rows]), pa.string()))
 
 
 def lost_file_rows(batch: pa.Table, output: str, run_id: str, retry_failed: bool) -> pa.Table:
