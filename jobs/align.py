@@ -141,6 +141,11 @@ def build_dataset(files: list[str], cfg: dict, run: JobRun, batch_size: int | No
         })
 
 
+def _exists(uri: str) -> bool:
+    fs, path = storage.url_to_fs(uri)
+    return fs.exists(path)
+
+
 def run(cfg: dict, before_commit=None) -> dict:
     """The job body (also callable from Python; `before_commit(run)` is a test hook)."""
     import ray
@@ -163,8 +168,11 @@ def run(cfg: dict, before_commit=None) -> dict:
     retry_failed = bool(cfg.get("retry_failed"))
     if files:
         def rerun(rows, bs: int | None):
-            uris = files if bs is None else [str(u) for u in rows.to_pandas()["source_uri"]]
-            return build_dataset(uris, cfg, r, bs, len(files))
+            if bs is None:
+                return build_dataset(files, cfg, r, None, len(files))
+            # a file that vanished since the listing is left to lost_file_rows (read_error)
+            uris = [u for u in map(str, rows.to_pandas()["source_uri"]) if _exists(u)]
+            return build_dataset(uris, cfg, r, bs, len(files)) if uris else ray.data.from_items([])
 
         inputs = ray.data.from_items([{"source_uri": u, "status": "ok"} for u in files])
         res = r.write(None, FACES, expected=len(files), inputs=inputs,

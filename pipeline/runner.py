@@ -139,7 +139,7 @@ def _release_actors() -> None:
     from ray.actor import ActorHandle
 
     gc.collect()
-    left = [o for o in gc.get_objects() if isinstance(o, ActorHandle)
+    left = [o for o in gc.get_objects() if issubclass(type(o), ActorHandle)  # (type(): no __class__ lookups)
             and o._ray_actor_creation_function_descriptor.class_name.startswith("MapWorker(")]
     for h in left:
         ray.kill(h, no_restart=True)
@@ -246,8 +246,8 @@ class JobRun:
                 bs = int(batch_size)
                 while bs > 1 and missing.count():
                     bs = max(1, bs // 2)
-                    log.warning("%d rows did not come back (a worker crashed): running them again in batches "
-                                "of %d", missing.count(), bs)
+                    log.warning("%d rows did not come back (a worker crashed, or an input is gone): running them "
+                                "again in batches of %d", missing.count(), bs)
                     before = len(res.files)
                     self._drain(rerun(missing.repartition(target_num_rows_per_block=bs), bs), table, res, expected,
                                 tolerate_crashes=True, count_skipped=False)
@@ -310,7 +310,8 @@ class JobRun:
         passes (`crashed`), `worker_crash` rows in place of `lost`."""
         n_lost = expected - res.done
         status = STATUS_WORKER_CRASH if crashed else STATUS_LOST
-        log.error("%d rows did not come back from the pipeline: writing them as '%s'", n_lost, status)
+        log.error("%d rows did not come back from the pipeline: writing them as '%s' (or the status the job "
+                  "finds, such as read_error)", n_lost, status)
         before = res.done
         rows = missing.map_batches(lost_rows, batch_format="pyarrow")
         if crashed:

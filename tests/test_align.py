@@ -494,9 +494,9 @@ def test_transient_failures_are_retried_permanent_ones_only_on_request(ray_local
     blocker = out / "aligned" / f"{good}_0.png"
     blocker.mkdir(parents=True)                      # the crop's key is taken: writing it fails
     gone = str(inp / "gone.jpg")
-    listed = storage.list_files
-    monkeypatch.setattr(storage, "list_files",  # the listing names a file that is not there (yet)
-                        lambda uri: sorted(set(listed(uri)) | ({gone} if uri == str(inp) else set())))
+    listed = storage.list_sized
+    monkeypatch.setattr(storage, "list_sized",  # the listing names a file that is not there (yet)
+                        lambda uri: sorted({**({gone: None} if uri == str(inp) else {}), **dict(listed(uri))}.items()))
 
     r1 = run(_cfg(inp, out))
     assert r1["counts"] == {"in": 3, "ok": 0, "failed": 3, "skipped": 0}
