@@ -30,7 +30,7 @@ from PIL import Image
 
 from pipeline import delta, storage
 from pipeline.decode import IDENTITY_MAP, STATUS_OK, decode_image, decode_region, image_id as hash_image_id
-from pipeline.inputs import UNREAD_PREFIX, unread_id  # noqa: F401 - part of this module's API
+from pipeline.inputs import unread_id
 from pipeline.runner import STATUS_LOST, STATUS_SKIPPED, UNIT_COLUMN, is_done
 from pipeline.schemas import faces_table
 
