@@ -45,7 +45,7 @@ classifier logits of the attribute before / after. A request that cannot be carr
 (unknown image, attribute or reference, no editor for the attribute, unreadable direction, bad
 kind or value) is a failed row with the reason. A request whose edit_id has a committed row
 that is ok, or a permanent failure (bad_request), is skipped; transient failures (edit_error,
-rows lost by the pipeline: pipeline.runner.TRANSIENT_STATUSES) are tried again, and
+lost, worker_crash: pipeline.runner.TRANSIENT_STATUSES) are tried again, and
 `retry_failed=true` retries every failure.
 
 Paste-back (`paste_back=true`, or the `paste_back` section): each edited face is warped back
@@ -57,6 +57,11 @@ request into one composite (named by the sha256 of their edit_ids). The row gets
 `composite_uri`, `psnr_outside` (inf: nothing outside the face masks changed) and `psnr_box`
 (inside the quad's bounding box); a photo that cannot be read or pasted makes the row
 `read_error` (transient) or `paste_error` with the reason.
+
+A batch that kills its edit actor (native crash, out of memory) is retried
+`edit.max_task_retries` times; then its requests run again, only those, in halved batches
+until the request that does it is alone: that request gets a `worker_crash` row (transient),
+the others their edits, and the run completes (pipeline.runner, `write(rerun=...)`).
 
 Counts, one per request: in = ok + failed + skipped (skipped = done before, or repeated).
 """
@@ -74,13 +79,13 @@ import pyarrow.compute as pc
 from jobs.cli import main
 from jobs.sections import JobSettings, MetricWeights, ModelActorSection, NamedModelSection, PasteBackSection
 from jobs.settings import setting
-from pipeline import model_registry, paste_stage, storage
+from pipeline import delta, model_registry, paste_stage, storage
 from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
 from pipeline.edit_requests import (DIRECTION_MAX_BYTES, REQUEST_FIELDS, STATUS_OK, EditContext, expand_sweep,
                                     prepare_requests, read_requests, request_keys, sweep_batch)
 from pipeline.edit_stage import EditBatch, as_role, codes_for_join, request_rows, with_status
 from pipeline.fit_data import read_latents
-from pipeline.runner import JobRun, TableSpec, WriteResult, run_summary
+from pipeline.runner import STATUS_LOST, JobRun, TableSpec, WriteResult, run_summary
 from pipeline.schemas import edits_schema
 
 log = logging.getLogger("stbatch.edit")
@@ -281,7 +286,9 @@ def edit_summary(output: str, files: list) -> dict:
     return out
 
 
-def run(cfg: dict, before_commit=None) -> dict:
+def run(cfg: dict, before_commit=None, actor: type[EditBatch] = EditBatch) -> dict:
+    """The job body (also callable from Python; `before_commit(run)` and `actor`, the edit
+    stage's class, are for tests)."""
     import ray
 
     from pipeline.models import describe_model
@@ -317,36 +324,57 @@ def run(cfg: dict, before_commit=None) -> dict:
     requests, keys, has_ref = build_requests(cfg, ctx)
     marked = r.mark_done(requests, EDITS, retry_failed=bool(cfg.get("retry_failed"))).materialize()
     n_in = marked.count()
-    todo = marked.map_batches(with_status, batch_format="pyarrow", fn_kwargs={"todo": True})
-    n_todo = todo.count()
+    n_todo = marked.map_batches(with_status, batch_format="pyarrow", fn_kwargs={"todo": True}).count()
     log.info("edit %s -> %s: %d requests, %d to edit (the rest skipped or invalid), run %s", cfg["latents"],
              cfg["output"], n_in, n_todo, r.run_id)
     rows_fn = partial(request_rows, run_id=r.run_id, model=info["name"], checkpoint_sha256=info["sha256"])
-    ds = marked.map_batches(with_status, batch_format="pyarrow", fn_kwargs={"todo": False}).map_batches(
-        rows_fn, batch_format="pyarrow")
-    if n_todo:
-        num_gpus = gpus_per_actor(c["num_gpus"])
-        kw = {"num_gpus": num_gpus} if num_gpus > 0 else {}
-        edited = join_codes(todo, cfg, keys, has_ref, n_todo).map_batches(
-            EditBatch, batch_size=int(c["batch_size"]), batch_format="pyarrow", compute=actor_pool(c["concurrency"]),
-            num_cpus=float(c["num_cpus"]), **kw, **retry_args(c, n_todo),
-            fn_constructor_kwargs={
-                "model": cfg["model"], "run_id": r.run_id, "output": cfg["output"],
-                "classifier": clf_row["uri"] if clf_row else None,
-                "classifier_sha256": clf_row["sha256"] if clf_row else None,
-                "editors": {a: {"uri": m["uri"], "sha256": m["sha256"]} for a, m in editors.items()},
-                "metrics": cfg["metric_weights"] if cfg["metrics"] else None,
-                "device": device_for(c["device"], num_gpus), "amp": c["amp"],
-                "torch_threads": max(1, int(float(c["num_cpus"]))),
-                "keep_crops": paste is not None,
-            })
+    num_gpus = gpus_per_actor(c["num_gpus"])
+    actor_kw = {
+        "batch_format": "pyarrow", "compute": actor_pool(c["concurrency"]), "num_cpus": float(c["num_cpus"]),
+        **({"num_gpus": num_gpus} if num_gpus > 0 else {}), **retry_args(c, n_todo),
+        "fn_constructor_kwargs": {
+            "model": cfg["model"], "run_id": r.run_id, "output": cfg["output"],
+            "classifier": clf_row["uri"] if clf_row else None,
+            "classifier_sha256": clf_row["sha256"] if clf_row else None,
+            "editors": {a: {"uri": m["uri"], "sha256": m["sha256"]} for a, m in editors.items()},
+            "metrics": cfg["metric_weights"] if cfg["metrics"] else None,
+            "device": device_for(c["device"], num_gpus), "amp": c["amp"],
+            "torch_threads": max(1, int(float(c["num_cpus"]))),
+            "keep_crops": paste is not None,
+        }}
+
+    def stages(rows, batch_size: int | None = None):
+        """The edit's plan over request rows (the runner's `rerun`): rows not to be edited become
+        their `edits` rows as they are; the others meet their codes, then the edit actor (and the
+        paste stage). `batch_size` is set in an isolation pass, over the few rows that did not
+        come back: only their codes enter the join, and the joined rows are cut into blocks of at
+        most `batch_size` before the actor, because a join's output blocks are its hash partitions
+        and a crash loses the actor's whole task (all of a partition's rows would crash together
+        in every pass, and never be isolated)."""
+        passed = rows.map_batches(with_status, batch_format="pyarrow", fn_kwargs={"todo": False}).map_batches(
+            rows_fn, batch_format="pyarrow")
+        todo = rows.map_batches(with_status, batch_format="pyarrow", fn_kwargs={"todo": True})
+        if batch_size is None:
+            n, need = n_todo, keys
+        else:
+            todo = todo.materialize()
+            n = todo.count()
+            need = delta.broadcast_refs(todo.map_batches(request_keys, batch_format="pyarrow")) if n else None
+        if not n:
+            return passed
+        joined = join_codes(todo, cfg, need, has_ref, n)
+        if batch_size is not None:
+            joined = joined.repartition(target_num_rows_per_block=int(batch_size))
+        edited = joined.map_batches(actor, batch_size=int(batch_size or c["batch_size"]), **actor_kw)
         if paste is not None:
-            edited = paste_stage.paste(paste_stage.attach_faces(edited, faces_root, join_partitions(c, n_todo)), paste)
-        ds = edited.union(ds)
+            edited = paste_stage.paste(paste_stage.attach_faces(edited, faces_root, join_partitions(c, n)), paste)
+        return edited.union(passed)
+
     res = WriteResult()
     if n_in:
-        res = r.write(ds, EDITS, expected=n_in, inputs=marked,
-                      lost_rows=partial(rows_fn, status="edit_error", error="row lost by the pipeline (worker crash)"))
+        res = r.write(None, EDITS, expected=n_in, inputs=marked,
+                      lost_rows=partial(rows_fn, status=STATUS_LOST, error="row lost by the pipeline (worker crash)"),
+                      rerun=stages, batch_size=int(c["batch_size"]))
     counts = {"in": n_in, **res.counts}
     seconds = r.seconds()
     models = {"checkpoint_sha256": info["sha256"],

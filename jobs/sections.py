@@ -58,10 +58,13 @@ class ActorSection:
     device: str = setting("auto", "auto | cpu | cuda (auto: cuda when the actor has a GPU)")
     rows_per_part: int = setting(20_000, "table rows per Parquet data file (the write stage's batch)")
     log_every_s: float = setting(30, "seconds between progress lines")
-    max_task_retries: int = setting(1, "times a batch is run again after its actor died (crash, OOM); then its "
-                                       "faces are isolated in halved batches, a face crashing alone: worker_crash")
-    max_restarts: int | Literal["auto"] = setting("auto", "restarts per actor; auto: one per attempt of every batch "
-                                                          "(finite; fewer than the crashes met leaves no actors)")
+    max_task_retries: int = setting(1, "times an actor task (one or more batches) is run again after its actor "
+                                       "died (crash, OOM); then its rows run again in passes of halved batch "
+                                       "size, and a row that still crashes alone is a worker_crash row")
+    max_restarts: int | Literal["auto"] = setting("auto", "restarts per actor and pass; auto: rows x "
+                                                          "(max_task_retries + 1), enough for every crash a pass "
+                                                          "can meet; a smaller number can leave the pool with no "
+                                                          "live actor, and the job then waits forever")
 
 
 @dataclass
