@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from jobs.cli import main
-from jobs.sections import JobSettings, MetricWeights, ModelActorSection, NamedModelSection
+from jobs.sections import CropActorSection, JobSettings, MetricWeights, NamedModelSection
 from jobs.settings import setting
 from pipeline import delta
 from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
@@ -39,11 +39,6 @@ JOB = "evaluate"
 TABLE = "metrics"
 METRICS = TableSpec(TABLE, metrics_schema(), ("image_id", "face_index"))
 
-@dataclass
-class EvaluateSection(ModelActorSection):
-    load_batch_size: int = setting(16, "faces per crop read / preprocess task")
-    max_pixels: int = setting(64_000_000, "refuse crops declaring more pixels")
-
 
 @dataclass
 class Settings(JobSettings):
@@ -53,7 +48,7 @@ class Settings(JobSettings):
     metric_weights: MetricWeights = setting(MetricWeights, "backbones of LPIPS and ID similarity")
     retry_failed: bool = setting(False, "also retry permanent failures (model_mismatch ...); transient ones "
                                         "always are")
-    evaluate: EvaluateSection = setting(EvaluateSection, "the evaluation actors (batch_size: faces per model call)")
+    evaluate: CropActorSection = setting(CropActorSection, "the evaluation actors (batch_size: faces per model call)")
 
 
 SETTINGS = Settings

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.cli import main
-from jobs.sections import JobSettings, MetricWeights, ModelActorSection, NamedModelSection, PasteBackSection
+from jobs.sections import CropActorSection, JobSettings, MetricWeights, NamedModelSection, PasteBackSection
 from jobs.settings import setting
 from pipeline import delta, paste_stage, storage
 from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
@@ -62,10 +62,8 @@ JOB = "invert"
 TABLE = "latents"
 
 @dataclass
-class InvertSection(ModelActorSection):
+class InvertSection(CropActorSection):
     torch_threads: int = setting(0, "intra-op threads per actor on the CPU (0: num_cpus)")
-    load_batch_size: int = setting(16, "crops per read / preprocess task")
-    max_pixels: int = setting(64_000_000, "refuse crops declaring more pixels")
     max_bytes: int = setting(20_000_000, "plain folder: refuse files bigger than this, unread (too_large; 0: no cap)")
     formats: list[str] = setting(list(DEFAULT_FORMATS), "image formats decoded (Pillow names); others: "
                                                          "unsupported_format")

@@ -74,6 +74,13 @@ class ModelActorSection(ActorSection):
 
 
 @dataclass
+class CropActorSection(ModelActorSection):
+    """A model actor fed aligned crops by read / preprocess tasks (invert, evaluate)."""
+    load_batch_size: int = setting(16, "crops per read / preprocess task")
+    max_pixels: int = setting(64_000_000, "refuse crops declaring more pixels")
+
+
+@dataclass
 class TrainSection:
     """Ray Train settings every training job has (each job sets its own defaults and adds keys)."""
     batch_size: int = setting(8, "codes or images per step and worker")
