@@ -330,7 +330,7 @@ def run(cfg: dict, before_commit=None, actor: type[EditBatch] = EditBatch) -> di
     rows_fn = partial(request_rows, run_id=r.run_id, model=info["name"], checkpoint_sha256=info["sha256"])
     num_gpus = gpus_per_actor(c["num_gpus"])
     actor_kw = {
-        "batch_format": "pyarrow", "compute": actor_pool(c["concurrency"]), "num_cpus": float(c["num_cpus"]),
+        "batch_format": "pyarrow", "num_cpus": float(c["num_cpus"]),
         **({"num_gpus": num_gpus} if num_gpus > 0 else {}), **retry_args(c, n_todo),
         "fn_constructor_kwargs": {
             "model": cfg["model"], "run_id": r.run_id, "output": cfg["output"],
@@ -365,7 +365,8 @@ def run(cfg: dict, before_commit=None, actor: type[EditBatch] = EditBatch) -> di
         joined = join_codes(todo, cfg, need, has_ref, n)
         if batch_size is not None:
             joined = joined.repartition(target_num_rows_per_block=int(batch_size))
-        edited = joined.map_batches(actor, batch_size=int(batch_size or c["batch_size"]), **actor_kw)
+        pool = actor_pool(c["concurrency"], isolating=batch_size is not None)
+        edited = joined.map_batches(actor, batch_size=int(batch_size or c["batch_size"]), compute=pool, **actor_kw)
         if paste is not None:
             edited = paste_stage.paste(paste_stage.attach_faces(edited, faces_root, join_partitions(c, n)), paste)
         return edited.union(passed)

@@ -42,13 +42,18 @@ def fit(loop, loop_config: dict, datasets: dict, t: dict, name: str):
     return result.return_value
 
 
-def actor_pool(concurrency):
-    """An int is a fixed pool; `[min, max]` autoscales between the two."""
+def actor_pool(concurrency, isolating: bool = False):
+    """An int is a fixed pool; `[min, max]` autoscales between the two. `isolating` (a poison
+    isolation pass of the runner): one task at a time per actor, so an actor that dies takes
+    only the batch it was running with it, never the batches queued behind it; otherwise a
+    good row queued behind a poison one would fail with it on every attempt and end as a
+    `worker_crash` it did not cause."""
     import ray
 
+    kw = {"max_tasks_in_flight_per_actor": 1} if isolating else {}
     if isinstance(concurrency, (list, tuple)):
-        return ray.data.ActorPoolStrategy(min_size=int(concurrency[0]), max_size=int(concurrency[1]))
-    return ray.data.ActorPoolStrategy(size=int(concurrency))
+        return ray.data.ActorPoolStrategy(min_size=int(concurrency[0]), max_size=int(concurrency[1]), **kw)
+    return ray.data.ActorPoolStrategy(size=int(concurrency), **kw)
 
 
 def retry_args(section: dict, n_rows: int) -> dict:

@@ -128,23 +128,43 @@ def _missing(batch: pa.Table, key: list[str], back_refs: list) -> pa.Table:
 
 
 def _release_actors() -> None:
-    """End the actors of a finished execution (called between two executions of one job).
+    """End the actors a finished execution left behind (called between two executions of one job).
 
     Ray Data drops its handles when an execution ends, and an actor lives as long as a handle
     to it does; after a task of the pool failed, a handle stays referenced from the driver (the
     recorded error's traceback), so the actor - restarted after its crash, idle - keeps its
-    CPUs / GPUs, and the next pass, on a small cluster, waits for them forever. The handles of
-    map workers still alive after a collection are those leftovers: ended here."""
+    CPUs / GPUs, and the next pass, on a small cluster, waits for them forever. Those leftovers
+    are the map-worker handles no live actor pool holds: another run in this driver (two jobs
+    at once) has its actors in its pool, and they are never touched."""
     import ray
     from ray.actor import ActorHandle
 
     gc.collect()
-    left = [o for o in gc.get_objects() if issubclass(type(o), ActorHandle)  # (type(): no __class__ lookups)
+    objects = gc.get_objects()
+    left = [o for o in objects if issubclass(type(o), ActorHandle)  # (type(): no __class__ lookups)
             and o._ray_actor_creation_function_descriptor.class_name.startswith("MapWorker(")]
+    if not left:
+        return
+    in_use = _pooled_actor_ids(objects)
+    ended = 0
     for h in left:
-        ray.kill(h, no_restart=True)
-    if left:
-        log.info("ended %d actor(s) left by the finished pass", len(left))
+        if h._ray_actor_id not in in_use:
+            ray.kill(h, no_restart=True)
+            ended += 1
+    if ended:
+        log.info("ended %d actor(s) left by the finished pass", ended)
+
+
+def _pooled_actor_ids(objects: list) -> set:
+    """Ids of the actors that a live Ray Data actor pool (a running execution) holds."""
+    from ray.data._internal.execution.operators.actor_pool_map_operator import _ActorPool
+
+    ids = set()
+    for o in objects:
+        if isinstance(o, _ActorPool):
+            ids.update(h._ray_actor_id for h in list(o._running_actors))
+            ids.update(h._ray_actor_id for h in list(o._pending_actors.values()))
+    return ids
 
 
 def _as_worker_crash(batch: pa.Table, batch_size: int) -> pa.Table:
