@@ -140,17 +140,57 @@ def _relative_paths(dt) -> list[str]:
     return [str(p) for p in adds.column("path").to_pylist()]
 
 
-def read_snapshot(output: str, table: str, columns: list[str] | None = None, version: int | None = None,
-                  include_paths: bool = False):
+def read_snapshot(output: str, table: str, columns: list[str] | None = None, version: int | None = None):
     """The committed snapshot as a Ray Dataset (None when the table is missing or empty)."""
-    import ray
-
-    uris = snapshot_uris(output, table, version)
+    dt = open_table(output, table, version)
+    if dt is None:
+        return None
+    root = table_root(output, table)
+    uris = [storage.join(root, p) for p in _relative_paths(dt)]
     if not uris:
         return None
-    paths, fs = storage.ray_paths(table_root(output, table), uris)
-    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=include_paths)
-    return ds.select_columns(list(columns) + (["path"] if include_paths else [])) if columns else ds
+    schema = pa.schema(dt.schema().to_arrow())
+    return read_files(uris, [schema.field(c) for c in columns] if columns else list(schema))
+
+
+READ_BLOCK_BYTES = 64 << 20
+
+
+def read_files(uris: list[str], fields: list[pa.Field]):
+    """A Ray Dataset over Parquet data files of ours (`fields`: the columns to read; a file
+    written before its table gained a nullable column gets nulls in it).
+
+    Plain read tasks over a known file list (from_items + map_batches) rather than
+    ray.data.read_parquet, whose file listing and footer sampling cost seconds per call on a
+    small cluster: jobs read a snapshot several times a run. Blocks are cut at about
+    READ_BLOCK_BYTES, so a file of wide rows never becomes one huge block."""
+    import ray
+
+    items = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=max(1, min(len(uris), 200)))
+    return items.map_batches(_read_parquet_files, batch_format="numpy", batch_size=1,
+                             fn_kwargs={"fields": list(fields)})
+
+
+def _read_parquet_files(batch: dict, fields: list[pa.Field]):
+    names = [f.name for f in fields]
+    for uri in batch["uri"]:
+        fs, path = storage.url_to_fs(str(uri))
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            have = set(pf.schema_arrow.names)
+            parts, size = [], 0
+            for rb in pf.iter_batches(batch_size=4096, columns=[n for n in names if n in have]):
+                t = pa.Table.from_batches([rb])
+                for fld in fields:
+                    if fld.name not in have:
+                        t = t.append_column(fld, pa.nulls(t.num_rows, fld.type))
+                parts.append(t.select(names))
+                size += t.nbytes
+                if size >= READ_BLOCK_BYTES:
+                    yield pa.concat_tables(parts)
+                    parts, size = [], 0
+            if parts:
+                yield pa.concat_tables(parts)
 
 
 def read_snapshot_arrow(output: str, table: str, columns: list[str] | None = None,

@@ -313,13 +313,11 @@ class JobRun:
     def _missing_rows(self, rows, key: list[str], table: TableSpec, files: list[delta.FileRecord]):
         """The rows of `rows` (not skipped) with no row of the same key in `files`, materialized
         (a handful: the rows of crashed tasks)."""
-        import ray
-
         refs = []
         if files:
             root = delta.table_root(self.output, table.name)
-            paths, fs = storage.ray_paths(root, [storage.join(root, f.path) for f in files])
-            refs = delta.broadcast_refs(ray.data.read_parquet(paths, filesystem=fs).select_columns(key))
+            refs = delta.broadcast_refs(delta.read_files([storage.join(root, f.path) for f in files],
+                                                         [table.schema.field(k) for k in key]))
         return rows.map_batches(_missing, batch_format="pyarrow",
                                 fn_kwargs={"key": key, "back_refs": refs}).materialize()
 
