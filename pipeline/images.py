@@ -9,6 +9,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.decode import STATUS_OK, decode_image, image_id as hash_image_id
+from pipeline.inputs import unread_id
 
 
 def encode_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:
@@ -27,15 +28,24 @@ def to_model_input(rgb: np.ndarray, size: int) -> np.ndarray:
     return x * (2.0 / 255.0) - 1.0
 
 
-def hash_crops(batch: dict) -> dict:
-    """(path, bytes) rows of a plain folder of crops -> work rows (one face each, the bytes kept
-    so the crop is read once)."""
-    n = len(batch["path"])
-    uris = np.array([str(p) for p in batch["path"]], dtype=object)
-    return {"image_id": np.array([hash_image_id(bytes(b)) for b in batch["bytes"]], dtype=object),
-            "face_index": np.zeros(n, dtype=np.int32), "source_uri": uris, "aligned_uri": uris,
-            "status": np.array([STATUS_OK] * n, dtype=object), "error": np.array([None] * n, dtype=object),
-            "bytes": batch["bytes"]}
+def read_crops(batch: dict) -> dict:
+    """`uri` rows (the files of a plain folder of crops) -> work rows, one face each: the bytes
+    are read here once and kept for the load stage, image_id = their sha256. A file that cannot
+    be read (gone since the listing, no permission) is a `read_error` row keyed by its URI
+    (pipeline.inputs.unread_id), so it is counted and the next run tries it again."""
+    uris = [str(u) for u in batch["uri"]]
+    n = len(uris)
+    ids, status = np.empty(n, dtype=object), np.array([STATUS_OK] * n, dtype=object)
+    error, data = np.array([None] * n, dtype=object), np.array([None] * n, dtype=object)
+    for i, uri in enumerate(uris):
+        try:
+            data[i] = storage.read_bytes(uri)
+            ids[i] = hash_image_id(data[i])
+        except Exception as e:  # noqa: BLE001 - any storage failure is this row's error
+            ids[i], status[i], error[i] = unread_id(uri), "read_error", f"cannot read {uri}: {type(e).__name__}: {e}"
+    uris_arr = np.array(uris, dtype=object)
+    return {"image_id": ids, "face_index": np.zeros(n, dtype=np.int32), "source_uri": uris_arr,
+            "aligned_uri": uris_arr, "status": status, "error": error, "bytes": data}
 
 
 def load_crops(batch: dict, input_size: int | None, target_size: int | None = None,
