@@ -144,3 +144,18 @@ def test_invert_plain_folder_refusals_are_rows(ray_local, tmp_path, tiny_checkpo
     assert by_name == {os.path.basename(good[0]): "ok", os.path.basename(good[1]): "ok", "big.png": "too_large",
                        "anim.png": "multi_frame", "icon.png": "unsupported_format"}
     assert t.filter(pc.equal(t["status"], "too_large"))["w_plus"].null_count == 1
+
+
+def test_a_crop_that_cannot_be_read_is_a_read_error_row_keyed_by_its_uri(tmp_path):
+    from pipeline.images import load_crops, read_crops
+
+    good = write_crops(tmp_path / "c", 1, seed=3)[0]
+    gone = str(tmp_path / "c" / "vanished.png")  # listed, then deleted before the read
+    rows = read_crops({"uri": np.array([good, gone], dtype=object)})
+    assert list(rows["status"]) == ["ok", "read_error"]
+    assert rows["image_id"][0] == image_id(open(good, "rb").read())
+    assert rows["image_id"][1] == unread_id(gone) and "vanished.png" in rows["error"][1]
+    assert rows["bytes"][1] is None and list(rows["source_uri"]) == [good, gone]
+    loaded = load_crops(rows, input_size=32)
+    assert list(loaded["status"]) == ["ok", "read_error"] and "bytes" not in loaded
+    assert np.abs(loaded["image"][0]).sum() > 0 and not loaded["image"][1].any()
