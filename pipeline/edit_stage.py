@@ -138,11 +138,20 @@ class EditBatch(ModelActor):
     def __init__(self, model: dict, run_id: str, output: str, classifier: str | None = None,
                  classifier_sha256: str | None = None, editors: dict | None = None, metrics: dict | None = None,
                  device: str = "auto", amp: str = "auto", torch_threads: int = 0, keep_crops: bool = False):
+        super().__init__(model, device, amp, torch_threads)
+        self.n_latent, self.style_dim = self.model.cfg.n_latent, self.model.cfg.style_dim
+        self.on_model_thread(self._load_edit_models, classifier, classifier_sha256, editors, metrics)
+        self.run_id, self.output = run_id, output
+        self.schema = edits_schema()
+        self.directions: dict[str, torch.Tensor] = {}
+        self.sources_written: set = set()
+        self.keep_crops = bool(keep_crops)
+
+    def _load_edit_models(self, classifier: str | None, classifier_sha256: str | None, editors: dict | None,
+                          metrics: dict | None) -> None:
         from stmodel.classifier import load_classifier
         from stmodel.editor import load_editor
 
-        super().__init__(model, device, amp, torch_threads)
-        self.n_latent, self.style_dim = self.model.cfg.n_latent, self.model.cfg.style_dim
         self.clf = None
         if classifier:
             self.clf = load_classifier(classifier, sha256=classifier_sha256).to(self.device).requires_grad_(False)
@@ -155,11 +164,6 @@ class EditBatch(ModelActor):
         if metrics:
             self.lpips, self.ident = build_metrics(metrics, self.device)
             self.label = metric_label(self.lpips, self.ident)
-        self.run_id, self.output = run_id, output
-        self.schema = edits_schema()
-        self.directions: dict[str, torch.Tensor] = {}
-        self.sources_written: set = set()
-        self.keep_crops = bool(keep_crops)
 
     def _direction(self, uri: str) -> torch.Tensor:
         if uri not in self.directions:
@@ -216,7 +220,7 @@ class EditBatch(ModelActor):
                     status[i], error[i] = STATUS_ERROR, f"{type(e).__name__}: {e}"
         return we
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def map_batch(self, batch: pa.Table) -> pa.Table:
         meta = batch.drop_columns([c for c in ("w_source", "w_reference") if c in batch.column_names]).to_pylist()
         n = len(meta)
         status, error = [r["status"] for r in meta], [r["error"] for r in meta]

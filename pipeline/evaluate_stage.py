@@ -61,12 +61,12 @@ class EvaluateBatch(ModelActor):
     def __init__(self, model: dict, run_id: str, output: str, metrics: dict, device: str = "auto",
                  amp: str = "auto", torch_threads: int = 0):
         super().__init__(model, device, amp, torch_threads)
-        self.scorer = ReconstructionScorer(metrics, self.device, output)
+        self.scorer = self.on_model_thread(ReconstructionScorer, metrics, self.device, output)
         self.schema = metrics_schema()
         self.run_id = run_id
 
     @torch.no_grad()
-    def __call__(self, batch: dict) -> pa.Table:
+    def map_batch(self, batch: dict) -> pa.Table:
         ids = [str(i) for i in batch["image_id"]]
         n = len(ids)
         status = np.array(batch["status"], dtype=object)

@@ -56,10 +56,10 @@ class InvertBatch(ModelActor):
         self.schema = latents_schema(cfg.n_latent, cfg.style_dim)
         self.run_id, self.output = run_id, output
         self.metrics = metrics
-        self.scorer = ReconstructionScorer(metrics, self.device, output) if metrics else None
+        self.scorer = self.on_model_thread(ReconstructionScorer, metrics, self.device, output) if metrics else None
 
     @torch.no_grad()
-    def __call__(self, batch: dict) -> pa.Table:
+    def map_batch(self, batch: dict) -> pa.Table:
         ids = [str(i) for i in batch["image_id"]]
         n = len(ids)
         status = np.array(batch["status"], dtype=object)

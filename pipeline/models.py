@@ -11,8 +11,10 @@ random backbones whose every output row is labelled as such.
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import torch
@@ -124,13 +126,24 @@ def metric_label(lp, ident) -> str:
                       ident.label if ident else "id: not computed (no weights configured)"])
 
 
-class ModelActor:
+class ModelActor(abc.ABC):
     """Base of the stages' actor classes: thread count, device, autocast dtype and the
     inversion model, set up once per actor (`generator=False` when nothing reconstructs: the
-    synthesis network is then never built)."""
+    synthesis network is then never built). A subclass maps a batch in `map_batch`, and builds
+    whatever else it loads through `on_model_thread`.
+
+    Every torch call of an actor, set-up included, runs on one thread of its own. Ray Data
+    calls `__call__` on another thread than `__init__`, and OpenMP keeps one thread team per
+    calling thread: a model set up on one thread and run on another holds two teams, more
+    OpenMP threads than cores on a small machine, and libgomp then stops spinning between
+    parallel regions, which slows every op (`bench.actor_threads` measures it)."""
 
     def __init__(self, model: dict, device: str = "auto", amp: str = "auto", torch_threads: int = 0,
                  generator: bool = True):
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.on_model_thread(self._load, model, device, amp, torch_threads, generator)
+
+    def _load(self, model: dict, device: str, amp: str, torch_threads: int, generator: bool) -> None:
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         self.device = pick_device(device)
@@ -139,6 +152,17 @@ class ModelActor:
         self.model.to(self.device).requires_grad_(False)
         if self.amp is not None:
             self.model.cast_encoder_weights(self.amp)
+
+    def on_model_thread(self, fn, *args, **kwargs):
+        """Run `fn(*args, **kwargs)` on the actor's model thread; its exception is raised here."""
+        return self._model_thread.submit(fn, *args, **kwargs).result()
+
+    def __call__(self, batch: dict):
+        return self.on_model_thread(self.map_batch, batch)
+
+    @abc.abstractmethod
+    def map_batch(self, batch: dict):
+        """A batch of the stage's input rows -> its output rows (runs on the model thread)."""
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)

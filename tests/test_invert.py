@@ -243,3 +243,40 @@ def test_gpu_path_on_cpu_autocast_and_several_actors(ray_local, tmp_path, tiny_c
     scale = max(float(np.abs(a[k]).max()) for k in a)
     print(f"bf16 autocast vs fp32: max |dW+| = {diff:.4f} (max |W+| = {scale:.2f})")
     assert 0 < diff < 0.05 * scale
+
+
+def test_an_actor_runs_its_model_on_the_thread_that_built_it(tmp_path, tiny_checkpoint, monkeypatch):
+    """Ray Data calls an actor's `__call__` on a thread of its own, not the one that ran
+    `__init__`; the model must still be built and run on one thread (one OpenMP team)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline import models
+    from pipeline.invert_stage import InvertBatch
+
+    ckpt, _ = tiny_checkpoint
+    seen = {}
+    real_load = models.load_model
+
+    def recording_load(*args, **kwargs):
+        seen["load"] = threading.get_ident()
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", recording_load)
+    actor = InvertBatch({"checkpoint": ckpt}, "run-1", str(tmp_path), device="cpu", amp="none")
+    real_invert = actor.model.invert
+
+    def recording_invert(x):
+        seen["invert"] = threading.get_ident()
+        return real_invert(x)
+
+    actor.model.invert = recording_invert
+    s = actor.model.cfg.input_size
+    batch = {"image_id": np.array(["a", "b"], dtype=object), "face_index": np.array([0, 0]),
+             "source_uri": np.array(["s/a", "s/b"], dtype=object), "aligned_uri": np.array(["x/a", "x/b"], dtype=object),
+             "status": np.array(["ok", "ok"], dtype=object), "error": np.array([None, None], dtype=object),
+             "image": np.random.default_rng(0).standard_normal((2, 3, s, s)).astype(np.float32)}
+    with ThreadPoolExecutor(max_workers=1) as ray_udf_thread:
+        out = ray_udf_thread.submit(actor, batch).result()
+    assert out["status"].to_pylist() == ["ok", "ok"]
+    assert seen["invert"] == seen["load"] != threading.get_ident()
