@@ -126,13 +126,19 @@ def delta_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema([pa.field(f.name, plain(f.type), nullable=True) for f in schema])
 
 
-def snapshot_uris(output: str, table: str, version: int | None = None) -> list[str]:
-    """URIs of the data files of the committed snapshot ([] when there is no table)."""
+def _snapshot(output: str, table: str, version: int | None = None) -> tuple:
+    """The committed table and the URIs of its snapshot's data files ((None, []) when there is
+    no table)."""
     dt = open_table(output, table, version)
     if dt is None:
-        return []
+        return None, []
     root = table_root(output, table)
-    return [storage.join(root, p) for p in _relative_paths(dt)]
+    return dt, [storage.join(root, p) for p in _relative_paths(dt)]
+
+
+def snapshot_uris(output: str, table: str, version: int | None = None) -> list[str]:
+    """URIs of the data files of the committed snapshot ([] when there is no table)."""
+    return _snapshot(output, table, version)[1]
 
 
 def _relative_paths(dt) -> list[str]:
@@ -142,11 +148,7 @@ def _relative_paths(dt) -> list[str]:
 
 def read_snapshot(output: str, table: str, columns: list[str] | None = None, version: int | None = None):
     """The committed snapshot as a Ray Dataset (None when the table is missing or empty)."""
-    dt = open_table(output, table, version)
-    if dt is None:
-        return None
-    root = table_root(output, table)
-    uris = [storage.join(root, p) for p in _relative_paths(dt)]
+    dt, uris = _snapshot(output, table, version)
     if not uris:
         return None
     schema = pa.schema(dt.schema().to_arrow())
@@ -156,9 +158,10 @@ def read_snapshot(output: str, table: str, columns: list[str] | None = None, ver
 READ_BLOCK_BYTES = 64 << 20
 
 
-def read_files(uris: list[str], fields: list[pa.Field]):
+def read_files(uris: list[str], fields: list[pa.Field], path_column: str | None = None):
     """A Ray Dataset over Parquet data files of ours (`fields`: the columns to read; a file
-    written before its table gained a nullable column gets nulls in it).
+    written before its table gained a nullable column gets nulls in it). `path_column`: also
+    a column of that name holding each row's file path (the path of `storage.url_to_fs`).
 
     Plain read tasks over a known file list (from_items + map_batches) rather than
     ray.data.read_parquet, whose file listing and footer sampling cost seconds per call on a
@@ -168,10 +171,10 @@ def read_files(uris: list[str], fields: list[pa.Field]):
 
     items = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=max(1, min(len(uris), 200)))
     return items.map_batches(_read_parquet_files, batch_format="numpy", batch_size=1,
-                             fn_kwargs={"fields": list(fields)})
+                             fn_kwargs={"fields": list(fields), "path_column": path_column})
 
 
-def _read_parquet_files(batch: dict, fields: list[pa.Field]):
+def _read_parquet_files(batch: dict, fields: list[pa.Field], path_column: str | None = None):
     names = [f.name for f in fields]
     for uri in batch["uri"]:
         fs, path = storage.url_to_fs(str(uri))
@@ -184,7 +187,10 @@ def _read_parquet_files(batch: dict, fields: list[pa.Field]):
                 for fld in fields:
                     if fld.name not in have:
                         t = t.append_column(fld, pa.nulls(t.num_rows, fld.type))
-                parts.append(t.select(names))
+                t = t.select(names)
+                if path_column:
+                    t = t.append_column(path_column, pa.array([path] * t.num_rows, pa.string()))
+                parts.append(t)
                 size += t.nbytes
                 if size >= READ_BLOCK_BYTES:
                     yield pa.concat_tables(parts)
@@ -257,16 +263,6 @@ def gather(refs: list) -> pa.Table | None:
     return pa.concat_tables(parts) if parts else None
 
 
-def _key_columns(batch: dict, output: str, columns: list[str]) -> pa.Table:
-    """The key columns of some data files, with each row's file path (`path`)."""
-    fs, _ = storage.url_to_fs(output)
-    parts = []
-    for path in batch["path"]:
-        t = pq.read_table(str(path), filesystem=fs, columns=columns)
-        parts.append(t.append_column("path", pa.array([str(path)] * t.num_rows, pa.string())))
-    return pa.concat_tables(parts)
-
-
 REWRITE_SCHEMA = pa.schema([("old_path", pa.string()), ("old_size", pa.int64()), ("path", pa.string()),
                             ("size", pa.int64()), ("rows", pa.int64())])
 
@@ -317,8 +313,8 @@ def _replace_in_file(batch: dict, key: list[str], replace_key: list[str], ours_r
     return pa.table(out, schema=REWRITE_SCHEMA)
 
 
-def plan_replacements(output: str, table: str, key: list[str], snapshot: list[str], ours: list[str],
-                      run_id: str, replace_key: list[str] | None = None) -> pa.Table:
+def plan_replacements(output: str, table: str, schema: pa.Schema, key: list[str], snapshot: list[str],
+                      ours: list[str], run_id: str, replace_key: list[str] | None = None) -> pa.Table:
     """Ray Data, one task per data file: drop every row that a newer row of the same key
     supersedes (in the snapshot, or among this run's files), rewriting the files that held them.
     The run's own keys are broadcast through the object store; no shuffle, nothing in the
@@ -329,17 +325,12 @@ def plan_replacements(output: str, table: str, key: list[str], snapshot: list[st
     empty = pa.table({"old_path": pa.array([], pa.string())})
     root = table_root(output, table)
     _, root_path = storage.url_to_fs(root)
-    own_paths, _ = storage.ray_paths(root, [storage.join(root, p) for p in ours])
-    if not own_paths:
+    if not ours:
         return empty
     replace_key = list(replace_key or key)
-    # from_items + a read task, not read_parquet: its file listing and footer scan cost seconds
-    # per commit, the tasks a tenth of one.
     cols = sorted(set(key) | set(replace_key))
-    ours_ds = ray.data.from_items([{"path": p} for p in own_paths],
-                                  override_num_blocks=max(1, min(len(own_paths), 64)))
-    refs = broadcast_refs(ours_ds.map_batches(_key_columns, batch_format="numpy", batch_size=4,
-                                              fn_kwargs={"output": output, "columns": cols}))
+    refs = broadcast_refs(read_files([storage.join(root, p) for p in ours], [schema.field(c) for c in cols],
+                                     path_column="path"))
     all_paths, _ = storage.ray_paths(root, [storage.join(root, p) for p in snapshot + ours])
     files = ray.data.from_items([{"path": p} for p in all_paths], override_num_blocks=max(1, min(len(all_paths), 64)))
     res = files.map_batches(_replace_in_file, batch_format="numpy", batch_size=4, fn_kwargs={
@@ -441,7 +432,8 @@ def commit(output: str, table: str, schema: pa.Schema, key: list[str] | None, fi
         dt = _ensure_table(output, table, schema)
         actions = [_add(f.path, f.size, f.rows) for f in files]
         if replace and key:
-            plan = plan_replacements(output, table, key, _relative_paths(dt), ours, run_id, replace_key)
+            plan = plan_replacements(output, table, schema, key, _relative_paths(dt), ours, run_id,
+                                         replace_key)
             if plan.num_rows:
                 log.info("%s: %d files rewritten to replace earlier rows of the same keys", table, plan.num_rows)
             own = set(ours)
