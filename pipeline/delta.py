@@ -432,8 +432,7 @@ def commit(output: str, table: str, schema: pa.Schema, key: list[str] | None, fi
         dt = _ensure_table(output, table, schema)
         actions = [_add(f.path, f.size, f.rows) for f in files]
         if replace and key:
-            plan = plan_replacements(output, table, schema, key, _relative_paths(dt), ours, run_id,
-                                         replace_key)
+            plan = plan_replacements(output, table, schema, key, _relative_paths(dt), ours, run_id, replace_key)
             if plan.num_rows:
                 log.info("%s: %d files rewritten to replace earlier rows of the same keys", table, plan.num_rows)
             own = set(ours)
