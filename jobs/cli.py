@@ -160,7 +160,9 @@ def load_config(settings: type, config_file: str | None, sets: list[str]) -> dic
     return cfg
 
 
-def init_ray(cfg: dict) -> None:
+def init_ray(cfg: dict, trains: bool = False) -> None:
+    """Connect to `ray.address` (or RAY_ADDRESS), or start a local Ray. `trains`: the job runs
+    Ray Train, whose controller a local Ray's dashboard must serve (`ray.dashboard: auto`)."""
     import ray
 
     if ray.is_initialized():
@@ -177,6 +179,10 @@ def init_ray(cfg: dict) -> None:
         for k in ("num_cpus", "num_gpus"):
             if rc.get(k) is not None:
                 kw[k] = rc[k]
+        # The dashboard and its metrics polling take CPU from the model on a small machine
+        # (bench.invert_pipeline --dashboard); a cluster keeps its own.
+        dashboard = rc.get("dashboard", "auto")
+        kw["include_dashboard"] = trains if dashboard == "auto" else bool(dashboard)
         # A local Ray's workers inherit this environment (S3 endpoint and credentials included);
         # credentials are never copied into a runtime_env, where the dashboard would show them.
     # the workers' log records are redacted as the driver's are (merged with a submitted job's env)
@@ -211,12 +217,12 @@ def summary_line(job: str, run_id: str | None, counts: dict, seconds: float, ext
 
 
 def main(job: str, description: str, settings: type, run: Callable[[dict], dict],
-         argv: list[str] | None = None, use_ray: bool = True) -> dict:
+         argv: list[str] | None = None, use_ray: bool = True, trains: bool = False) -> dict:
     """Parse arguments and check the settings (exit 2 on any problem, before anything is
     touched), start Ray, call `run(cfg)` and print its summary as one JSON line.
 
     `run` returns a dict with at least `run_id` and `counts` (`in`, `ok`, `failed`, `skipped`);
-    anything under `extra` is added to the summary."""
+    anything under `extra` is added to the summary. `trains`: the job runs Ray Train."""
     args = make_parser(job, description, settings).parse_args(argv)
     try:
         cfg = load_config(settings, args.config, args.sets)
@@ -232,7 +238,7 @@ def main(job: str, description: str, settings: type, run: Callable[[dict], dict]
     install_log_redaction()
     t0 = time.time()
     if use_ray:
-        init_ray(cfg)
+        init_ray(cfg, trains=trains)
     try:
         result = run(cfg)
     except SystemExit as e:  # a job's stop message may quote a URI

@@ -273,4 +273,4 @@ def edit_requests(root: str, synthetic_ids: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    main(JOB, __doc__, SETTINGS, run)
+    main(JOB, __doc__, SETTINGS, run, trains=True)

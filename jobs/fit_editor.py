@@ -252,4 +252,4 @@ DESCRIPTION = __doc__
 
 
 if __name__ == "__main__":
-    main(JOB, DESCRIPTION, SETTINGS, run)
+    main(JOB, DESCRIPTION, SETTINGS, run, trains=True)

@@ -19,6 +19,9 @@ class RaySection:
                                         "(ray job submit sets RAY_ADDRESS)")
     num_cpus: int | None = setting(None, "CPUs of a local Ray (null: all cores)")
     num_gpus: int | None = setting(None, "GPUs of a local Ray (null: all it finds)")
+    dashboard: bool | Literal["auto"] = setting("auto", "a local Ray's dashboard (127.0.0.1:8265): auto = only for "
+                                                        "the jobs that train (Ray Train watches its runs through "
+                                                        "it); without it the model gets the CPU it would use")
 
 
 @dataclass

@@ -174,4 +174,4 @@ def run(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(JOB, __doc__, SETTINGS, run)
+    main(JOB, __doc__, SETTINGS, run, trains=True)

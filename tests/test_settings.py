@@ -198,3 +198,37 @@ def test_cli_help_lists_nested_settings_with_meaning(tmp_path):
     line = next(l for l in p.stdout.splitlines() if l.strip().startswith("align.face_policy = largest"))
     assert "align the largest face, or all of them" in line
     assert "ray.address = null" in p.stdout
+
+
+@pytest.mark.parametrize("job, sets, expected", [
+    ("invert", [], False),                      # a Ray Data job: no dashboard on a local Ray
+    ("fit_classifier", [], True),               # Ray Train watches its runs through it
+    ("demo", [], True),
+    ("invert", ["ray.dashboard=true"], True),
+    ("train_encoder", ["ray.dashboard=false"], False),
+])
+def test_local_ray_dashboard_only_for_the_jobs_that_train(monkeypatch, job, sets, expected):
+    import ray
+
+    from jobs.cli import main
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    mod = importlib.import_module(f"jobs.{job}")
+    trains = "trains=True" in (ROOT / "jobs" / f"{job}.py").read_text()
+    main(job, "", mod.SETTINGS, lambda cfg: {"run_id": None, "counts": {}}, argv=[f"--set={s}" for s in sets],
+         trains=trains)
+    assert seen["address"] == "local" and seen["include_dashboard"] is expected
+
+
+def test_a_cluster_keeps_its_own_dashboard(monkeypatch):
+    import ray
+
+    from jobs.cli import init_ray
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    init_ray(load_config(_settings("invert"), None, ["ray.address=auto", "ray.dashboard=true"]))
+    assert seen["address"] == "auto" and "include_dashboard" not in seen
