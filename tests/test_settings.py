@@ -210,15 +210,17 @@ def test_cli_help_lists_nested_settings_with_meaning(tmp_path):
 def test_local_ray_dashboard_only_for_the_jobs_that_train(monkeypatch, job, sets, expected):
     import ray
 
-    from jobs.cli import main
+    from jobs import cli
 
     seen = {}
+    monkeypatch.setattr(cli, "install_log_redaction", lambda: None)  # (process-wide, tested elsewhere)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
     mod = importlib.import_module(f"jobs.{job}")
     trains = "trains=True" in (ROOT / "jobs" / f"{job}.py").read_text()
-    main(job, "", mod.SETTINGS, lambda cfg: {"run_id": None, "counts": {}}, argv=[f"--set={s}" for s in sets],
-         trains=trains)
+    # (--quiet: init_ray sets the process's Ray Data progress bars from `progress`)
+    cli.main(job, "", mod.SETTINGS, lambda cfg: {"run_id": None, "counts": {}},
+             argv=["--quiet", *(f"--set={s}" for s in sets)], trains=trains)
     assert seen["address"] == "local" and seen["include_dashboard"] is expected
 
 
@@ -230,5 +232,6 @@ def test_a_cluster_keeps_its_own_dashboard(monkeypatch):
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
-    init_ray(load_config(_settings("invert"), None, ["ray.address=auto", "ray.dashboard=true"]))
+    init_ray(load_config(_settings("invert"), None, ["ray.address=auto", "ray.dashboard=true",
+                                                                "progress=false"]))
     assert seen["address"] == "auto" and "include_dashboard" not in seen
