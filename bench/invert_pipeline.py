@@ -92,9 +92,11 @@ class BareLoop:
         ctx = mp.get_context("spawn")
         self.label = f"{processes} x {threads} thread{'s' if threads > 1 else ''}"
         self.conns, self.procs = [], []
+        gpus = torch.cuda.device_count() if device == "cuda" else 0
         for i in range(processes):
             mine, theirs = ctx.Pipe()
-            p = ctx.Process(target=_bare_process, args=(batches[i::processes], spec, threads, device, amp, theirs),
+            dev = f"cuda:{i % gpus}" if gpus > 1 else device  # as the job's actors: a GPU each
+            p = ctx.Process(target=_bare_process, args=(batches[i::processes], spec, threads, dev, amp, theirs),
                             daemon=True)
             p.start()
             self.conns.append(mine)
