@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-from jobs.cli import main
+from jobs.cli import input_errors, main
 from jobs.sections import ActorSection, JobSettings
 from jobs.settings import setting
 from pipeline import storage
@@ -198,9 +198,14 @@ def run(cfg: dict, before_commit=None) -> dict:
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 
 
+def check(cfg: dict) -> list[str]:
+    """Before Ray starts: the input root exists."""
+    return [*input_errors("input", cfg.get("input")), *([] if cfg.get("output") else ["output: set output=URI"])]
+
+
 def cli(argv: list[str] | None = None) -> dict:
     return main(JOB, "Detect and FFHQ-align faces: raw photos -> aligned crops + faces table.", SETTINGS, run,
-                argv=argv)
+                argv=argv, check=check)
 
 
 if __name__ == "__main__":

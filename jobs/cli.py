@@ -216,16 +216,45 @@ def summary_line(job: str, run_id: str | None, counts: dict, seconds: float, ext
     return out
 
 
+def input_errors(key: str, uri: str | None) -> list[str]:
+    """A scheduled job's input root must exist: a typo in a cron line is an error, not a run
+    over nothing (an existing empty root is a run of 0 inputs)."""
+    if not uri:
+        return [f"{key}: set {key}=URI"]
+    from pipeline import storage
+
+    try:
+        fs, path = storage.url_to_fs(uri)
+        if fs.exists(path):
+            return []
+    except Exception as e:  # noqa: BLE001 - an unreachable store is as fatal as a missing root
+        return [f"{key}: cannot reach {uri}: {type(e).__name__}: {e}"]
+    return [f"{key}: {uri} does not exist (nothing was run; an empty folder would be a run over 0 inputs)"]
+
+
+def model_errors(key: str, spec: dict) -> list[str]:
+    """A model section needs a checkpoint (or, for tests and the demo, a seeded preset)."""
+    if spec.get("checkpoint") or spec.get("preset"):
+        return []
+    return [f"{key}.checkpoint: set {key}.checkpoint=URI (the Style Transformer checkpoint), or {key}.preset=NAME "
+            f"for a seeded random model"]
+
+
 def main(job: str, description: str, settings: type, run: Callable[[dict], dict],
-         argv: list[str] | None = None, use_ray: bool = True, trains: bool = False) -> dict:
+         argv: list[str] | None = None, use_ray: bool = True, trains: bool = False,
+         check: Callable[[dict], list[str]] | None = None) -> dict:
     """Parse arguments and check the settings (exit 2 on any problem, before anything is
     touched), start Ray, call `run(cfg)` and print its summary as one JSON line.
 
     `run` returns a dict with at least `run_id` and `counts` (`in`, `ok`, `failed`, `skipped`);
-    anything under `extra` is added to the summary. `trains`: the job runs Ray Train."""
+    anything under `extra` is added to the summary. `trains`: the job runs Ray Train. `check(cfg)`:
+    the job's own checks of what the settings name (inputs that must exist...), run before Ray
+    starts; its messages are settings errors."""
     args = make_parser(job, description, settings).parse_args(argv)
     try:
         cfg = load_config(settings, args.config, args.sets)
+        if check is not None and (errors := check(cfg)):
+            raise SettingsError(errors)
     except SettingsError as e:
         print(f"python -m jobs.{job}: invalid settings, nothing was run:", file=sys.stderr)
         for m in e.errors:

@@ -42,10 +42,10 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.cli import main
+from jobs.cli import input_errors, main, model_errors
 from jobs.sections import CropActorSection, JobSettings, MetricWeights, NamedModelSection, PasteBackSection
 from jobs.settings import setting
-from pipeline import delta, paste_stage, storage
+from pipeline import incremental, paste_stage, storage
 from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
 from pipeline.decode import DEFAULT_FORMATS, allowed_formats
 from pipeline.images import load_crops, read_crops
@@ -77,7 +77,9 @@ class Settings(JobSettings):
     model: NamedModelSection = setting(NamedModelSection, "the inversion model")
     metrics: bool = setting(False, "reconstruct and score every face")
     retry_failed: bool = setting(False, "also retry permanent failures (decode_error ...); transient ones "
-                                        "always are")
+                                        "always are (implies full_scan)")
+    full_scan: bool = setting(False, "read the whole faces table, not only what changed since the faces version "
+                                     "the last run consumed (recorded in the latents table's log)")
     metric_weights: MetricWeights = setting(MetricWeights, "backbones of LPIPS and ID similarity (metrics=true)")
     invert: InvertSection = setting(InvertSection, "the inversion actors (batch_size: faces per model call; "
                                                    "num_cpus: leave CPUs for the read stage)")
@@ -93,24 +95,16 @@ WORK_COLUMNS = ["image_id", "face_index", "source_uri", "aligned_uri", "status"]
 MAX_READ_BLOCKS = 1024  # a huge folder: blocks of more files each, not more blocks
 
 
-def _ok_faces(batch: pa.Table) -> pa.Table:
-    t = batch.filter(pc.equal(batch.column("status"), "ok")).select(WORK_COLUMNS)
-    return t.append_column("error", pa.nulls(t.num_rows, pa.string()))
+def _with_error(batch: pa.Table) -> pa.Table:
+    return batch.append_column("error", pa.nulls(batch.num_rows, pa.string()))
 
 
-def work_rows(src: str, max_bytes: int = 0, load_batch_size: int = 16):
-    """(work rows, how many, work rows refused before reading): one row per face to invert, from
-    the committed `faces` table of an align output, or every file of a plain folder of aligned
-    crops (read once; image_id = sha256 of the bytes) but those over `max_bytes`, which are
-    never read (pipeline.inputs; None when there are none)."""
+def folder_rows(src: str, max_bytes: int = 0, load_batch_size: int = 16):
+    """(work rows, how many files, work rows refused before reading) of a plain folder of aligned
+    crops: every file is read once (image_id = sha256 of the bytes) but those over `max_bytes`,
+    which are never read (pipeline.inputs; None when there are none)."""
     import ray
 
-    faces = delta.read_snapshot(src, "faces", columns=WORK_COLUMNS)
-    if faces is not None:
-        ds = faces.map_batches(_ok_faces, batch_format="pyarrow")
-        n = ds.count()
-        log.info("input %s: %d aligned faces in the committed faces table", src, n)
-        return ds, n, None
     sized = storage.list_sized(src)
     files, big = split_by_size(sized, max_bytes)
     refused = refused_rows(big, max_bytes) if big else None
@@ -188,8 +182,6 @@ def run(cfg: dict, before_commit=None, actor=InvertBatch) -> dict:
     r = JobRun(cfg["output"], JOB, cfg, rows_per_file=int(c["rows_per_part"]), log_every_s=float(c["log_every_s"]))
     cfg = {**cfg, "_input_size": shapes["input_size"]}
     spec = latents_table(shapes)
-    work, n_in, refused = work_rows(cfg["input"], int(c["max_bytes"]), int(c["load_batch_size"]))
-    log.info("invert %s -> %s: %d faces, run %s", cfg["input"], cfg["output"], n_in, r.run_id)
     res = WriteResult()
     shape_kw = {"n_latent": shapes["n_latent"], "style_dim": shapes["style_dim"], "run_id": r.run_id}
 
@@ -202,18 +194,31 @@ def run(cfg: dict, before_commit=None, actor=InvertBatch) -> dict:
         return ds
 
     retry_failed = bool(cfg.get("retry_failed"))
+    src = incremental.read_source(r, cfg["input"], "faces", WORK_COLUMNS, spec, retry_failed=retry_failed,
+                                  full_scan=bool(cfg["full_scan"]))
+    refused = None
+    if src is not None:  # an align output: only the faces to do ever enter the pipeline
+        n_in, skipped = src.n_in, src.skipped
+        work = src.rows.map_batches(_with_error, batch_format="pyarrow") if src.rows is not None else None
+        expected = src.todo
+    else:  # a plain folder: every crop is read and hashed; done ones pass on as empty rows
+        work, n_in, refused = folder_rows(cfg["input"], int(c["max_bytes"]), int(c["load_batch_size"]))
+        skipped = 0
+        work = r.mark_done(work, spec, retry_failed=retry_failed) if work is not None else None
+        expected = n_in - (refused.num_rows if refused is not None else 0)
+    log.info("invert %s -> %s: %d faces, run %s", cfg["input"], cfg["output"], n_in, r.run_id)
     if work is not None:
-        work = r.mark_done(work, spec, retry_failed=retry_failed)
-        res = r.write(None, spec, expected=n_in - (refused.num_rows if refused is not None else 0),
-                      inputs=work, lost_rows=partial(lost_rows, **shape_kw), rerun=stages,
-                      batch_size=int(c["batch_size"]))
+        res = r.write(None, spec, expected=expected, inputs=work, lost_rows=partial(lost_rows, **shape_kw),
+                      rerun=stages, batch_size=int(c["batch_size"]))
+    res.add_skipped(skipped)
     if refused is not None:  # files over max_bytes: a row each, never read
         rows = r.mark_done(ray.data.from_arrow(refused), spec, retry_failed=retry_failed)
         res.merge(r.write(rows.map_batches(failed_rows, batch_format="pyarrow", fn_kwargs=shape_kw), spec))
     counts = {"in": n_in, **res.counts}
     seconds = r.seconds()
     extra = {"faces_per_s": round((counts["ok"] + counts["failed"]) / max(seconds, 1e-9), 3),
-             "model": shapes["name"], "statuses": res.statuses}
+             "model": shapes["name"], "statuses": res.statuses,
+             "scan": src.summary() if src is not None else {"mode": "folder"}}
     if cfg["metrics"]:
         extra["metrics"] = run_summary(cfg["output"], TABLE, res.files, METRIC_COLUMNS)
     if before_commit is not None:
@@ -227,5 +232,11 @@ def run(cfg: dict, before_commit=None, actor=InvertBatch) -> dict:
 DESCRIPTION = __doc__
 
 
+def check(cfg: dict) -> list[str]:
+    """Before Ray starts: the input root exists, and a model is named."""
+    return [*input_errors("input", cfg.get("input")), *([] if cfg.get("output") else ["output: set output=URI"]),
+            *model_errors("model", cfg["model"])]
+
+
 if __name__ == "__main__":
-    main(JOB, DESCRIPTION, SETTINGS, run)
+    main(JOB, DESCRIPTION, SETTINGS, run, check=check)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
@@ -136,6 +137,66 @@ def _snapshot(output: str, table: str, version: int | None = None) -> tuple:
     return dt, [storage.join(root, p) for p in _relative_paths(dt)]
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A committed version of a table as its log names it: O(files), never rows."""
+
+    version: int
+    paths: list[str]        # data files, relative to the table root
+    rows: int               # from the log's per-file statistics
+    schema: pa.Schema
+    all_ok: list[bool]      # per file: its statistics say every row is ok
+
+
+def snapshot(output: str, table: str, version: int | None = None) -> Snapshot | None:
+    """The committed snapshot (at `version`, or the newest); None when there is no table."""
+    dt = open_table(output, table, version)
+    if dt is None:
+        return None
+    adds = dt.get_add_actions(flatten=True)
+    names = adds.column_names
+    rows = adds.column("num_records").to_pylist() if "num_records" in names else []
+    paths = [str(p) for p in adds.column("path").to_pylist()]
+    lo = adds.column("min.status").to_pylist() if "min.status" in names else [None] * len(paths)
+    hi = adds.column("max.status").to_pylist() if "max.status" in names else [None] * len(paths)
+    return Snapshot(dt.version(), paths, int(sum(r or 0 for r in rows)), pa.schema(dt.schema().to_arrow()),
+                    [a == "ok" and b == "ok" for a, b in zip(lo, hi)])
+
+
+def snapshot_files(output: str, table: str, version: int | None = None) -> tuple[int | None, list[str]]:
+    """(version, data file paths relative to the table root); (None, []) when there is no table."""
+    snap = snapshot(output, table, version)
+    return (None, []) if snap is None else (snap.version, snap.paths)
+
+
+def files_added_since(output: str, table: str, version: int) -> tuple[int | None, list[str] | None]:
+    """(current version, the data files of the current snapshot that were not in the snapshot at
+    `version`): what an incremental reader has not seen. The file list is None when that
+    version can no longer be loaded (its log was cleaned up): the reader scans everything."""
+    current, now = snapshot_files(output, table)
+    if current is None:
+        return None, None
+    if current == version:
+        return current, []
+    try:
+        _, then = snapshot_files(output, table, version)
+    except Exception as e:  # noqa: BLE001 - delta-rs raises several types for a version it cannot load
+        log.info("%s: version %d is no longer in the log (%s): reading the whole snapshot", table, version,
+                 type(e).__name__)
+        return current, None
+    seen = set(then)
+    return current, [p for p in now if p not in seen]
+
+
+def app_version(output: str, table: str, app_id: str) -> int | None:
+    """The version that the app transaction `app_id` recorded in `table` (None when none did)."""
+    dt = open_table(output, table)
+    if dt is None:
+        return None
+    v = dt.transaction_version(app_id)
+    return None if v is None else int(v)
+
+
 def snapshot_uris(output: str, table: str, version: int | None = None) -> list[str]:
     """URIs of the data files of the committed snapshot ([] when there is no table)."""
     return _snapshot(output, table, version)[1]
@@ -218,6 +279,7 @@ class FileRecord:
     path: str        # relative to the table root
     size: int
     rows: int
+    all_ok: bool = False  # every row has status ok (the log's statistics say so to readers)
 
 
 FILE_RECORD_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("rows", pa.int64())])
@@ -234,7 +296,8 @@ def write_data_file(t: pa.Table, output: str, table: str, run_id: str, tag: str 
     # every table row passes here: no URI secret (userinfo, signed query) is ever stored
     t = redact_table(t.replace_schema_metadata(None).cast(delta_schema(t.schema)))
     pq.write_table(t, path, filesystem=fs, compression="zstd")
-    return FileRecord(name, int(fs.size(path)), t.num_rows)
+    all_ok = "status" in t.column_names and t.num_rows > 0 and bool(pc.all(pc.equal(t.column("status"), "ok")).as_py())
+    return FileRecord(name, int(fs.size(path)), t.num_rows, all_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,10 +407,15 @@ def plan_replacements(output: str, table: str, schema: pa.Schema, key: list[str]
 # The commit
 
 
-def _add(path: str, size: int, rows: int):
+def _add(path: str, size: int, rows: int, all_ok: bool = False):
+    """An add action; a file of ok rows only says so in its statistics (min = max = ok), so that
+    an incremental reader finds the files of failures without opening any file."""
     from deltalake.transaction import AddAction
 
-    return AddAction(path, int(size), {}, int(time.time() * 1000), True, json.dumps({"numRecords": int(rows)}))
+    stats: dict = {"numRecords": int(rows)}
+    if all_ok:
+        stats.update(minValues={"status": "ok"}, maxValues={"status": "ok"}, nullCount={"status": 0})
+    return AddAction(path, int(size), {}, int(time.time() * 1000), True, json.dumps(stats))
 
 
 def _ensure_table(output: str, table: str, schema: pa.Schema):
@@ -414,25 +482,64 @@ def last_commit_run(output: str, table: str) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class ReplaceHint:
+    """What a run's done check learned of a table: the version it read, and the data files of
+    that version holding rows of the keys the run attempts again. The commit then opens only
+    those files and the files committed since that version (an overlapping run's), never the
+    rest of the table. `read_version` None: the table did not exist then (every file is newer)."""
+
+    read_version: int | None
+    paths: frozenset[str]
+
+
+def _files_to_check(output: str, table: str, snapshot: list[str], hint: ReplaceHint | None,
+                    seen: dict) -> list[str]:
+    """The snapshot's files that can hold a row this run replaces (all of them without a hint).
+    `seen` caches the file set of the hint's version across commit attempts."""
+    if hint is None:
+        return snapshot
+    if hint.read_version is not None and "then" not in seen:
+        try:
+            seen["then"] = set(snapshot_files(output, table, hint.read_version)[1])
+        except Exception as e:  # noqa: BLE001 - that version's log is gone: check every file
+            log.info("%s: version %d cannot be loaded (%s): checking every file", table, hint.read_version,
+                     type(e).__name__)
+            seen["then"] = None
+    then = seen.get("then", set())
+    if hint.read_version is not None and then is None:
+        return snapshot
+    return [p for p in snapshot if p in hint.paths or p not in then]
+
+
 def commit(output: str, table: str, schema: pa.Schema, key: list[str] | None, files: list[FileRecord],
-           run_id: str, metadata: dict, replace: bool = True, replace_key: list[str] | None = None) -> int | None:
+           run_id: str, metadata: dict, replace: bool = True, replace_key: list[str] | None = None,
+           hint: ReplaceHint | None = None, app_txn: tuple[str, int] | None = None) -> int | None:
     """Publish this run's data files in one commit, replacing earlier rows of the same keys.
+
+    `hint`: only these files can hold a replaced row (see ReplaceHint); without it every file of
+    the snapshot is checked. `app_txn` (app id, version): a Delta app transaction recorded in the
+    same commit (e.g. the version of the source table this run consumed); with it, a run with no
+    files still commits, so the next run knows what was consumed.
 
     Returns the committed version (None when there was nothing to commit). Raises
     `CommitConflict` naming the other run when concurrent commits kept winning."""
     from deltalake.exceptions import CommitFailedError
-    from deltalake.transaction import CommitProperties, RemoveAction
+    from deltalake.transaction import CommitProperties, RemoveAction, Transaction
 
-    if not files:
+    if not files and app_txn is None:
         return None
     meta = {k: v for k, v in metadata.items() if v is not None}
+    txns = [Transaction(app_txn[0], int(app_txn[1]), int(time.time() * 1000))] if app_txn else None
     ours = [f.path for f in files]
     other = None
+    seen: dict = {}
     for attempt in range(COMMIT_ATTEMPTS):
         dt = _ensure_table(output, table, schema)
-        actions = [_add(f.path, f.size, f.rows) for f in files]
-        if replace and key:
-            plan = plan_replacements(output, table, schema, key, _relative_paths(dt), ours, run_id, replace_key)
+        actions = [_add(f.path, f.size, f.rows, f.all_ok) for f in files]
+        if replace and key and files:
+            check = _files_to_check(output, table, _relative_paths(dt), hint, seen)
+            plan = plan_replacements(output, table, schema, key, check, ours, run_id, replace_key)
             if plan.num_rows:
                 log.info("%s: %d files rewritten to replace earlier rows of the same keys", table, plan.num_rows)
             own = set(ours)
@@ -445,7 +552,8 @@ def commit(output: str, table: str, schema: pa.Schema, key: list[str] | None, fi
                     actions.append(_add(r["path"], r["size"], r["rows"]))
         try:
             dt.create_write_transaction(actions, "append", delta_schema(schema),
-                                        commit_properties=CommitProperties(custom_metadata=meta, max_commit_retries=0))
+                                        commit_properties=CommitProperties(custom_metadata=meta, max_commit_retries=0,
+                                                                           app_transactions=txns))
             version = open_table(output, table).version()
             log.info("committed %s version %d (run %s, %d files)", table, version, run_id, len(files))
             return version

@@ -73,7 +73,8 @@ class WriteResult:
 
     def add(self, rec: dict) -> None:
         if rec["path"]:
-            self.files.append(delta.FileRecord(rec["path"], int(rec["size"]), int(rec["rows"])))
+            self.files.append(delta.FileRecord(rec["path"], int(rec["size"]), int(rec["rows"]),
+                                               bool(rec.get("all_ok"))))
         for k in ("ok", "failed", "skipped"):
             self.counts[k] += int(rec[f"n_{k}"])
         for s, n in json.loads(rec["statuses"]).items():
@@ -85,6 +86,10 @@ class WriteResult:
             self.counts[k] = self.counts.get(k, 0) + n
         for s, n in other.statuses.items():
             self.statuses[s] = self.statuses.get(s, 0) + n
+
+    def add_skipped(self, n: int) -> None:
+        """Rows skipped before the pipeline (JobRun.skip_done): counted, never written."""
+        self.counts["skipped"] += int(n)
 
     @property
     def done(self) -> int:
@@ -100,22 +105,83 @@ def is_done(status: pa.Array, retry_failed: bool) -> pa.Array:
 
 
 def _done_keys(batch: pa.Table, key: list[str], retry_failed: bool) -> pa.Table:
-    """The key of every row and whether that row needs no new attempt (`_done`)."""
-    return batch.select(key).append_column("_done", is_done(batch.column("status"), retry_failed))
+    """The key of every row, whether that row needs no new attempt (`_done`), and its file."""
+    return batch.select([*key, DONE_PATH]).append_column("_done", is_done(batch.column("status"), retry_failed))
 
 
-def _mark(batch: pa.Table, key: list[str], done_refs: list) -> pa.Table:
-    done = delta.gather(done_refs)
-    if done is None or not batch.num_rows:
-        return batch
-    # A key is done when every committed row of it is (a key with several rows, such as an
-    # image's faces, is attempted again when any of its rows still needs it).
-    keys, flag = delta.key_strings(done, key), done.column("_done")
-    mine = delta.key_strings(batch, key)
-    hit = pc.and_(pc.is_in(mine, value_set=pc.unique(pc.filter(keys, flag))),
-                  pc.invert(pc.is_in(mine, value_set=pc.unique(pc.filter(keys, pc.invert(flag))))))
-    status = pc.if_else(hit, pa.scalar(STATUS_SKIPPED), batch.column("status"))
-    return batch.set_column(batch.schema.get_field_index("status"), "status", status)
+DONE_PATH = "_path"          # the data file (relative to the table root) of a committed row
+# Below this many committed rows the done set is rebuilt in each task (milliseconds); above it,
+# one actor builds it once and every block of the input passes through it.
+DONE_SET_ACTOR_ROWS = 200_000
+
+
+def _key_bytes(t: pa.Table, key: list[str]) -> np.ndarray:
+    """Fixed-width bytes per row of a (possibly composite) key: sortable, searchable in numpy."""
+    ks = pc.cast(delta.key_strings(t, key), pa.binary())
+    return ks.to_numpy(zero_copy_only=False).astype(np.bytes_) if len(ks) else np.array([], dtype="S1")
+
+
+class DoneSet:
+    """The keys of a committed table that need no new attempt, built once from the snapshot's
+    key columns (broadcast through the object store), and a filter of work rows against it.
+
+    A key is done when every committed row of it is: an image with one ok face row and one
+    transient failure row is attempted again. `mark`: done rows are kept with status `skipped`
+    (see _mark_skipped) instead of removed."""
+
+    def __init__(self, refs: list, key: list[str], mark: bool = False):
+        self.key, self.mark = list(key), mark
+        self.done = np.array([], dtype="S1")
+        self.keys, self.again = np.array([], dtype="S1"), np.array([], dtype=bool)
+        done = delta.gather(refs)
+        if done is None:
+            return
+        self.table = done
+        self.keys = _key_bytes(done, self.key)
+        flag = done.column("_done").to_numpy(zero_copy_only=False).astype(bool)
+        self.done = np.setdiff1d(np.unique(self.keys[flag]), np.unique(self.keys[~flag]), assume_unique=True)
+
+    def retried_paths(self, table_root_path: str) -> list[str]:
+        """The data files (relative to the table root) holding rows of keys attempted again."""
+        if not len(self.keys):
+            return []
+        again = pa.array(~_member(self.done, self.keys))
+        paths = pc.unique(self.table.column(DONE_PATH).filter(again)).to_pylist()
+        return sorted(p[len(table_root_path):].lstrip("/") for p in paths)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        hit = _member(self.done, _key_bytes(batch, self.key))
+        if self.mark:
+            return _mark_skipped(batch, hit)
+        return batch.filter(pa.array(~hit))
+
+
+def _mark_skipped(batch: pa.Table, hit: np.ndarray) -> pa.Table:
+    """Rows of done keys get status `skipped` and lose their bytes (a stream whose rows must all
+    reach the write stage to be counted: they pass the later stages as empty rows)."""
+    flag = pa.array(hit)
+    batch = batch.set_column(batch.schema.get_field_index("status"), "status",
+                             pc.if_else(flag, pa.scalar(STATUS_SKIPPED), batch.column("status")))
+    if "bytes" in batch.column_names:
+        col = batch.column("bytes")
+        batch = batch.set_column(batch.schema.get_field_index("bytes"), "bytes",
+                                 pc.if_else(flag, pa.scalar(b"", col.type), col))
+    return batch
+
+
+def _member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    if not len(sorted_keys) or not len(keys):
+        return np.zeros(len(keys), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[pos] == keys
+
+
+def _skip_in_task(batch: pa.Table, refs: list, key: list[str], mark: bool) -> pa.Table:
+    return DoneSet(refs, key, mark)(batch)
+
+
+def _retried_paths(refs: list, key: list[str], table_root_path: str) -> list[str]:
+    return DoneSet(refs, key).retried_paths(table_root_path)
 
 
 def _missing(batch: pa.Table, key: list[str], back_refs: list) -> pa.Table:
@@ -178,6 +244,11 @@ def _as_worker_crash(batch: pa.Table, batch_size: int) -> pa.Table:
     return batch.set_column(batch.schema.get_field_index("error"), "error", pc.if_else(lost, pa.scalar(error), err))
 
 
+WRITE_RECORD_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("rows", pa.int64()),
+                                 ("n_ok", pa.int64()), ("n_failed", pa.int64()), ("n_skipped", pa.int64()),
+                                 ("statuses", pa.string()), ("all_ok", pa.bool_())])
+
+
 def write_batch(batch: pa.Table, output: str, table: str, run_id: str, schema: pa.Schema,
                 count_skipped: bool = True) -> pa.Table:
     """Ray task: count a batch's rows and write those that are not skipped as one data file.
@@ -196,13 +267,22 @@ def write_batch(batch: pa.Table, output: str, table: str, run_id: str, schema: p
     stat_counts: dict[str, int] = {}
     for s in keep.column("status").to_pylist():
         stat_counts[s] = stat_counts.get(s, 0) + 1
-    rec = {"path": None, "size": 0, "rows": 0}
+    # Failure rows go to a file of their own: a later retry rewrites that small file, never a
+    # file of good rows (the commit opens only files holding keys it replaces).
+    files = []
     if keep.num_rows:
         keep = keep.select([f.name for f in schema]).cast(schema)
-        f = delta.write_data_file(keep, output, table, run_id)
-        rec = {"path": f.path, "size": f.size, "rows": f.rows}
-    return pa.table({"path": [rec["path"]], "size": [rec["size"]], "rows": [rec["rows"]], "n_ok": [n_ok],
-                     "n_failed": [n_failed], "n_skipped": [n_skip], "statuses": [json.dumps(stat_counts)]})
+        ok = pc.equal(keep.column("status"), STATUS_OK)
+        for part, tag in ((keep.filter(ok), ""), (keep.filter(pc.invert(ok)), "f")):
+            if part.num_rows:
+                files.append(delta.write_data_file(part, output, table, run_id, tag=tag))
+    n = max(1, len(files))
+    return pa.table({"path": [f.path for f in files] or [None], "size": [f.size for f in files] or [0],
+                     "rows": [f.rows for f in files] or [0], "n_ok": [n_ok] + [0] * (n - 1),
+                     "n_failed": [n_failed] + [0] * (n - 1), "n_skipped": [n_skip] + [0] * (n - 1),
+                     "statuses": [json.dumps(stat_counts)] + ["{}"] * (n - 1),
+                     "all_ok": [f.all_ok for f in files] or [False]},
+                    schema=WRITE_RECORD_SCHEMA)
 
 
 class JobRun:
@@ -217,22 +297,63 @@ class JobRun:
         self.rows_per_file = int(rows_per_file)
         self.log_every_s = float(log_every_s)
         self.versions: dict[str, int | None] = {}
+        self.hints: dict[str, delta.ReplaceHint] = {}     # per table: what its commit must check
+        self.consumed: dict[str, tuple[str, int]] = {}    # per table: (app id, source version) to record
 
     # -- before the work ---------------------------------------------------------------------
 
-    def mark_done(self, inputs, table: TableSpec, retry_failed: bool = False, key: tuple[str, ...] | None = None,
-                  output: str | None = None):
-        """`inputs` with `status` set to "skipped" where the committed table already has a row of
-        the same key that needs no new attempt. The finished keys are broadcast to the tasks
-        through the object store (a map-side join): the driver holds references, not keys."""
+    def _done_check(self, inputs, table: TableSpec, retry_failed: bool, key: tuple[str, ...] | None,
+                    mark: bool):
+        """`inputs` through the done set of the committed `table` (see DoneSet); records what the
+        commit needs to know (the version read, the files of keys attempted again)."""
+        import ray
+
         key = tuple(key or table.key)
-        snap = delta.read_snapshot(output or self.output, table.name, columns=[*key, "status"])
-        if snap is None:
+        snap = delta.snapshot(self.output, table.name)
+        replace_key = tuple(table.replace_key or table.key)
+        if snap is None or not snap.paths:
+            self._hint(table, snap.version if snap else None, [])
             return inputs
-        done = snap.map_batches(_done_keys, batch_format="pyarrow",
-                                fn_kwargs={"key": list(key), "retry_failed": retry_failed})
-        return inputs.map_batches(_mark, batch_format="pyarrow",
-                                  fn_kwargs={"key": list(key), "done_refs": delta.broadcast_refs(done)})
+        root = delta.table_root(self.output, table.name)
+        _, root_path = storage.url_to_fs(root)
+        done = delta.read_files([storage.join(root, p) for p in snap.paths],
+                                [snap.schema.field(c) for c in (*key, "status")], path_column=DONE_PATH)
+        refs = delta.broadcast_refs(done.map_batches(_done_keys, batch_format="pyarrow",
+                                                     fn_kwargs={"key": list(key), "retry_failed": retry_failed}))
+        if key == replace_key:  # the files it finds are those of the commit's own key
+            self._hint(table, snap.version, ray.get(ray.remote(_retried_paths).options(num_cpus=0.5).remote(
+                refs, list(key), root_path)))
+        args = {"refs": refs, "key": list(key), "mark": mark}
+        if snap.rows < DONE_SET_ACTOR_ROWS:
+            return inputs.map_batches(_skip_in_task, batch_format="pyarrow", fn_kwargs=args)
+        return inputs.map_batches(DoneSet, batch_format="pyarrow", fn_constructor_kwargs=args,
+                                  compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+
+    def _hint(self, table: TableSpec, version: int | None, paths: list[str]) -> None:
+        """Record what the commit of `table` must check; a second done check of the same table in
+        this run widens it (the older version, both sets of files)."""
+        old = self.hints.get(table.name)
+        if old is not None:
+            version = None if old.read_version is None or version is None else min(old.read_version, version)
+            paths = [*old.paths, *paths]
+        self.hints[table.name] = delta.ReplaceHint(version, frozenset(paths))
+
+    def skip_done(self, inputs, table: TableSpec, n_in: int | None = None, retry_failed: bool = False,
+                  key: tuple[str, ...] | None = None):
+        """(the rows of `inputs` whose key needs a new attempt, materialized; how many were
+        skipped). Rows of keys whose committed rows are all ok, or (unless `retry_failed`)
+        permanent failures, are removed here, before any stage reads bytes or runs a model.
+        `n_in`: the number of `inputs` rows when the caller knows it (else counted)."""
+        todo = self._done_check(inputs, table, retry_failed, key, mark=False)
+        if todo is inputs:
+            return inputs.materialize(), 0
+        todo = todo.materialize()
+        return todo, (inputs.count() if n_in is None else int(n_in)) - todo.count()
+
+    def mark_done(self, inputs, table: TableSpec, retry_failed: bool = False, key: tuple[str, ...] | None = None):
+        """`inputs` with status `skipped` (and no bytes) where the key needs no new attempt, for a
+        stream that counts every row at its write stage (align's content check after hashing)."""
+        return self._done_check(inputs, table, retry_failed, key, mark=True)
 
     # -- the work ----------------------------------------------------------------------------
 
@@ -307,7 +428,8 @@ class JobRun:
         (one row per model or attribute): the same file format and accounting as `write`."""
         res = WriteResult()
         if t.num_rows:
-            res.add(write_batch(t, self.output, table.name, self.run_id, table.schema).to_pylist()[0])
+            for rec in write_batch(t, self.output, table.name, self.run_id, table.schema).to_pylist():
+                res.add(rec)
         return res
 
     def _missing_rows(self, rows, key: list[str], table: TableSpec, files: list[delta.FileRecord]):
@@ -353,7 +475,9 @@ class JobRun:
         for spec, res in results.items():
             self.versions[spec.name] = delta.commit(self.output, spec.name, spec.schema, list(spec.key),
                                                     res.files, self.run_id, meta, replace=replace,
-                                                    replace_key=list(spec.replace_key or spec.key))
+                                                    replace_key=list(spec.replace_key or spec.key),
+                                                    hint=self.hints.get(spec.name),
+                                                    app_txn=self.consumed.get(spec.name))
         # the summary and the extras carry URIs too (inputs, model names and files)
         record = redact_config({"run_id": self.run_id, "job": self.job, "output": self.output,
                                 "started_at": self.started.isoformat(),
