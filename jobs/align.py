@@ -48,13 +48,15 @@ from typing import Literal
 from jobs.cli import input_errors, main
 from jobs.sections import ActorSection, JobSettings
 from jobs.settings import setting
-from pipeline import storage
-from pipeline.align_stage import AlignFaces, decode_batch, failed_file_rows, hash_files, lost_file_rows
+import pyarrow as pa
+
+from pipeline import delta, storage
+from pipeline.align_stage import AlignFaces, decode_batch, failed_file_rows, hash_files, lost_file_rows, read_listed
 from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
 from pipeline.decode import DEFAULT_FORMATS, allowed_formats
 from pipeline.inputs import refused_rows, split_by_size
 from pipeline.runner import JobRun, TableSpec, WriteResult
-from pipeline.schemas import FACES_SCHEMA
+from pipeline.schemas import FACES_SCHEMA, SOURCE_LISTING_COLUMNS
 
 log = logging.getLogger("stbatch.align")
 
@@ -95,6 +97,9 @@ class Settings(JobSettings):
     output: str | None = setting(None, "URI of the dataset root (aligned/, faces/, _runs/)")
     retry_failed: bool = setting(False, "also retry permanent failures (decode_error ...); transient ones "
                                         "always are")
+    verify: Literal["listing", "hash"] = setting("listing", "how a committed photo is known: listing = by its URI, "
+                                                            "size and ETag / mtime, never read; hash = read and "
+                                                            "hashed every run (content checks)")
     align: AlignSection = setting(AlignSection, "detection and alignment (AlignFaces actors: batch_size images "
                                                 "per call, num_cpus also its torch threads)")
 
@@ -102,23 +107,27 @@ class Settings(JobSettings):
 SETTINGS = Settings
 
 
-def build_dataset(files: list[str], cfg: dict, run: JobRun, batch_size: int | None = None, n_rows: int | None = None):
-    """The Ray Data plan: read bytes -> hash (tasks) -> mark done images -> decode (tasks) ->
-    detect + align (actors). `batch_size` overrides align.batch_size (the runner's isolation
-    passes); `n_rows`: the run's files (the actors' restart budget)."""
+MAX_READ_BLOCKS = 1024  # a huge listing: blocks of more files each, not more blocks
+
+
+def build_dataset(files: list[dict], cfg: dict, run: JobRun, batch_size: int | None = None,
+                  n_rows: int | None = None):
+    """The Ray Data plan: read bytes -> hash (tasks) -> mark images done under another name ->
+    decode (tasks) -> detect + align (actors). `files`: listing rows (source_uri, source_size,
+    source_etag). `batch_size` overrides align.batch_size (the runner's isolation passes);
+    `n_rows`: the run's files (the actors' restart budget)."""
     import ray
 
     a = cfg["align"]
-    protocol = storage.protocol_of(cfg["input"])
-    paths, fs = storage.ray_paths(cfg["input"], files)
     num_gpus = gpus_per_actor(a.get("num_gpus", "auto"))
     device = device_for(a["device"], num_gpus)
     # an isolation pass (batch_size given): a block per file, no task batch above batch_size
     dbs = min(int(a["decode_batch_size"]), int(batch_size)) if batch_size else int(a["decode_batch_size"])
-    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs, ignore_missing_paths=True,
-                                    **({"override_num_blocks": len(paths)} if batch_size else {}))
-    ds = ds.map_batches(hash_files, batch_size=dbs, batch_format="numpy",
-                        fn_kwargs={"protocol": None if protocol == "file" else protocol})
+    blocks = len(files) if batch_size else max(1, min(-(-len(files) // dbs), MAX_READ_BLOCKS))
+    ds = ray.data.from_items(files, override_num_blocks=blocks)
+    ds = ds.map_batches(read_listed, batch_size=dbs, batch_format="numpy")
+    ds = ds.map_batches(hash_files, batch_size=dbs, batch_format="numpy")
+    # the same bytes under a new name (or every file, with verify=hash): done by content
     ds = run.mark_done(ds, FACES, retry_failed=bool(cfg.get("retry_failed")), key=("image_id",))
     ds = ds.map_batches(decode_batch, batch_size=dbs, batch_format="numpy",
                         fn_kwargs={"max_pixels": int(a["max_pixels"]), "min_side": int(a["min_image_side"]),
@@ -142,6 +151,26 @@ def build_dataset(files: list[str], cfg: dict, run: JobRun, batch_size: int | No
         })
 
 
+LISTING_KEY = ("source_uri", *SOURCE_LISTING_COLUMNS)
+
+
+def unchanged_skipped(run: JobRun, files: list[dict], retry_failed: bool) -> tuple[list[dict], int]:
+    """(the listed files to read, how many are skipped unread): a file is skipped when the
+    committed `faces` table has rows for the same URI, size and version tag (ETag / mtime), all
+    ok or permanent failures. A file whose store reports no tag is always read."""
+    import ray
+
+    snap = delta.snapshot(run.output, TABLE)
+    known = [f for f in files if f["source_etag"] is not None and f["source_size"] is not None]
+    if snap is None or not known or any(c not in snap.schema.names for c in SOURCE_LISTING_COLUMNS):
+        return files, 0
+    rows = ray.data.from_items([{**f, "status": "ok"} for f in known], override_num_blocks=max(1, min(len(known) // 5000, 200)))
+    todo, skipped = run.skip_done(rows, FACES, n_in=len(known), retry_failed=retry_failed, key=LISTING_KEY)
+    again = {r["source_uri"] for r in todo.select_columns(["source_uri"]).iter_rows()}
+    checked = {f["source_uri"] for f in known}
+    return [f for f in files if f["source_uri"] in again or f["source_uri"] not in checked], skipped
+
+
 def _exists(uri: str) -> bool:
     fs, path = storage.url_to_fs(uri)
     return fs.exists(path)
@@ -161,28 +190,38 @@ def run(cfg: dict, before_commit=None) -> dict:
     except ValueError as e:
         raise SystemExit(f"align.{e}") from None
     r = JobRun(cfg["output"], JOB, cfg, rows_per_file=int(a["rows_per_part"]), log_every_s=float(a["log_every_s"]))
-    sized = storage.list_sized(cfg["input"])
+    listing = storage.list_stat(cfg["input"])
+    sized = [(u, size) for u, size, _ in listing]
+    tags = {u: tag for u, _, tag in listing}
     files, big = split_by_size(sized, int(a["max_bytes"]))
     log.info("align %s -> %s: %d files (%d over max_bytes), run %s", cfg["input"], cfg["output"], len(sized),
              len(big), r.run_id)
     res = WriteResult()
     retry_failed = bool(cfg.get("retry_failed"))
-    if files:
+    readable = set(files)
+    todo = [{"source_uri": u, "source_size": size, "source_etag": tags[u]} for u, size in sized if u in readable]
+    if cfg["verify"] == "listing":
+        todo, skipped = unchanged_skipped(r, todo, retry_failed)
+        res.add_skipped(skipped)
+    if todo:
         def rerun(rows, bs: int | None):
             if bs is None:
-                return build_dataset(files, cfg, r, None, len(files))
+                return build_dataset(todo, cfg, r, None, len(todo))
             # a file that vanished since the listing is left to lost_file_rows (read_error)
-            uris = [u for u in map(str, rows.to_pandas()["source_uri"]) if _exists(u)]
-            return build_dataset(uris, cfg, r, bs, len(files)) if uris else ray.data.from_items([])
+            wanted = {str(u) for u in rows.to_pandas()["source_uri"]}
+            again = [f for f in todo if f["source_uri"] in wanted and _exists(f["source_uri"])]
+            return build_dataset(again, cfg, r, bs, len(todo)) if again else ray.data.from_items([])
 
-        inputs = ray.data.from_items([{"source_uri": u, "status": "ok"} for u in files])
-        res = r.write(None, FACES, expected=len(files), inputs=inputs,
-                      lost_rows=partial(lost_file_rows, output=cfg["output"], run_id=r.run_id,
-                                        retry_failed=retry_failed),
-                      lost_key=("source_uri",), rerun=rerun, batch_size=int(a["batch_size"]))
+        inputs = ray.data.from_items([{"source_uri": f["source_uri"], "status": "ok"} for f in todo])
+        res.merge(r.write(None, FACES, expected=len(todo), inputs=inputs,
+                          lost_rows=partial(lost_file_rows, output=cfg["output"], run_id=r.run_id,
+                                            retry_failed=retry_failed),
+                          lost_key=("source_uri",), rerun=rerun, batch_size=int(a["batch_size"])))
     if big:  # files over max_bytes: a row each, never read
-        rows = r.mark_done(ray.data.from_arrow(refused_rows(big, int(a["max_bytes"]))), FACES,
-                           retry_failed=retry_failed, key=("image_id",))
+        refused = refused_rows(big, int(a["max_bytes"]))
+        refused = refused.append_column("source_size", pa.array([size for _, size in big], pa.int64()))
+        refused = refused.append_column("source_etag", pa.array([tags[u] for u, _ in big], pa.string()))
+        rows = r.mark_done(ray.data.from_arrow(refused), FACES, retry_failed=retry_failed, key=("image_id",))
         res.merge(r.write(rows.map_batches(failed_file_rows, batch_format="pyarrow", fn_kwargs={"run_id": r.run_id}),
                           FACES))
     files = [u for u, _ in sized]

@@ -322,8 +322,9 @@ def run(cfg: dict, before_commit=None, actor: type[EditBatch] = EditBatch) -> di
                       [cfg["output"], *(cfg.get("direction_prefixes") or [])],
                       int(cfg.get("direction_max_bytes") or DIRECTION_MAX_BYTES))
     requests, keys, has_ref = build_requests(cfg, ctx)
-    marked = r.mark_done(requests, EDITS, retry_failed=bool(cfg.get("retry_failed"))).materialize()
-    n_in = marked.count()
+    # requests already done never enter the plan (their codes are not even joined)
+    marked, skipped = r.skip_done(requests, EDITS, retry_failed=bool(cfg.get("retry_failed")))
+    n_in = marked.count() + skipped
     n_todo = marked.map_batches(with_status, batch_format="pyarrow", fn_kwargs={"todo": True}).count()
     log.info("edit %s -> %s: %d requests, %d to edit (the rest skipped or invalid), run %s", cfg["latents"],
              cfg["output"], n_in, n_todo, r.run_id)
@@ -372,10 +373,11 @@ def run(cfg: dict, before_commit=None, actor: type[EditBatch] = EditBatch) -> di
         return edited.union(passed)
 
     res = WriteResult()
-    if n_in:
-        res = r.write(None, EDITS, expected=n_in, inputs=marked,
+    if n_in - skipped:
+        res = r.write(None, EDITS, expected=n_in - skipped, inputs=marked,
                       lost_rows=partial(rows_fn, status=STATUS_LOST, error="row lost by the pipeline (worker crash)"),
                       rerun=stages, batch_size=int(c["batch_size"]))
+    res.add_skipped(skipped)
     counts = {"in": n_in, **res.counts}
     seconds = r.seconds()
     models = {"checkpoint_sha256": info["sha256"],

@@ -9,6 +9,8 @@ reconstruction to `<output>/reconstructions/` and the per-face rows to the `metr
 (one commit per run); mean / p50 / p95 of PSNR, MSE, LPIPS and ID similarity, read back from the
 run's own data files, go to the summary and the run record.
 
+Only the latents files committed since the latents version that the last run consumed are read
+(plus the codes of faces to retry), and only their codes that need metrics: pipeline.incremental.
 Faces whose (image_id, face_index) has a committed `metrics` row that is ok or a permanent
 failure (`model_mismatch`, `decode_error`) are skipped; transient failures (`read_error`,
 `lost`, `evaluate_error`) are tried again, and `retry_failed=true` retries every failure. A
@@ -23,10 +25,10 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 
-from jobs.cli import main
+from jobs.cli import input_errors, main, model_errors
 from jobs.sections import CropActorSection, JobSettings, MetricWeights, NamedModelSection
 from jobs.settings import setting
-from pipeline import delta
+from pipeline import incremental
 from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
 from pipeline.evaluate_stage import LATENT_COLUMNS, EvaluateBatch, load_targets, lost_rows, ok_latents
 from pipeline.models import model_shapes
@@ -47,28 +49,13 @@ class Settings(JobSettings):
     model: NamedModelSection = setting(NamedModelSection, "the inversion model that made the codes")
     metric_weights: MetricWeights = setting(MetricWeights, "backbones of LPIPS and ID similarity")
     retry_failed: bool = setting(False, "also retry permanent failures (model_mismatch ...); transient ones "
-                                        "always are")
+                                        "always are (implies full_scan)")
+    full_scan: bool = setting(False, "read the whole latents table, not only what changed since the latents "
+                                     "version the last run consumed (recorded in the metrics table's log)")
     evaluate: CropActorSection = setting(CropActorSection, "the evaluation actors (batch_size: faces per model call)")
 
 
 SETTINGS = Settings
-
-
-def _n_ok(batch):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    return pa.table({"n": [int(pc.sum(pc.equal(batch.column("status"), "ok")).as_py() or 0)]})
-
-
-def work_rows(src: str):
-    """The ok rows of the committed `latents` snapshot (Ray Dataset) and how many there are
-    (counted over the status column alone)."""
-    lat = delta.read_snapshot(src, "latents", columns=LATENT_COLUMNS)
-    if lat is None:
-        return None, 0
-    n = delta.read_snapshot(src, "latents", columns=["status"]).map_batches(_n_ok, batch_format="pyarrow").sum("n")
-    return lat.map_batches(ok_latents, batch_format="pyarrow"), int(n or 0)
 
 
 def build_dataset(work, cfg: dict, output: str, run_id: str, target_size: int, n_rows: int,
@@ -101,21 +88,25 @@ def run(cfg: dict, before_commit=None) -> dict:
     shapes = model_shapes(cfg["model"])
     r = JobRun(output, JOB, cfg, rows_per_file=int(c.get("rows_per_part", 20_000)),
                log_every_s=float(c["log_every_s"]))
-    if delta.open_table(cfg["input"], "latents") is None:
+    src = incremental.read_source(r, cfg["input"], "latents", LATENT_COLUMNS, METRICS,
+                                  retry_failed=bool(cfg.get("retry_failed")), full_scan=bool(cfg["full_scan"]))
+    if src is None:
         raise SystemExit(f"evaluate: no committed latents table under {cfg['input']}")
-    work, n_in = work_rows(cfg["input"])
-    log.info("evaluate %s -> %s: %d faces, run %s", cfg["input"], output, n_in, r.run_id)
+    log.info("evaluate %s -> %s: %d faces (%d already evaluated), run %s", cfg["input"], output, src.n_in,
+             src.skipped, r.run_id)
     res = WriteResult()
-    if work is not None and n_in:
-        work = r.mark_done(work, METRICS, retry_failed=bool(cfg.get("retry_failed")))
+    if src.rows is not None:
         def stages(rows, batch_size=None):
-            return build_dataset(rows, cfg, output, r.run_id, shapes["pool_size"], n_in, batch_size)
+            return build_dataset(rows, cfg, output, r.run_id, shapes["pool_size"], src.todo, batch_size)
 
-        res = r.write(None, METRICS, expected=n_in, inputs=work, lost_rows=partial(lost_rows, run_id=r.run_id),
-                      rerun=stages, batch_size=int(c["batch_size"]))
+        res = r.write(None, METRICS, expected=src.todo, inputs=src.rows.map_batches(ok_latents, batch_format="pyarrow"),
+                      lost_rows=partial(lost_rows, run_id=r.run_id), rerun=stages, batch_size=int(c["batch_size"]))
+    res.add_skipped(src.skipped)
+    n_in = src.n_in
     counts = {"in": n_in, **res.counts}
     seconds = r.seconds()
     extra = {"metrics": run_summary(output, TABLE, res.files, METRIC_COLUMNS), "model": shapes["name"],
+             "scan": src.summary(),
              "faces_per_s": round((counts["ok"] + counts["failed"]) / max(seconds, 1e-9), 3),
              "statuses": res.statuses}
     if before_commit is not None:
@@ -126,5 +117,10 @@ def run(cfg: dict, before_commit=None) -> dict:
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 
 
+def check(cfg: dict) -> list[str]:
+    """Before Ray starts: the input root exists, and a model is named."""
+    return [*input_errors("input", cfg.get("input")), *model_errors("model", cfg["model"])]
+
+
 if __name__ == "__main__":
-    main(JOB, __doc__, SETTINGS, run)
+    main(JOB, __doc__, SETTINGS, run, check=check)

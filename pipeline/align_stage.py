@@ -32,7 +32,7 @@ from pipeline import delta, storage
 from pipeline.decode import IDENTITY_MAP, STATUS_OK, decode_image, decode_region, image_id as hash_image_id
 from pipeline.inputs import unread_id
 from pipeline.runner import STATUS_LOST, STATUS_SKIPPED, UNIT_COLUMN, is_done
-from pipeline.schemas import faces_table
+from pipeline.schemas import SOURCE_LISTING_COLUMNS, faces_table
 
 log = logging.getLogger("stbatch.align")
 
@@ -59,15 +59,36 @@ def source_uri_of(path: str, protocol: str | None) -> str:
     return f"{protocol}://{path}"
 
 
+def read_listed(batch: dict) -> dict:
+    """Listing rows (source_uri, source_size, source_etag) -> the same rows with the file's
+    `bytes`. A file gone or unreadable since the listing is dropped here, as Ray's reader drops
+    a missing path: the runner finds its row missing and `lost_file_rows` writes its read_error."""
+    keep, datas = [], []
+    for i, uri in enumerate(batch["source_uri"]):
+        try:
+            datas.append(storage.read_bytes(str(uri)))
+            keep.append(i)
+        except Exception as e:  # noqa: BLE001 - accounted for by lost_file_rows
+            log.warning("cannot read %s: %s", uri, type(e).__name__)
+    out = {k: np.asarray(batch[k], dtype=object)[keep] for k in ("source_uri", *SOURCE_LISTING_COLUMNS)}
+    out["bytes"] = np.array(datas + [b""], dtype=object)[:-1]
+    return out
+
+
 def hash_files(batch: dict, protocol: str | None = None) -> dict:
-    """`read_binary_files(include_paths=True)` rows -> work rows: image_id (sha256 of the bytes),
-    source_uri, status ok, the bytes kept for the decode stage."""
+    """Read rows (`read_listed`, or `read_binary_files(include_paths=True)`) -> work rows:
+    image_id (sha256 of the bytes), source_uri, status ok, the bytes kept for the decode stage,
+    and the listing's size / version tag when the read rows have them."""
     datas = [bytes(d) if d is not None else b"" for d in batch["bytes"]]
     n = len(datas)
-    return {"image_id": np.array([hash_image_id(d) for d in datas], dtype=object),
-            "source_uri": np.array([source_uri_of(str(p), protocol) for p in batch["path"]], dtype=object),
-            "status": np.array([STATUS_OK] * n, dtype=object), "error": np.array([None] * n, dtype=object),
-            "bytes": np.array(datas, dtype=object)}
+    uris = batch["source_uri"] if "source_uri" in batch else [source_uri_of(str(p), protocol) for p in batch["path"]]
+    out = {"image_id": np.array([hash_image_id(d) for d in datas], dtype=object),
+           "source_uri": np.array([str(u) for u in uris], dtype=object),
+           "status": np.array([STATUS_OK] * n, dtype=object), "error": np.array([None] * n, dtype=object),
+           "bytes": np.array(datas + [b""], dtype=object)[:-1]}
+    for k in SOURCE_LISTING_COLUMNS:
+        out[k] = np.asarray(batch[k], dtype=object) if k in batch else np.array([None] * n, dtype=object)
+    return out
 
 
 def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32, protocol: str | None = None,
@@ -85,6 +106,8 @@ def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32, 
         batch = hash_files(batch, protocol)
     out = {k: [] for k in ("image_id", "source_uri", "status", "error", "width", "height", "image", "pixel_map",
                            "bytes")}
+    for k in SOURCE_LISTING_COLUMNS:  # passed through: the faces rows record the listing
+        out[k] = [None if v is None else v for v in batch[k]] if k in batch else [None] * len(batch["bytes"])
     for i, data in enumerate(batch["bytes"]):
         out["image_id"].append(str(batch["image_id"][i]))
         out["source_uri"].append(str(batch["source_uri"][i]))
@@ -109,12 +132,21 @@ def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32, 
         out["image"].append(d.image if d.image is not None else EMPTY_IMAGE)
         out["pixel_map"].append(d.pixel_map)
         out["bytes"].append(data if d.status == STATUS_OK and d.reduce > 1 else b"")
-    res = {k: np.array(v, dtype=object) if k in ("image_id", "source_uri", "status", "error", "bytes") else v
+    res = {k: np.array(v, dtype=object) if k in ("image_id", "source_uri", "status", "error", "bytes",
+                                                   *SOURCE_LISTING_COLUMNS) else v
            for k, v in out.items()}
     res["width"] = np.array(out["width"], dtype=np.int64)
     res["height"] = np.array(out["height"], dtype=np.int64)
     res["pixel_map"] = np.array(out["pixel_map"], dtype=np.float64).reshape(-1, 3)
     return res
+
+
+def _listed(batch: dict, k: str, i: int):
+    """The listing's size / version tag of row i (None when the read did not carry them)."""
+    if k not in batch or batch[k][i] is None:
+        return None
+    v = batch[k][i]
+    return int(v) if k == "source_size" else str(v)
 
 
 def file_units(rows: list[list[dict]]) -> list[str]:
@@ -131,7 +163,8 @@ def file_units(rows: list[list[dict]]) -> list[str]:
 def failed_file_rows(batch: pa.Table, run_id: str) -> pa.Table:
     """Work rows of files never read (pipeline.inputs: refused by size; or skipped, already done)
     -> `faces` rows with their own status and error, one per file, counted per file."""
-    rows = [{k: r[k] for k in ("image_id", "source_uri", "status", "error")} for r in batch.to_pylist()]
+    rows = [{k: r.get(k) for k in ("image_id", "source_uri", "status", "error", *SOURCE_LISTING_COLUMNS)}
+            for r in batch.to_pylist()]
     t = faces_table(rows, run_id)
     return t.append_column(UNIT_COLUMN, pa.array(file_units([[r] for r in rows]), pa.string()))
 
@@ -397,7 +430,8 @@ class AlignFaces:
             w, h = int(batch["width"][i]), int(batch["height"][i])
             base = {"image_id": str(batch["image_id"][i]), "source_uri": str(batch["source_uri"][i]),
                     "status": str(batch["status"][i]), "error": str(batch["error"][i]) or None,
-                    "width": w if w >= 0 else None, "height": h if h >= 0 else None}
+                    "width": w if w >= 0 else None, "height": h if h >= 0 else None,
+                    **{k: _listed(batch, k, i) for k in SOURCE_LISTING_COLUMNS}}
             bases.append(base)
             if base["status"] == STATUS_OK:
                 todo.append(i)

@@ -191,9 +191,13 @@ FACES_SCHEMA = pa.schema([
     pa.field("aligned_uri", pa.string()),
     pa.field("width", pa.int32()),                       # source size after EXIF orientation
     pa.field("height", pa.int32()),
+    # the source file as listed when it was read: a nightly align knows it by these, unread
+    pa.field("source_size", pa.int64()),
+    pa.field("source_etag", pa.string()),                # ETag, or "mtime:..." (pipeline.storage.version_tag)
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
 ], metadata={b"table": b"faces", b"version": b"1"})
+SOURCE_LISTING_COLUMNS = ("source_size", "source_etag")
 
 
 def faces_table(rows: Iterable[dict], run_id: str, created_at: _dt.datetime | None = None) -> pa.Table:
@@ -228,6 +232,8 @@ def faces_table(rows: Iterable[dict], run_id: str, created_at: _dt.datetime | No
         "aligned_uri": pa.array(col("aligned_uri"), pa.string()),
         "width": pa.array(col("width"), pa.int32()),
         "height": pa.array(col("height"), pa.int32()),
+        "source_size": pa.array(col("source_size"), pa.int64()),
+        "source_etag": pa.array(col("source_etag"), pa.string()),
         "run_id": pa.array([run_id] * n, pa.string()),
         "created_at": pa.array([created_at] * n, pa.timestamp("us", tz="UTC")),
     }

@@ -84,11 +84,19 @@ def list_sized(uri: str) -> list[tuple[str, int | None]]:
     """(URI, size in bytes from the listing) of every input file under a prefix: recursive,
     sorted, the project's bookkeeping left out (see BOOKKEEPING_DIRS above). A size the store
     does not report is None."""
+    return [(u, size) for u, size, _ in list_stat(uri)]
+
+
+def list_stat(uri: str) -> list[tuple[str, int | None, str | None]]:
+    """(URI, size, version tag) of every input file under a prefix, as `list_sized`. The tag
+    changes whenever the object does: the ETag on S3 (and stores that report one), else the
+    modification time; None when the store reports neither (such a file is always read)."""
     fs, root = url_to_fs(uri)
     if not fs.exists(root):
         return []
     if fs.isfile(root):
-        return [(full_uri(fs, root), _size(fs.info(root)))]
+        info = fs.info(root)
+        return [(full_uri(fs, root), _size(info), version_tag(info))]
     found = fs.find(root, detail=True, withdirs=True)
     rels = {p: p[len(root):].lstrip("/") for p in found}
     tables = {"/".join(rel.split("/")[:rel.split("/").index("_delta_log")]) for rel in rels.values()
@@ -105,8 +113,19 @@ def list_sized(uri: str) -> list[tuple[str, int | None]]:
                 or any(d in tables for d in dirs) or _TEMP_NAME.search(parts[-1])
                 or (dataset_root and len(parts) > 1 and parts[0] in OUTPUT_FOLDERS)):
             continue
-        out.append((full_uri(fs, p), _size(info)))
+        out.append((full_uri(fs, p), _size(info), version_tag(info)))
     return out
+
+
+def version_tag(info: dict) -> str | None:
+    """What identifies this version of an object in a listing entry (see `list_stat`)."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return "etag:" + str(etag).strip('"')
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
+    if mtime is None:
+        return None
+    return "mtime:" + (mtime.isoformat() if hasattr(mtime, "isoformat") else repr(float(mtime)))
 
 
 def _size(info: dict) -> int | None:
