@@ -8,7 +8,8 @@ pushes back.
 - Adaptive retries. Every s3fs filesystem of this process gets botocore's `adaptive` retry mode
   (exponential backoff with jitter, plus a client-side rate limiter that slows down on
   `503 SlowDown`), through fsspec's configuration, set when this module is imported: the
-  driver and every Ray worker import it (pipeline.storage does) before they open a filesystem.
+  driver and every Ray worker import it (with the `pipeline` package) before they open a
+  filesystem.
   `AWS_RETRY_MODE` / `AWS_MAX_ATTEMPTS`, botocore's own variables, still choose the mode and the
   attempts. delta-rs gets object_store's retry options (`DELTA_RETRY_OPTIONS`).
 - Storage errors retried as tasks. `task_retry_args()` are the `map_batches` keywords of a task

@@ -21,8 +21,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-# Importing object_store sets the S3 retry policy before any filesystem is made (driver and
-# Ray workers alike); its helpers are used as storage.*.
+# object_store's helpers, used as storage.*
 from pipeline.object_store import (DELTA_RETRY_OPTIONS, columns_filesystem, open_for_columns,  # noqa: F401
                                    task_retry_args)
 from stmodel.uri import write_bytes  # the one implementation, also used as storage.write_bytes

@@ -152,6 +152,20 @@ def test_botocore_and_task_retry_settings():
         assert not isinstance(permanent, retried)
 
 
+def test_any_pipeline_module_sets_the_retry_policy():
+    """A Ray worker imports only the module of the function it runs (here the crop reader's):
+    its S3 clients get the policy all the same, and AWS_MAX_ATTEMPTS still counts."""
+    code = ("import pipeline.images, s3fs, json; "
+            "print(json.dumps(s3fs.S3FileSystem(skip_instance_cache=True).config_kwargs['retries']))")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for extra, want in (({}, {"mode": "adaptive", "total_max_attempts": 10}),
+                        ({"AWS_MAX_ATTEMPTS": "3"}, {"mode": "adaptive", "total_max_attempts": 3})):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**env, **extra}, cwd=str(REPO))
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert json.loads(p.stdout) == want
+
+
 def test_delta_commits_through_503s(s3_server, s3_bucket, monkeypatch):
     """Data files written through s3fs and two runs' commits by delta-rs, every 5th request
     answered 503 SlowDown: both commits land, the table holds every row once."""
@@ -165,6 +179,7 @@ def test_delta_commits_through_503s(s3_server, s3_bucket, monkeypatch):
             versions.append(delta.commit(out, "t", schema, None, files, run, {"run_id": run}))
         history = delta.commit_history(out, "t")
         stats = proxy.stats()
+    print(f"delta commits: {stats['requests']} requests, {sum(stats['faulted'].values())} answered 503")
     t = delta.read_snapshot_arrow(out, "t")
     ks = t.column("k").to_pylist()
     assert sorted(ks) == sorted(f"{r}-{i}-{j}" for r in ("run-a", "run-b") for i in range(3) for j in range(3))
@@ -213,6 +228,8 @@ def test_invert_completes_through_503s(s3_server, s3_bucket, tmp_path, tiny_chec
     with fault_proxy(s3_server, "--every", "6") as proxy:
         summary, stderr, crops = _invert_via_proxy(s3_bucket, tmp_path, tiny_checkpoint[0], proxy, n, seed=31)
         stats = proxy.stats()
+    print(f"invert: {stats['requests']} requests, {sum(stats['faulted'].values())} answered 503, "
+          f"{summary['seconds']} s")
     assert (summary["in"], summary["ok"], summary["failed"], summary["skipped"]) == (n, n, 0, 0)
     _latents_once(f"{s3_bucket}/ds", n)
     assert sum(stats["faulted"].values()) > 0
