@@ -219,6 +219,7 @@ def _latents_once(out: str, n: int) -> None:
     assert set(t.column("status").to_pylist()) == {"ok"}
 
 
+@pytest.mark.slow  # its own local Ray in a subprocess: 40-60 s on 2 shared cores
 def test_invert_completes_through_503s(s3_server, s3_bucket, tmp_path, tiny_checkpoint):
     """A whole invert run with every 6th S3 request answered 503 SlowDown (crop reads, the
     checkpoint, data-file writes, the replacement planner's reads, the Delta commit, the run
@@ -238,6 +239,7 @@ def test_invert_completes_through_503s(s3_server, s3_bucket, tmp_path, tiny_chec
     assert "did not come back" not in stderr
 
 
+@pytest.mark.slow  # its own local Ray in a subprocess: 40-60 s on 2 shared cores
 def test_a_write_task_failing_on_storage_runs_again_as_a_task(s3_server, s3_bucket, tmp_path, tiny_checkpoint):
     """The latents data file's PUT answered 503 more times than the S3 client retries (botocore
     held to one attempt, s3fs's own SlowDown retries used up): the write task fails on storage
