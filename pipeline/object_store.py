@@ -98,37 +98,40 @@ class _ColumnReads(pafs.FSSpecHandler):
 # ---------------------------------------------------------------------------------------------
 # Which failures a task retries
 
-_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                        FileExistsError)
-
-
 @functools.cache
-def _transient_types() -> tuple[type, ...]:
-    types: list[type] = [OSError]
+def _error_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(permanent, transient) exception types; a permanent one is checked first (most are
+    subclasses of a transient one)."""
+    permanent: list[type] = [FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                             FileExistsError]
+    transient: list[type] = [OSError]
     try:
-        from botocore.exceptions import BotoCoreError
+        from botocore import exceptions as be
 
-        types.append(BotoCoreError)  # connection, read-timeout and credential-refresh errors
+        permanent += [be.NoCredentialsError, be.ParamValidationError]
+        transient.append(be.BotoCoreError)  # connection, read-timeout and response-parsing errors
     except ImportError:
         pass
     try:
         from aiohttp import ClientError
 
-        types.append(ClientError)
+        transient.append(ClientError)
     except ImportError:
         pass
-    return tuple(types)
+    return tuple(permanent), tuple(transient)
 
 
 def is_transient(e: BaseException) -> bool:
     """A storage failure that the same request may not meet again: an I/O error of s3fs,
     pyarrow or delta-rs (all raise OSError), a botocore / aiohttp transport error; not a
-    missing object, a refused permission or an existing object, which would fail again."""
+    missing object, a refused permission, an existing object or missing credentials, which
+    would fail again."""
+    permanent, transient = _error_types()
     seen = 0
     while e is not None and seen < 8:
-        if isinstance(e, _PERMANENT_OS_ERRORS):
+        if isinstance(e, permanent):
             return False
-        if isinstance(e, _transient_types()):
+        if isinstance(e, transient):
             return True
         e, seen = e.__cause__, seen + 1
     return False

@@ -148,7 +148,8 @@ def test_botocore_and_task_retry_settings():
     wrapped = RuntimeError("UDF failed")
     wrapped.__cause__ = OSError(5, "SlowDown")
     assert isinstance(wrapped, retried)
-    for permanent in (FileNotFoundError("gone"), PermissionError("AccessDenied"), ValueError("bad schema")):
+    for permanent in (FileNotFoundError("gone"), PermissionError("AccessDenied"), ValueError("bad schema"),
+                      botocore.exceptions.NoCredentialsError()):
         assert not isinstance(permanent, retried)
 
 
