@@ -270,11 +270,7 @@ def edit_summary(output: str, files: list) -> dict:
         return {}
     root = storage.join(output, TABLE)
     paths, fs = storage.ray_paths(root, [storage.join(root, f.path) for f in files])
-    if fs is None:
-        import pyarrow.fs as pafs
-
-        fs = pafs.LocalFileSystem()
-    t = pads.dataset(paths, filesystem=fs, format="parquet").to_table(
+    t = pads.dataset(paths, filesystem=storage.columns_filesystem(fs), format="parquet").to_table(
         columns=["kind", "target", "logit_before", "logit_after"], filter=pc.equal(pc.field("status"), STATUS_OK))
     kinds = t.group_by("kind").aggregate([("kind", "count")]).to_pylist()
     out: dict = {"by_kind": {r["kind"]: r["kind_count"] for r in kinds}}

@@ -65,6 +65,7 @@ def storage_options(uri: str) -> dict[str, str] | None:
     opts = {"AWS_REGION": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
             # Concurrent writers are safe only with an atomic put-if-absent of the next log entry.
             "conditional_put": "etag"}
+    opts.update(storage.DELTA_RETRY_OPTIONS)  # backoff on 503 SlowDown and dropped connections
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts["AWS_ENDPOINT_URL"] = endpoint
@@ -232,14 +233,15 @@ def read_files(uris: list[str], fields: list[pa.Field], path_column: str | None 
 
     items = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=max(1, min(len(uris), 200)))
     return items.map_batches(_read_parquet_files, batch_format="numpy", batch_size=1,
-                             fn_kwargs={"fields": list(fields), "path_column": path_column})
+                             fn_kwargs={"fields": list(fields), "path_column": path_column},
+                             **storage.task_retry_args())
 
 
 def _read_parquet_files(batch: dict, fields: list[pa.Field], path_column: str | None = None):
     names = [f.name for f in fields]
     for uri in batch["uri"]:
         fs, path = storage.url_to_fs(str(uri))
-        with fs.open(path, "rb") as f:
+        with storage.open_for_columns(fs, path) as f:
             pf = pq.ParquetFile(f)
             have = set(pf.schema_arrow.names)
             parts, size = [], 0
@@ -350,7 +352,7 @@ def _replace_in_file(batch: dict, key: list[str], replace_key: list[str], ours_r
     for path in batch["path"]:
         path = str(path)
         name = path.rsplit("/", 1)[-1]
-        file_keys = pq.read_table(path, filesystem=fs, columns=cols)
+        file_keys = pq.read_table(path, filesystem=storage.columns_filesystem(fs), columns=cols)
         if name.startswith(own_prefix):
             keys = key_strings(file_keys, key)
             # Our own file: a key loses to the same key in a greater file of ours, or to an
@@ -365,7 +367,7 @@ def _replace_in_file(batch: dict, key: list[str], replace_key: list[str], ours_r
             lose = pc.is_in(key_strings(file_keys, replace_key), value_set=our_replace).to_numpy(zero_copy_only=False)
         if not lose.any():
             continue
-        data = pq.read_table(path, filesystem=fs)
+        data = pq.read_table(path, filesystem=storage.columns_filesystem(fs))
         kept = data.filter(pa.array(~lose))
         rec = write_data_file(kept, output, table, run_id, tag="r") if kept.num_rows else None
         out["old_path"].append(path[len(root_path):].lstrip("/"))
@@ -398,7 +400,7 @@ def plan_replacements(output: str, table: str, schema: pa.Schema, key: list[str]
     files = ray.data.from_items([{"path": p} for p in all_paths], override_num_blocks=max(1, min(len(all_paths), 64)))
     res = files.map_batches(_replace_in_file, batch_format="numpy", batch_size=4, fn_kwargs={
         "key": key, "replace_key": replace_key, "ours_refs": refs, "output": output, "table": table, "run_id": run_id,
-        "root_path": root_path, "own_prefix": f"part-{run_id}-"})
+        "root_path": root_path, "own_prefix": f"part-{run_id}-"}, **storage.task_retry_args())
     parts = [b for b in res.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
     return pa.concat_tables(parts) if parts else empty
 

@@ -411,7 +411,8 @@ class JobRun:
         last = time.time()
         out = ds.map_batches(write_batch, batch_format="pyarrow", batch_size=self.rows_per_file,
                              fn_kwargs={"output": self.output, "table": table.name, "run_id": self.run_id,
-                                        "schema": table.schema, "count_skipped": count_skipped})
+                                        "schema": table.schema, "count_skipped": count_skipped},
+                             **storage.task_retry_args())  # a write that fails on storage runs again
         if tolerate_crashes:
             out = Dataset.copy(out, _deep_copy=True)  # its own DataContext: the setting stays with this run
             out.context.max_errored_blocks = -1
@@ -458,7 +459,7 @@ class JobRun:
             rows = rows.map_batches(_as_worker_crash, batch_format="pyarrow", fn_kwargs={"batch_size": batch_size})
         for rec in rows.map_batches(write_batch, batch_format="pyarrow", batch_size=self.rows_per_file,
                                     fn_kwargs={"output": self.output, "table": table.name, "run_id": self.run_id,
-                                               "schema": table.schema}).iter_rows():
+                                               "schema": table.schema}, **storage.task_retry_args()).iter_rows():
             res.add(rec)
         if res.done != expected:
             log.error("accounting: %d rows expected, %d counted (%d recovered as lost)", expected, res.done,
@@ -504,7 +505,7 @@ def run_summary(output: str, table: str, files: list[delta.FileRecord], columns:
         return {}
     root = delta.table_root(output, table)
     paths, fs = storage.ray_paths(root, [storage.join(root, f.path) for f in files])
-    d = pads.dataset(paths, filesystem=fs or _local_fs(), format="parquet")
+    d = pads.dataset(paths, filesystem=storage.columns_filesystem(fs), format="parquet")
     present = [c for c in columns if c in d.schema.names]
     t = d.to_table(columns=present + (["metric_backbones"] if "metric_backbones" in d.schema.names else []),
                    filter=pc.equal(pc.field("status"), STATUS_OK))
@@ -515,9 +516,3 @@ def run_summary(output: str, table: str, files: list[delta.FileRecord], columns:
     if "metric_backbones" in t.column_names:
         out["backbones"] = [x for x in t["metric_backbones"].unique().to_pylist() if x]
     return out
-
-
-def _local_fs():
-    import pyarrow.fs as pafs
-
-    return pafs.LocalFileSystem()
