@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -251,8 +252,9 @@ def _read_parquet_files(batch: dict, fields: list[pa.Field], path_column: str | 
                     if fld.name not in have:
                         t = t.append_column(fld, pa.nulls(t.num_rows, fld.type))
                 t = t.select(names)
-                if path_column:
-                    t = t.append_column(path_column, pa.array([path] * t.num_rows, pa.string()))
+                if path_column:  # one dictionary entry, not a string per row
+                    t = t.append_column(path_column, pa.DictionaryArray.from_arrays(
+                        pa.array(np.zeros(t.num_rows, np.int32)), pa.array([path], pa.string())))
                 parts.append(t)
                 size += t.nbytes
                 if size >= READ_BLOCK_BYTES:
@@ -346,6 +348,7 @@ def _replace_in_file(batch: dict, key: list[str], replace_key: list[str], ours_r
     ours = gather(ours_refs)
     if ours is None:
         return pa.table(out, schema=REWRITE_SCHEMA)
+    ours = ours.set_column(ours.schema.get_field_index("path"), "path", ours.column("path").cast(pa.string()))
     our_keys = key_strings(ours, key)
     our_replace = pc.unique(key_strings(ours, replace_key))
     cols = sorted(set(key) | set(replace_key))

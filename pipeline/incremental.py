@@ -61,7 +61,7 @@ def _keep_rows(batch: pa.Table, key: list[str], new_files: list[str] | None, ret
     batch = batch.filter(pc.equal(batch.column("status"), STATUS_OK))
     if new_files is None or not batch.num_rows:
         return batch
-    keep = pc.is_in(batch.column(PATH), value_set=pa.array(new_files, pa.string()))
+    keep = pc.is_in(batch.column(PATH).cast(pa.string()), value_set=pa.array(new_files, pa.string()))
     retry = delta.gather(retry_refs)
     if retry is not None:
         keep = pc.or_(keep, pc.is_in(delta.key_strings(batch, key), value_set=delta.key_strings(retry, key)))

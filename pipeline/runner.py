@@ -28,6 +28,7 @@ import datetime as _dt
 import gc
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -104,8 +105,14 @@ def is_done(status: pa.Array, retry_failed: bool) -> pa.Array:
     return pc.or_(ok, pc.invert(pc.is_in(status, pa.array(sorted(TRANSIENT_STATUSES)))))
 
 
-def _done_keys(batch: pa.Table, key: list[str], retry_failed: bool) -> pa.Table:
-    """The key of every row, whether that row needs no new attempt (`_done`), and its file."""
+def _done_keys(batch: pa.Table, key: list[str], retry_failed: bool, only_refs: list | None = None) -> pa.Table:
+    """The key of every row, whether that row needs no new attempt (`_done`), and its file;
+    with `only_refs`, only the rows of those keys (the work's, when it is small)."""
+    if only_refs:
+        only = delta.gather(only_refs)
+        keep = pc.is_in(delta.key_strings(batch, key),
+                        value_set=delta.key_strings(only, key) if only is not None else pa.array([], pa.string()))
+        batch = batch.filter(keep)
     return batch.select([*key, DONE_PATH]).append_column("_done", is_done(batch.column("status"), retry_failed))
 
 
@@ -113,6 +120,10 @@ DONE_PATH = "_path"          # the data file (relative to the table root) of a c
 # Below this many committed rows the done set is rebuilt in each task (milliseconds); above it,
 # one actor builds it once and every block of the input passes through it.
 DONE_SET_ACTOR_ROWS = 200_000
+# A work list of at most this many keys (a nightly's new faces) is broadcast to the tasks that
+# read the committed keys, which keep only the rows of those keys: the done set stays small
+# however large the table is.
+RESTRICT_TO_WORK_ROWS = 200_000
 
 
 def _key_bytes(t: pa.Table, key: list[str]) -> np.ndarray:
@@ -303,9 +314,11 @@ class JobRun:
     # -- before the work ---------------------------------------------------------------------
 
     def _done_check(self, inputs, table: TableSpec, retry_failed: bool, key: tuple[str, ...] | None,
-                    mark: bool):
+                    mark: bool, n_in: int | None = None):
         """`inputs` through the done set of the committed `table` (see DoneSet); records what the
-        commit needs to know (the version read, the files of keys attempted again)."""
+        commit needs to know (the version read, the files of keys attempted again). `n_in`: the
+        number of (materialized) `inputs` rows, when known; a small work list restricts the
+        done set to its keys."""
         import ray
 
         key = tuple(key or table.key)
@@ -318,13 +331,17 @@ class JobRun:
         _, root_path = storage.url_to_fs(root)
         done = delta.read_files([storage.join(root, p) for p in snap.paths],
                                 [snap.schema.field(c) for c in (*key, "status")], path_column=DONE_PATH)
-        refs = delta.broadcast_refs(done.map_batches(_done_keys, batch_format="pyarrow",
-                                                     fn_kwargs={"key": list(key), "retry_failed": retry_failed}))
+        small = n_in is not None and n_in <= RESTRICT_TO_WORK_ROWS
+        only = delta.broadcast_refs(inputs.select_columns(list(key))) if small and n_in else None
+        refs = delta.broadcast_refs(done.map_batches(_done_keys, batch_format="pyarrow", fn_kwargs={
+            "key": list(key), "retry_failed": retry_failed, "only_refs": only}))
         if key == replace_key:  # the files it finds are those of the commit's own key
-            self._hint(table, snap.version, ray.get(ray.remote(_retried_paths).options(num_cpus=0.5).remote(
-                refs, list(key), root_path)))
+            retried: list[str] = []
+            if not all(snap.all_ok):  # a key to attempt again has a failure row, in a file that is not all ok
+                retried = ray.get(ray.remote(_retried_paths).options(num_cpus=0.5).remote(refs, list(key), root_path))
+            self._hint(table, snap.version, retried)
         args = {"refs": refs, "key": list(key), "mark": mark}
-        if snap.rows < DONE_SET_ACTOR_ROWS:
+        if small or snap.rows < DONE_SET_ACTOR_ROWS:
             return inputs.map_batches(_skip_in_task, batch_format="pyarrow", fn_kwargs=args)
         return inputs.map_batches(DoneSet, batch_format="pyarrow", fn_constructor_kwargs=args,
                                   compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
@@ -344,11 +361,13 @@ class JobRun:
         skipped). Rows of keys whose committed rows are all ok, or (unless `retry_failed`)
         permanent failures, are removed here, before any stage reads bytes or runs a model.
         `n_in`: the number of `inputs` rows when the caller knows it (else counted)."""
-        todo = self._done_check(inputs, table, retry_failed, key, mark=False)
+        inputs = inputs.materialize()
+        n_in = inputs.count() if n_in is None else int(n_in)
+        todo = self._done_check(inputs, table, retry_failed, key, mark=False, n_in=n_in)
         if todo is inputs:
-            return inputs.materialize(), 0
+            return inputs, 0
         todo = todo.materialize()
-        return todo, (inputs.count() if n_in is None else int(n_in)) - todo.count()
+        return todo, n_in - todo.count()
 
     def mark_done(self, inputs, table: TableSpec, retry_failed: bool = False, key: tuple[str, ...] | None = None):
         """`inputs` with status `skipped` (and no bytes) where the key needs no new attempt, for a
@@ -494,25 +513,69 @@ class JobRun:
         return round(time.time() - self.t0, 2)
 
 
+SKETCH_POINTS = 512  # per data file and metric: exact below this many rows, quantile points above
+
+
+def _metric_sketch(batch: pa.Table, columns: list[str]) -> pa.Table:
+    """One row per metric of a block of ok rows: count, sum, and the block's values (all of them,
+    or SKETCH_POINTS quantile points, each standing for count / SKETCH_POINTS rows)."""
+    ok = batch.filter(pc.equal(batch.column("status"), STATUS_OK))
+    rows: dict[str, list] = {"metric": [], "n": [], "sum": [], "points": [], "labels": []}
+    labels = sorted({x for x in ok.column("metric_backbones").to_pylist() if x}) if "metric_backbones" in \
+        ok.column_names else []
+    for col in columns:
+        v = ok.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
+        v = v[~np.isnan(v)]
+        pts = np.sort(v) if v.size <= SKETCH_POINTS else np.quantile(v, (np.arange(SKETCH_POINTS) + 0.5) / SKETCH_POINTS)
+        rows["metric"].append(col), rows["n"].append(int(v.size)), rows["sum"].append(float(v.sum()))
+        rows["points"].append(pts.tolist()), rows["labels"].append(labels)
+    return pa.table(rows, schema=pa.schema([("metric", pa.string()), ("n", pa.int64()), ("sum", pa.float64()),
+                                            ("points", pa.list_(pa.float64())), ("labels", pa.list_(pa.string()))]))
+
+
+def _weighted_quantile(points: np.ndarray, weights: np.ndarray, q: float) -> float:
+    if np.all(weights == 1):  # every value is here: numpy's own (linear) percentile, exact
+        return float(np.percentile(points, 100 * q))
+    order = np.argsort(points)
+    p, w = points[order], weights[order]
+    cdf = (np.cumsum(w) - 0.5 * w) / w.sum()
+    return float(np.interp(q, cdf, p))
+
+
 def run_summary(output: str, table: str, files: list[delta.FileRecord], columns: tuple[str, ...]) -> dict:
-    """mean / p50 / p95 of metric columns over this run's committed rows (read column-wise from
-    the run's own files; one float per face per metric)."""
-    import pyarrow.dataset as pads
-
-    from stmodel.metrics import summarize
-
+    """mean / p50 / p95 / n of metric columns over this run's committed ok rows. Ray tasks read
+    the run's own files column-wise and reduce each block to a sketch (pipeline cost O(rows) in
+    the workers, O(files) in the driver): mean and n are exact, p50 / p95 are exact while a
+    block holds at most SKETCH_POINTS values and interpolated from its quantile points above."""
     if not files:
         return {}
     root = delta.table_root(output, table)
-    paths, fs = storage.ray_paths(root, [storage.join(root, f.path) for f in files])
-    d = pads.dataset(paths, filesystem=storage.columns_filesystem(fs), format="parquet")
-    present = [c for c in columns if c in d.schema.names]
-    t = d.to_table(columns=present + (["metric_backbones"] if "metric_backbones" in d.schema.names else []),
-                   filter=pc.equal(pc.field("status"), STATUS_OK))
-    out = {}
-    for col in present:
-        v = t[col].to_numpy(zero_copy_only=False).astype(np.float64)
-        out[col] = {k: (round(x, 4) if isinstance(x, float) else x) for k, x in summarize(v).items()}
-    if "metric_backbones" in t.column_names:
-        out["backbones"] = [x for x in t["metric_backbones"].unique().to_pylist() if x]
+    dt = delta.open_table(output, table)  # None before the run's first commit of the table
+    schema = pa.schema(dt.schema().to_arrow()) if dt is not None else None
+    present = [c for c in columns if schema is None or c in schema.names]
+    extra = ["metric_backbones"] if schema is None or "metric_backbones" in schema.names else []
+    fields = [pa.field(c, pa.float32()) for c in present] + [pa.field("status", pa.string())] + \
+        [pa.field(c, pa.string()) for c in extra]
+    sketches = delta.read_files([storage.join(root, f.path) for f in files], fields).map_batches(
+        _metric_sketch, batch_format="pyarrow", fn_kwargs={"columns": present})
+    merged: dict[str, dict] = {c: {"n": 0, "sum": 0.0, "points": [], "weights": []} for c in present}
+    labels: set[str] = set()
+    for r in sketches.iter_rows():
+        m = merged[r["metric"]]
+        pts = r["points"]
+        m["n"] += r["n"]
+        m["sum"] += r["sum"]
+        m["points"] += pts
+        m["weights"] += [r["n"] / len(pts)] * len(pts) if pts else []
+        labels.update(r["labels"] or [])
+    out: dict = {}
+    for col, m in merged.items():
+        if not m["n"]:
+            out[col] = {"mean": math.nan, "p50": math.nan, "p95": math.nan, "n": 0}
+            continue
+        pts, w = np.asarray(m["points"]), np.asarray(m["weights"])
+        out[col] = {"mean": round(m["sum"] / m["n"], 4), "p50": round(_weighted_quantile(pts, w, 0.5), 4),
+                    "p95": round(_weighted_quantile(pts, w, 0.95), 4), "n": m["n"]}
+    if extra:
+        out["backbones"] = sorted(labels)
     return out
