@@ -20,16 +20,28 @@ class DataURI(str):
 @dataclass
 class Thumb:
     """One image cell: the embedded image (None: a placeholder saying `reason`), its caption,
-    its tooltip and the longer side it is shown at."""
+    its tooltip, the longer side it is shown at, and its natural size (`size`, pixels)."""
     src: DataURI | None
     caption: str = ""
     title: str = ""
     px: int = 128
     reason: str = ""
+    size: tuple[int, int] = (0, 0)
+
+    @property
+    def shown(self) -> tuple[int, int]:
+        """Width and height on the page: the longer side at `px`, so that a 32-pixel
+        reconstruction sits at the size of the crop it is compared with."""
+        w, h = self.size
+        if not (w and h):
+            return self.px, self.px
+        scale = self.px / max(w, h)
+        return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def thumbnail_data_uri(data: bytes, max_px: int = 128, fmt: str = "png") -> DataURI:
-    """Decode image bytes, downscale so the longer side is <= max_px, return a data: URI."""
+def thumbnail_data_uri(data: bytes, max_px: int = 128, fmt: str = "png") -> tuple[DataURI, tuple[int, int]]:
+    """Decode image bytes, downscale so the longer side is <= max_px; the data: URI and the
+    thumbnail's size."""
     from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as im:
@@ -44,7 +56,7 @@ def thumbnail_data_uri(data: bytes, max_px: int = 128, fmt: str = "png") -> Data
         else:
             im.save(buf, format="PNG", optimize=True)
             mime = "png"
-    return DataURI(f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii"))
+    return DataURI(f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")), im.size
 
 
 class Images:
@@ -54,7 +66,7 @@ class Images:
         self.root, self.px, self.fmt = root, int(px), fmt
         self.old_roots = sorted({r.rstrip("/") for r in old_roots if isinstance(r, str) and r
                                  and r.rstrip("/") != root.rstrip("/")}, key=len, reverse=True)
-        self.cache: dict[tuple, tuple[DataURI | None, str]] = {}
+        self.cache: dict[tuple, tuple[DataURI | None, str, tuple[int, int]]] = {}
         self.embedded = 0
         self.missing = 0
 
@@ -67,21 +79,23 @@ class Images:
                 out.append(storage.join(self.root, uri[len(old) + 1:]))
         return out
 
-    def data_uri(self, uri: str | None, px: int | None = None) -> tuple[DataURI | None, str]:
+    def data_uri(self, uri: str | None, px: int | None = None) -> tuple[DataURI | None, str, tuple[int, int]]:
+        """(the data: URI or None, why it is None, the thumbnail's size)."""
         px = int(px or self.px)
         if not uri:
-            return None, "no image"
+            return None, "no image", (0, 0)
         key = (uri, px)
         if key not in self.cache:
-            res: tuple[DataURI | None, str] = (None, "missing")
+            res: tuple[DataURI | None, str, tuple[int, int]] = (None, "missing", (0, 0))
             for cand in self._candidates(uri):
                 try:
-                    res = (thumbnail_data_uri(storage.read_bytes(cand), px, self.fmt), "")
+                    src, size = thumbnail_data_uri(storage.read_bytes(cand), px, self.fmt)
+                    res = (src, "", size)
                     break
                 except FileNotFoundError:
-                    res = (None, "missing")
+                    res = (None, "missing", (0, 0))
                 except Exception as e:  # noqa: BLE001
-                    res = (None, f"unreadable: {type(e).__name__}")
+                    res = (None, f"unreadable: {type(e).__name__}", (0, 0))
             self.cache[key] = res
             if res[0]:
                 self.embedded += 1
@@ -90,5 +104,5 @@ class Images:
         return self.cache[key]
 
     def thumb(self, uri: str | None, caption: str = "", title: str = "", px: int | None = None) -> Thumb:
-        src, why = self.data_uri(uri, px)
-        return Thumb(src, caption, f"{title or caption}\n{uri or ''}".strip(), int(px or self.px), why)
+        src, why, size = self.data_uri(uri, px)
+        return Thumb(src, caption, f"{title or caption}\n{uri or ''}".strip(), int(px or self.px), why, size)

@@ -412,9 +412,7 @@ def _edit_summary(snap: Snapshot) -> list:
 
 
 def _edit_thumb(ctx: Context, r: dict) -> Thumb:
-    cap = " ".join(str(x) for x in (r.get("attribute"), r.get("kind")) if x)
-    if to_float(r.get("strength")) is not None:
-        cap += f" {float(r['strength']):+g}"
+    cap = _edit_caption(r)
     lb, la = to_float(r.get("logit_before")), to_float(r.get("logit_after"))
     tip = "  ".join(s for s in (
         f"logit {lb:.2f} -> {la:.2f}" if lb is not None and la is not None else "",
@@ -424,6 +422,43 @@ def _edit_thumb(ctx: Context, r: dict) -> Thumb:
     if r.get("status") not in (None, "ok") and not r.get("output_uri"):
         return Thumb(None, cap or "edit", tip, int(ctx.cfg["thumb_px"]), str(r.get("status")))
     return ctx.images.thumb(r.get("output_uri"), cap or "edit", title=tip)
+
+
+def _edit_caption(r: dict) -> str:
+    cap = " ".join(str(x) for x in (r.get("attribute"), r.get("kind")) if x)
+    if to_float(r.get("strength")) is not None:
+        cap += f" {float(r['strength']):+g}"
+    return cap
+
+
+def _edit_photos(ctx: Context, snap: Snapshot) -> list:
+    """Whole photos, before | after: per edited face, its photo and the paste-back composite of
+    each of its edits (the first `max_images` composites; with paste_back.group=photo, edits of
+    one photo share a composite, shown once)."""
+    flt = where(snap.names, status="ok", nonnull=("composite_uri",))
+    n = snap.count(flt)
+    if not n:
+        return []
+    shown = snap.head(ctx.cfg["max_images"], ["image_id", "face_index", "source_uri", "composite_uri", "psnr_box",
+                                              "psnr_outside", "attribute", "kind", "strength"], flt).to_pylist()
+    groups: OrderedDict = OrderedDict()
+    for r in shown:
+        groups.setdefault((r.get("image_id"), r.get("face_index")), []).append(r)
+    photos = _known(ctx, sorted({k[0] for k in groups if k[0]}), "source_uri")
+    px = 3 * int(ctx.cfg["thumb_px"]) // 2  # a photo and four edits side by side on a laptop's width
+    out: list = [Heading(f"Whole photos: before | after (first {len(shown)} of {n} edits pasted back)")]
+    for (iid, face), rows in groups.items():
+        src = next((r["source_uri"] for r in rows if r.get("source_uri")), None) or photos.get(iid)
+        thumbs = [ctx.images.thumb(src, "photo (before)", px=px)]
+        seen: set = set()
+        for r in rows:
+            if r["composite_uri"] in seen:
+                continue
+            seen.add(r["composite_uri"])
+            thumbs.append(ctx.images.thumb(r["composite_uri"], f"after: {_edit_caption(r)}",
+                                           title=_metrics_tip(r, ("psnr_box", "psnr_outside"), 4), px=px))
+        out.append(ImageRow(str(iid or "")[:10], thumbs, title=f"{iid} face {face}"))
+    return out
 
 
 def section_edits(ctx: Context) -> list | None:
@@ -456,7 +491,7 @@ def section_edits(ctx: Context) -> list | None:
             out.append(ImageRow(str(iid or "")[:10], thumbs, title=str(iid), more=f"+{more} more" if more > 0 else ""))
     else:
         out.append(Note("the edits table has no output_uri column: no images to show"))
-    out += _photo_pairs(ctx, snap, (("source_reconstruction_uri", "source"), ("output_uri", "edit")))
+    out += _edit_photos(ctx, snap)
     out += _edit_summary(snap)
     scores = snap.read(["id_similarity", "lpips"])
     hist = [Histogram(_floats(scores, c), c, bins=cfg["bins"]) for c in ("id_similarity", "lpips")
