@@ -74,7 +74,7 @@ def run(cfg: dict) -> dict:
     t0 = time.time()
     root = cfg["input"].rstrip("/") or cfg["input"]
     rcfg = {**report_sections.DEFAULTS, **(cfg.get("report") or {})}
-    ray_cfg = {"progress": False, **{k: cfg[k] for k in ("ray", "progress") if k in cfg}}
+    ray_cfg = {"progress": False, **{k: cfg[k] for k in ("ray", "progress", "verbose") if k in cfg}}
     html_text, info = report_page.build_report(root, rcfg, start_ray=lambda: init_ray(ray_cfg))
     uri = storage.join(cfg.get("output") or root, "report", "index.html")
     storage.write_bytes(uri, html_text.encode("utf-8"))

@@ -425,7 +425,11 @@ def _edit_thumb(ctx: Context, r: dict) -> Thumb:
 
 
 def _edit_caption(r: dict) -> str:
-    cap = " ".join(str(x) for x in (r.get("attribute"), r.get("kind")) if x)
+    """`attribute kind strength`; a label edit says which way (`label=1` adds, `label=0` removes)."""
+    kind = r.get("kind")
+    if kind == "label" and r.get("target") is not None:
+        kind = f"label={r['target']}"
+    cap = " ".join(str(x) for x in (r.get("attribute"), kind) if x)
     if to_float(r.get("strength")) is not None:
         cap += f" {float(r['strength']):+g}"
     return cap
@@ -440,7 +444,8 @@ def _edit_photos(ctx: Context, snap: Snapshot) -> list:
     if not n:
         return []
     shown = snap.head(ctx.cfg["max_images"], ["image_id", "face_index", "source_uri", "composite_uri", "psnr_box",
-                                              "psnr_outside", "attribute", "kind", "strength"], flt).to_pylist()
+                                              "psnr_outside", "attribute", "kind", "strength", "target"],
+                      flt).to_pylist()
     groups: OrderedDict = OrderedDict()
     for r in shown:
         groups.setdefault((r.get("image_id"), r.get("face_index")), []).append(r)
