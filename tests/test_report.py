@@ -289,3 +289,18 @@ def test_sections_read_only_scalar_columns(tmp_path, monkeypatch):
     monkeypatch.setattr(report_data.Snapshot, "scalar", spy)
     html, info = report_page.build_report(root, {})
     assert asked and "w_plus" not in asked and info["failed"] == 0
+
+
+def test_pipeline_never_imports_jobs():
+    """The layers run one way (jobs -> pipeline -> stmodel): the report used to start Ray through
+    jobs.cli; the report job now hands it a `start_ray` instead."""
+    import ast
+    from pathlib import Path
+
+    up = []
+    for path in sorted((Path(__file__).parent.parent / "pipeline").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            up += [f"{path.name}: {n}" for n in names if n == "jobs" or n.startswith("jobs.")]
+    assert not up, up
