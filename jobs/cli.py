@@ -182,9 +182,12 @@ def init_ray(cfg: dict, trains: bool = False) -> None:
         # "local": a new local Ray even when another cluster runs on this machine (ray.init()
         # alone would join it, and refuse num_cpus).
         kw["address"] = "local"
-        for k in ("num_cpus", "num_gpus"):
+        for k in ("num_cpus", "num_gpus", "object_store_memory"):
             if rc.get(k) is not None:
                 kw[k] = rc[k]
+        # Ray's own guard: spilling stops (OutOfDiskError) once the disk is this full; the job
+        # then ends with `out_of_disk_message`, never with a full disk.
+        os.environ["RAY_local_fs_capacity_threshold"] = str(float(rc.get("spill_disk_limit", 0.8)))
         # The dashboard and its metrics polling take CPU from the model on a small machine
         # (bench.invert_pipeline --dashboard); a cluster keeps its own.
         dashboard = rc.get("dashboard", "auto")
@@ -250,6 +253,29 @@ def model_errors(key: str, spec: dict) -> list[str]:
             f"for a seeded random model"]
 
 
+def is_out_of_disk(e: BaseException) -> bool:
+    """Whether `e` (or what it wraps: Ray Data re-raises a task's error) is Ray's refusal to
+    spill past `ray.spill_disk_limit`."""
+    from ray.exceptions import OutOfDiskError
+
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OutOfDiskError) or "OutOfDiskError" in type(cur).__name__:
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def out_of_disk_message(job: str, cfg: dict) -> str:
+    limit = float((cfg.get("ray") or {}).get("spill_disk_limit", 0.8))
+    return (f"python -m jobs.{job}: stopped: Ray's object store needed to spill to local disk past "
+            f"ray.spill_disk_limit={limit} of the disk. Nothing was committed (a rerun does the work). Give the "
+            f"object store more memory (ray.object_store_memory), lower the batch / block sizes, free disk, or "
+            f"raise the limit.")
+
+
 def main(job: str, description: str, settings: type, run: Callable[[dict], dict],
          argv: list[str] | None = None, use_ray: bool = True, trains: bool = False,
          check: Callable[[dict], list[str]] | None = None) -> dict:
@@ -284,6 +310,11 @@ def main(job: str, description: str, settings: type, run: Callable[[dict], dict]
         result = run(cfg)
     except SystemExit as e:  # a job's stop message may quote a URI
         raise SystemExit(redact_text(e.code) if isinstance(e.code, str) else e.code) from None
+    except Exception as e:
+        if not is_out_of_disk(e):
+            raise
+        print(out_of_disk_message(job, cfg), file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
     counts = result["counts"]
     if counts.get("in", 0) != counts.get("ok", 0) + counts.get("failed", 0) + counts.get("skipped", 0):
         log.error("accounting mismatch: %s", counts)

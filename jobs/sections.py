@@ -19,6 +19,11 @@ class RaySection:
                                         "(ray job submit sets RAY_ADDRESS)")
     num_cpus: int | None = setting(None, "CPUs of a local Ray (null: all cores)")
     num_gpus: int | None = setting(None, "GPUs of a local Ray (null: all it finds)")
+    object_store_memory: int | None = setting(None, "bytes of a local Ray's object store (null: Ray's default, "
+                                                    "30% of memory)")
+    spill_disk_limit: float = setting(0.8, "a local Ray spills its object store to disk only while the disk is "
+                                           "less full than this fraction; past it the run stops with a clear "
+                                           "error, nothing committed, instead of filling the disk")
     dashboard: bool | Literal["auto"] = setting("auto", "a local Ray's dashboard (127.0.0.1:8265): auto = only for "
                                                         "the jobs that train (Ray Train watches its runs through "
                                                         "it); without it the model gets the CPU it would use")

@@ -338,13 +338,15 @@ class JobRun:
         if key == replace_key:  # the files it finds are those of the commit's own key
             retried: list[str] = []
             if not all(snap.all_ok):  # a key to attempt again has a failure row, in a file that is not all ok
-                retried = ray.get(ray.remote(_retried_paths).options(num_cpus=0.5).remote(refs, list(key), root_path))
+                retried = ray.get(ray.remote(_retried_paths).options(num_cpus=0).remote(refs, list(key), root_path))
             self._hint(table, snap.version, retried)
         args = {"refs": refs, "key": list(key), "mark": mark}
+        # (no CPU reserved for the done check: it filters in memory, and a CPU held by it could
+        # be the one the read tasks of the same plan wait for, beside the model's actors)
         if small or snap.rows < DONE_SET_ACTOR_ROWS:
             return inputs.map_batches(_skip_in_task, batch_format="pyarrow", fn_kwargs=args)
         return inputs.map_batches(DoneSet, batch_format="pyarrow", fn_constructor_kwargs=args,
-                                  compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+                                  compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
 
     def _hint(self, table: TableSpec, version: int | None, paths: list[str]) -> None:
         """Record what the commit of `table` must check; a second done check of the same table in

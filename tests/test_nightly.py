@@ -201,3 +201,35 @@ def test_bad_schedule_input_stops_before_anything_runs(tmp_path, job, sets, mess
     assert p.returncode == 2, p.stderr
     assert message in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "out").exists(), "a refused run wrote under its output"
+
+
+SPILL_SCRIPT = """
+import ray
+from jobs import invert
+from jobs.cli import main
+
+def run(cfg):  # 600 x 512 KB through an 80 MB object store: it must spill
+    ray.data.range_tensor(600, shape=(256, 256)).materialize()
+    return {"run_id": None, "counts": {"in": 0}}
+
+main("invert", "spill test", invert.SETTINGS, run, argv=["--set", "ray.object_store_memory=80000000", "--set",
+     "ray.spill_disk_limit=0.0001", "--set", "ray.num_cpus=1", "--quiet"])
+"""
+
+
+@pytest.mark.slow
+def test_spill_past_the_disk_limit_stops_with_a_clear_error(tmp_path):
+    """A run whose object store would spill past ray.spill_disk_limit stops with exit 3 and a
+    line that says what happened and what to do, instead of filling the disk."""
+    import shutil
+    import tempfile
+
+    short = tempfile.mkdtemp(prefix="spill", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    try:
+        env = {**os.environ, "RAY_TMPDIR": short}
+        p = subprocess.run([sys.executable, "-c", SPILL_SCRIPT], capture_output=True, text=True, timeout=300,
+                           env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert "ray.spill_disk_limit=0.0001" in p.stderr and "Nothing was committed" in p.stderr
