@@ -55,7 +55,7 @@ def write_finished(root: str, n: int, seed: int = 0) -> None:
                     "run_id": ["bench"] * m, "created_at": pa.array([now] * m, pa.timestamp("us", tz="UTC"))}
             arrays = [pa.array(cols[f.name], f.type) if f.name in cols else pa.nulls(m, f.type) for f in schema]
             t = pa.Table.from_arrays(arrays, schema=schema)
-            files.append(delta.write_data_file(t, root, name, "bench-finished"))
+            files.append(delta.write_data_file(t, root, name, "bench-finished", tag=delta.OK_TAG))
         delta.commit(root, name, spec.schema, list(spec.key), files, "bench-finished", {"job": "bench"},
                      replace=False)
 

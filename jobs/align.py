@@ -2,7 +2,10 @@
 
     python -m jobs.align --config FILE --set input=URI --set output=URI [--set align.size=256]
 
-Reads every file under `input` once and hashes it (image_id = sha256 of the bytes); only the
+A nightly run reads only what is new or changed: a listed file whose URI, size and version tag
+(S3 ETag, else mtime) match committed `faces` rows that are all ok or permanent failures is
+skipped unread (`verify=hash` reads and hashes every file instead). The rest are read once and
+hashed (image_id = sha256 of the bytes); only the
 project's own bookkeeping is left out of the listing (`_delta_log/`, `_runs/`, Delta table
 folders, the jobs' output folders under a dataset root, unfinished temporary writes) and hidden
 dot-names (`.DS_Store`, `._*` AppleDouble files): a camera's `_DSC0001.JPG` is processed
@@ -124,7 +127,9 @@ def build_dataset(files: list[dict], cfg: dict, run: JobRun, batch_size: int | N
     # an isolation pass (batch_size given): a block per file, no task batch above batch_size
     dbs = min(int(a["decode_batch_size"]), int(batch_size)) if batch_size else int(a["decode_batch_size"])
     blocks = len(files) if batch_size else max(1, min(-(-len(files) // dbs), MAX_READ_BLOCKS))
-    ds = ray.data.from_items(files, override_num_blocks=blocks)
+    ds = ray.data.from_items([{"source_uri": f["source_uri"], "source_size": -1 if f["source_size"] is None
+                               else f["source_size"], "source_etag": f["source_etag"] or ""} for f in files],
+                             override_num_blocks=blocks)
     ds = ds.map_batches(read_listed, batch_size=dbs, batch_format="numpy")
     ds = ds.map_batches(hash_files, batch_size=dbs, batch_format="numpy")
     # the same bytes under a new name (or every file, with verify=hash): done by content

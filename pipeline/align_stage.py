@@ -1,8 +1,9 @@
 """Ray Data stages of the align job.
 
-    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
-    ds = ds.map_batches(hash_files, fn_kwargs=...)                   # tasks: image_id = sha256(bytes)
-    ds = run.mark_done(ds, FACES, key=("image_id",))                  # done images -> status skipped
+    ds = ray.data.from_items(listing_rows)                            # files not known by their listing
+    ds = ds.map_batches(read_listed).map_batches(hash_files)          # tasks: bytes, image_id = sha256
+    ds = run.mark_done(ds, FACES, key=("image_id",))                  # same bytes done under another
+                                                                      # name -> skipped, bytes dropped
     ds = ds.map_batches(decode_batch, fn_kwargs=dict(...))            # tasks: decode (not the skipped)
     ds = ds.map_batches(AlignFaces, fn_constructor_kwargs=dict(...),  # actors: MTCNN loaded once
                         compute=ray.data.ActorPoolStrategy(size=N), batch_size=B)
@@ -70,9 +71,22 @@ def read_listed(batch: dict) -> dict:
             keep.append(i)
         except Exception as e:  # noqa: BLE001 - accounted for by lost_file_rows
             log.warning("cannot read %s: %s", uri, type(e).__name__)
-    out = {k: np.asarray(batch[k], dtype=object)[keep] for k in ("source_uri", *SOURCE_LISTING_COLUMNS)}
+    out = {"source_uri": np.asarray(batch["source_uri"], dtype=object)[keep],
+           **{k: v[keep] for k, v in _listing_columns(batch, len(batch["source_uri"])).items()}}
     out["bytes"] = np.array(datas + [b""], dtype=object)[:-1]
     return out
+
+
+def _listing_columns(batch: dict, n: int) -> dict:
+    """source_size (int64, -1: not reported) and source_etag (str, "": none) of the listing, typed
+    the same in every block whatever it holds (a block of unknowns would otherwise be null-typed
+    and fail to merge with the others)."""
+    size = batch.get("source_size")
+    tag = batch.get("source_etag")
+    return {"source_size": np.array([-1 if v is None or v != v else int(v) for v in size] if size is not None
+                                    else [-1] * n, dtype=np.int64),
+            "source_etag": np.array([str(v) if v else "" for v in tag] if tag is not None else [""] * n,
+                                    dtype=object)}
 
 
 def hash_files(batch: dict, protocol: str | None = None) -> dict:
@@ -86,8 +100,7 @@ def hash_files(batch: dict, protocol: str | None = None) -> dict:
            "source_uri": np.array([str(u) for u in uris], dtype=object),
            "status": np.array([STATUS_OK] * n, dtype=object), "error": np.array([None] * n, dtype=object),
            "bytes": np.array(datas + [b""], dtype=object)[:-1]}
-    for k in SOURCE_LISTING_COLUMNS:
-        out[k] = np.asarray(batch[k], dtype=object) if k in batch else np.array([None] * n, dtype=object)
+    out.update(_listing_columns(batch, n))
     return out
 
 
@@ -106,8 +119,6 @@ def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32, 
         batch = hash_files(batch, protocol)
     out = {k: [] for k in ("image_id", "source_uri", "status", "error", "width", "height", "image", "pixel_map",
                            "bytes")}
-    for k in SOURCE_LISTING_COLUMNS:  # passed through: the faces rows record the listing
-        out[k] = [None if v is None else v for v in batch[k]] if k in batch else [None] * len(batch["bytes"])
     for i, data in enumerate(batch["bytes"]):
         out["image_id"].append(str(batch["image_id"][i]))
         out["source_uri"].append(str(batch["source_uri"][i]))
@@ -132,9 +143,9 @@ def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32, 
         out["image"].append(d.image if d.image is not None else EMPTY_IMAGE)
         out["pixel_map"].append(d.pixel_map)
         out["bytes"].append(data if d.status == STATUS_OK and d.reduce > 1 else b"")
-    res = {k: np.array(v, dtype=object) if k in ("image_id", "source_uri", "status", "error", "bytes",
-                                                   *SOURCE_LISTING_COLUMNS) else v
+    res = {k: np.array(v, dtype=object) if k in ("image_id", "source_uri", "status", "error", "bytes") else v
            for k, v in out.items()}
+    res.update(_listing_columns(batch, len(batch["bytes"])))  # passed through: faces rows record the listing
     res["width"] = np.array(out["width"], dtype=np.int64)
     res["height"] = np.array(out["height"], dtype=np.int64)
     res["pixel_map"] = np.array(out["pixel_map"], dtype=np.float64).reshape(-1, 3)
@@ -143,10 +154,12 @@ def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32, 
 
 def _listed(batch: dict, k: str, i: int):
     """The listing's size / version tag of row i (None when the read did not carry them)."""
-    if k not in batch or batch[k][i] is None:
+    if k not in batch:
         return None
     v = batch[k][i]
-    return int(v) if k == "source_size" else str(v)
+    if k == "source_size":
+        return None if v is None or int(v) < 0 else int(v)
+    return str(v) if v else None
 
 
 def file_units(rows: list[list[dict]]) -> list[str]:

@@ -147,7 +147,7 @@ class Snapshot:
     paths: list[str]        # data files, relative to the table root
     rows: int               # from the log's per-file statistics
     schema: pa.Schema
-    all_ok: list[bool]      # per file: its statistics say every row is ok
+    all_ok: list[bool]      # per file: its name says every row is ok (is_all_ok)
 
 
 def snapshot(output: str, table: str, version: int | None = None) -> Snapshot | None:
@@ -159,10 +159,8 @@ def snapshot(output: str, table: str, version: int | None = None) -> Snapshot | 
     names = adds.column_names
     rows = adds.column("num_records").to_pylist() if "num_records" in names else []
     paths = [str(p) for p in adds.column("path").to_pylist()]
-    lo = adds.column("min.status").to_pylist() if "min.status" in names else [None] * len(paths)
-    hi = adds.column("max.status").to_pylist() if "max.status" in names else [None] * len(paths)
     return Snapshot(dt.version(), paths, int(sum(r or 0 for r in rows)), pa.schema(dt.schema().to_arrow()),
-                    [a == "ok" and b == "ok" for a, b in zip(lo, hi)])
+                    [is_all_ok(p) for p in paths])
 
 
 def snapshot_files(output: str, table: str, version: int | None = None) -> tuple[int | None, list[str]]:
@@ -283,7 +281,6 @@ class FileRecord:
     path: str        # relative to the table root
     size: int
     rows: int
-    all_ok: bool = False  # every row has status ok (the log's statistics say so to readers)
 
 
 FILE_RECORD_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("rows", pa.int64())])
@@ -291,7 +288,7 @@ FILE_RECORD_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("r
 
 def write_data_file(t: pa.Table, output: str, table: str, run_id: str, tag: str = "") -> FileRecord:
     """Write one Parquet data file of `table` (a fresh name: a retried task never overwrites a
-    file that a commit may name)."""
+    file that a commit may name). `tag`: OK_TAG for a file of ok rows only, "r" for a rewrite."""
     name = f"part-{run_id}-{tag}{uuid.uuid4().hex[:12]}.parquet"
     uri = storage.join(table_root(output, table), name)
     fs, path = storage.url_to_fs(uri)
@@ -300,8 +297,7 @@ def write_data_file(t: pa.Table, output: str, table: str, run_id: str, tag: str 
     # every table row passes here: no URI secret (userinfo, signed query) is ever stored
     t = redact_table(t.replace_schema_metadata(None).cast(delta_schema(t.schema)))
     pq.write_table(t, path, filesystem=fs, compression="zstd")
-    all_ok = "status" in t.column_names and t.num_rows > 0 and bool(pc.all(pc.equal(t.column("status"), "ok")).as_py())
-    return FileRecord(name, int(fs.size(path)), t.num_rows, all_ok)
+    return FileRecord(name, int(fs.size(path)), t.num_rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,15 +408,21 @@ def plan_replacements(output: str, table: str, schema: pa.Schema, key: list[str]
 # The commit
 
 
-def _add(path: str, size: int, rows: int, all_ok: bool = False):
-    """An add action; a file of ok rows only says so in its statistics (min = max = ok), so that
-    an incremental reader finds the files of failures without opening any file."""
+def _add(path: str, size: int, rows: int):
     from deltalake.transaction import AddAction
 
-    stats: dict = {"numRecords": int(rows)}
-    if all_ok:
-        stats.update(minValues={"status": "ok"}, maxValues={"status": "ok"}, nullCount={"status": 0})
-    return AddAction(path, int(size), {}, int(time.time() * 1000), True, json.dumps(stats))
+    # Only numRecords: partial column statistics would make delta-rs's pyarrow dataset prune
+    # files on the columns they leave out.
+    return AddAction(path, int(size), {}, int(time.time() * 1000), True, json.dumps({"numRecords": int(rows)}))
+
+
+OK_TAG = "k"  # data files holding ok rows only are named part-<run>-k<hex>.parquet
+
+
+def is_all_ok(path: str) -> bool:
+    """Whether a data file holds ok rows only, by its name (write_data_file's `tag`), so that an
+    incremental reader finds the files of failures without opening any file."""
+    return path.rsplit("/", 1)[-1].rsplit("-", 1)[-1].startswith(OK_TAG)
 
 
 def _ensure_table(output: str, table: str, schema: pa.Schema):
@@ -541,7 +543,7 @@ def commit(output: str, table: str, schema: pa.Schema, key: list[str] | None, fi
     seen: dict = {}
     for attempt in range(COMMIT_ATTEMPTS):
         dt = _ensure_table(output, table, schema)
-        actions = [_add(f.path, f.size, f.rows, f.all_ok) for f in files]
+        actions = [_add(f.path, f.size, f.rows) for f in files]
         if replace and key and files:
             check = _files_to_check(output, table, _relative_paths(dt), hint, seen)
             plan = plan_replacements(output, table, schema, key, check, ours, run_id, replace_key)

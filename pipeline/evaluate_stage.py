@@ -1,12 +1,10 @@
 """Ray Data stage of the evaluate job: W+ codes from a `latents` table -> reconstructions ->
 per-face metrics against the aligned crops.
 
-    ds = <committed latents snapshot, ok rows>            # delta.read_snapshot, never the driver
-    ds = run.mark_done(ds, METRICS)                        # faces already evaluated -> skipped
+    ds = <ok latents rows to evaluate>                     # pipeline.incremental.read_source: done
+                                                           # faces removed before their codes are read
     ds = ds.map_batches(load_targets, fn_kwargs=...)       # tasks: read + resize crops, W+ to numpy
     ds = ds.map_batches(EvaluateBatch, compute=...)        # actors: generator + metric backbones
-
-Skipped rows pass through untouched (the runner counts them and writes nothing for them).
 """
 from __future__ import annotations
 

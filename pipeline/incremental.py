@@ -9,9 +9,9 @@ The version read is recorded with the run's commit of the target (a Delta app tr
 `consumed_app_id(job, input)`), so the next run opens only the source files added since then
 (the current snapshot's files that were not in that version's). It also reads the source rows of
 keys whose target rows are failures to attempt again: the target's files that hold failures are
-known from the log's statistics (pipeline.delta, `all_ok`), so finding them opens no file of
-good rows. It reads everything (`full`) when no run recorded a version, when that version is no
-longer in the log (vacuumed / cleaned up), with `retry_failed`, or when asked (`full_scan`).
+known from their names (pipeline.delta.is_all_ok), so finding them opens no file of good rows.
+It reads everything (`full`) when no run recorded a version, when that version is no longer in
+the log (vacuumed / cleaned up), with `retry_failed`, or when asked (`full_scan`).
 
 Two phases, so that skipped rows never carry their payload: the key columns (and the source
 `status`) of the selected files are read and checked against the target's done set

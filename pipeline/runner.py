@@ -2,11 +2,20 @@
 lost-row accounting, the Delta commits and the run record. Every job uses it.
 
     run = JobRun(output, "invert", cfg)
-    todo = run.mark_done(inputs, LATENTS, retry_failed=False)     # finished keys -> status "skipped"
-    ds = todo.map_batches(...).map_batches(Model, ...)             # the job's own stages
-    res = run.write(None, LATENTS, expected=n_in, inputs=inputs, lost_rows=fn,
+    todo, skipped = run.skip_done(inputs, LATENTS)                 # finished keys removed, counted
+    res = run.write(None, LATENTS, expected=n_todo, inputs=todo, lost_rows=fn,
                     rerun=lambda rows, bs: build(rows, bs), batch_size=B)  # poison isolation
+    res.add_skipped(skipped)
     run.commit({LATENTS: res}, summary)
+
+The done check (`skip_done`; `mark_done` for a stream that must count every row at its write
+stage) builds the committed table's done set once (in each task below DONE_SET_ACTOR_ROWS
+committed rows, else in one actor; restricted to the work's own keys when the work is small),
+so finished keys never reach a stage that reads bytes or runs a model. It also records, for the
+commit, the version it read and the data files holding keys the run attempts again: the commit
+opens only those and the files committed since (`delta.ReplaceHint`). Failure rows go to their
+own data files, whose log statistics say they are not all ok (pipeline.incremental finds the
+keys to retry without opening the files of good rows).
 
 Rows flow worker to storage: the write stage (Ray tasks) writes each batch as a Parquet data
 file of the table and returns a file record with per-status counts, so the driver holds one
@@ -74,8 +83,7 @@ class WriteResult:
 
     def add(self, rec: dict) -> None:
         if rec["path"]:
-            self.files.append(delta.FileRecord(rec["path"], int(rec["size"]), int(rec["rows"]),
-                                               bool(rec.get("all_ok"))))
+            self.files.append(delta.FileRecord(rec["path"], int(rec["size"]), int(rec["rows"])))
         for k in ("ok", "failed", "skipped"):
             self.counts[k] += int(rec[f"n_{k}"])
         for s, n in json.loads(rec["statuses"]).items():
@@ -257,7 +265,7 @@ def _as_worker_crash(batch: pa.Table, batch_size: int) -> pa.Table:
 
 WRITE_RECORD_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("rows", pa.int64()),
                                  ("n_ok", pa.int64()), ("n_failed", pa.int64()), ("n_skipped", pa.int64()),
-                                 ("statuses", pa.string()), ("all_ok", pa.bool_())])
+                                 ("statuses", pa.string())])
 
 
 def write_batch(batch: pa.Table, output: str, table: str, run_id: str, schema: pa.Schema,
@@ -284,15 +292,14 @@ def write_batch(batch: pa.Table, output: str, table: str, run_id: str, schema: p
     if keep.num_rows:
         keep = keep.select([f.name for f in schema]).cast(schema)
         ok = pc.equal(keep.column("status"), STATUS_OK)
-        for part, tag in ((keep.filter(ok), ""), (keep.filter(pc.invert(ok)), "f")):
+        for part, tag in ((keep.filter(ok), delta.OK_TAG), (keep.filter(pc.invert(ok)), "")):
             if part.num_rows:
                 files.append(delta.write_data_file(part, output, table, run_id, tag=tag))
     n = max(1, len(files))
     return pa.table({"path": [f.path for f in files] or [None], "size": [f.size for f in files] or [0],
                      "rows": [f.rows for f in files] or [0], "n_ok": [n_ok] + [0] * (n - 1),
                      "n_failed": [n_failed] + [0] * (n - 1), "n_skipped": [n_skip] + [0] * (n - 1),
-                     "statuses": [json.dumps(stat_counts)] + ["{}"] * (n - 1),
-                     "all_ok": [f.all_ok for f in files] or [False]},
+                     "statuses": [json.dumps(stat_counts)] + ["{}"] * (n - 1)},
                     schema=WRITE_RECORD_SCHEMA)
 
 

@@ -494,9 +494,10 @@ def test_transient_failures_are_retried_permanent_ones_only_on_request(ray_local
     blocker = out / "aligned" / f"{good}_0.png"
     blocker.mkdir(parents=True)                      # the crop's key is taken: writing it fails
     gone = str(inp / "gone.jpg")
-    listed = storage.list_sized
-    monkeypatch.setattr(storage, "list_sized",  # the listing names a file that is not there (yet)
-                        lambda uri: sorted({**({gone: None} if uri == str(inp) else {}), **dict(listed(uri))}.items()))
+    listed = storage.list_stat
+    monkeypatch.setattr(storage, "list_stat",  # the listing names a file that is not there (yet)
+                        lambda uri: sorted([*([(gone, None, None)] if uri == str(inp) else []),
+                                            *[e for e in listed(uri) if e[0] != gone]]))
 
     r1 = run(_cfg(inp, out))
     assert r1["counts"] == {"in": 3, "ok": 0, "failed": 3, "skipped": 0}

@@ -58,3 +58,77 @@ def test_two_node_cluster_with_output_on_s3(s3_bucket, tmp_path, tiny_checkpoint
     t = delta.read_snapshot_arrow(out, "latents")
     assert t.num_rows == 5 and set(t["status"].to_pylist()) == {"ok"}
     assert not os.path.exists(tmp_path / "ds")  # nothing landed on a local disk
+
+
+REMOVE_SCRIPT = r"""
+import json, sys, threading, time
+import ray
+import s3fs
+from ray.cluster_utils import Cluster
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+worker = cluster.add_node(num_cpus=2)
+ray.init(address=cluster.address, log_to_driver=False)
+from ray.data import DataContext
+DataContext.get_current().enable_progress_bars = False
+from jobs import invert
+from jobs.cli import load_config
+inp, out, ckpt = sys.argv[1:4]
+sets = [f"input={inp}", f"output={out}", f"model.checkpoint={ckpt}", "invert.batch_size=2",
+        "invert.load_batch_size=2", "progress=false", "invert.num_cpus=1"]
+fs = s3fs.S3FileSystem()
+state = {"removed_at": None, "done": False}
+
+def remove_when_rows_land():
+    # the first data file of the run is written once a batch has gone through the model: the run
+    # is under way; the node holding workers is then removed and a fresh one joins
+    while not state["done"]:
+        fs.invalidate_cache()
+        if fs.exists(out[5:] + "/latents") and any(p.endswith(".parquet") for p in fs.ls(out[5:] + "/latents")):
+            cluster.remove_node(worker, allow_graceful=False)
+            state["removed_at"] = time.time()
+            cluster.add_node(num_cpus=2)
+            return
+        time.sleep(0.05)
+
+t = threading.Thread(target=remove_when_rows_land, daemon=True)
+t.start()
+r1 = invert.run(load_config(invert.SETTINGS, None, sets))
+state["done"] = True
+ended = time.time()
+r2 = invert.run(load_config(invert.SETTINGS, None, sets))
+print("RESULT " + json.dumps({"first": r1["counts"], "second": r2["counts"],
+                              "removed_mid_run": state["removed_at"] is not None and state["removed_at"] < ended}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_worker_node_removed_mid_run(s3_bucket, tmp_path, tiny_checkpoint):
+    """A worker node dies while the run inverts (its actors, tasks and objects with it): the run
+    still accounts for every face, the snapshot holds each key once, and a rerun finishes any
+    face left transient."""
+    import s3fs
+
+    from pipeline import delta
+
+    ckpt, _ = tiny_checkpoint
+    fs = s3fs.S3FileSystem()
+    for f in write_crops(tmp_path / "c", 24, seed=31):
+        fs.put(f, f"{s3_bucket[5:]}/crops/{os.path.basename(f)}")
+    fs.put(ckpt, f"{s3_bucket[5:]}/models/tiny.pt")
+    out = f"{s3_bucket}/ds"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, "-c", REMOVE_SCRIPT, f"{s3_bucket}/crops", out, f"{s3_bucket}/models/tiny.pt"],
+                       capture_output=True, text=True, env=env, timeout=900, cwd=str(tmp_path))
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
+    res = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    assert res["removed_mid_run"], "the node was not removed while the run was going"
+    first, second = res["first"], res["second"]
+    assert first["in"] == 24 and first["ok"] + first["failed"] == 24 and first["skipped"] == 0
+    assert second["in"] == 24 and second["ok"] == first["failed"] and second["skipped"] == first["ok"]
+    t = delta.read_snapshot_arrow(out, "latents")
+    keys = list(zip(t["image_id"].to_pylist(), t["face_index"].to_pylist()))
+    assert len(keys) == len(set(keys)) == 24 and set(t["status"].to_pylist()) == {"ok"}
