@@ -372,6 +372,8 @@ class JobRun:
         `n_in`: the number of `inputs` rows when the caller knows it (else counted)."""
         inputs = inputs.materialize()
         n_in = inputs.count() if n_in is None else int(n_in)
+        if not n_in:
+            return inputs, 0
         todo = self._done_check(inputs, table, retry_failed, key, mark=False, n_in=n_in)
         if todo is inputs:
             return inputs, 0

@@ -35,24 +35,30 @@ cluster.shutdown()
 """
 
 
-@pytest.mark.slow
-def test_two_node_cluster_with_output_on_s3(s3_bucket, tmp_path, tiny_checkpoint):
+def _on_cluster(script: str, s3_bucket: str, tmp_path, ckpt: str, n_crops: int, seed: int) -> dict:
+    """`script` in its own process (its own cluster) over `n_crops` crops on S3, output on S3;
+    returns its RESULT line."""
     import s3fs
 
-    from pipeline import delta
-
-    ckpt, _ = tiny_checkpoint
     fs = s3fs.S3FileSystem()
-    for f in write_crops(tmp_path / "c", 5, seed=21):
+    for f in write_crops(tmp_path / "c", n_crops, seed=seed):
         fs.put(f, f"{s3_bucket[5:]}/crops/{os.path.basename(f)}")
     fs.put(ckpt, f"{s3_bucket[5:]}/models/tiny.pt")
-    out = f"{s3_bucket}/ds"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    p = subprocess.run([sys.executable, "-c", SCRIPT, f"{s3_bucket}/crops", out, f"{s3_bucket}/models/tiny.pt"],
-                       capture_output=True, text=True, env=env, timeout=900, cwd=str(tmp_path))
+    p = subprocess.run([sys.executable, "-c", script, f"{s3_bucket}/crops", f"{s3_bucket}/ds",
+                        f"{s3_bucket}/models/tiny.pt"], capture_output=True, text=True, env=env, timeout=900,
+                       cwd=str(tmp_path))
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
-    res = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    return json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+
+
+@pytest.mark.slow
+def test_two_node_cluster_with_output_on_s3(s3_bucket, tmp_path, tiny_checkpoint):
+    from pipeline import delta
+
+    out = f"{s3_bucket}/ds"
+    res = _on_cluster(SCRIPT, s3_bucket, tmp_path, tiny_checkpoint[0], 5, 21)
     assert res["first"] == {"in": 5, "ok": 5, "failed": 0, "skipped": 0}
     assert res["second"] == {"in": 5, "ok": 0, "failed": 0, "skipped": 5}
     t = delta.read_snapshot_arrow(out, "latents")
@@ -109,22 +115,10 @@ def test_worker_node_removed_mid_run(s3_bucket, tmp_path, tiny_checkpoint):
     """A worker node dies while the run inverts (its actors, tasks and objects with it): the run
     still accounts for every face, the snapshot holds each key once, and a rerun finishes any
     face left transient."""
-    import s3fs
-
     from pipeline import delta
 
-    ckpt, _ = tiny_checkpoint
-    fs = s3fs.S3FileSystem()
-    for f in write_crops(tmp_path / "c", 24, seed=31):
-        fs.put(f, f"{s3_bucket[5:]}/crops/{os.path.basename(f)}")
-    fs.put(ckpt, f"{s3_bucket[5:]}/models/tiny.pt")
     out = f"{s3_bucket}/ds"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    p = subprocess.run([sys.executable, "-c", REMOVE_SCRIPT, f"{s3_bucket}/crops", out, f"{s3_bucket}/models/tiny.pt"],
-                       capture_output=True, text=True, env=env, timeout=900, cwd=str(tmp_path))
-    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
-    res = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    res = _on_cluster(REMOVE_SCRIPT, s3_bucket, tmp_path, tiny_checkpoint[0], 24, 31)
     assert res["removed_mid_run"], "the node was not removed while the run was going"
     first, second = res["first"], res["second"]
     assert first["in"] == 24 and first["ok"] + first["failed"] == 24 and first["skipped"] == 0
