@@ -64,11 +64,12 @@ def write_finished(root: str, n: int, seed: int = 0) -> None:
 
 
 def commit_new_faces(root: str, crops: list[str]) -> None:
+    from pipeline import storage
     from pipeline.decode import image_id
     from pipeline.runner import JobRun, TableSpec
     from pipeline.schemas import FACES_SCHEMA, faces_table
 
-    rows = [{"image_id": image_id(open(c, "rb").read()), "source_uri": f"s3://raw/new_{i}.jpg", "status": "ok",
+    rows = [{"image_id": image_id(storage.read_bytes(c)), "source_uri": f"s3://raw/new_{i}.jpg", "status": "ok",
              "n_faces": 1, "face_index": 0, "aligned_uri": c} for i, c in enumerate(crops)]
     spec = TableSpec("faces", FACES_SCHEMA, ("image_id", "face_index"), ("image_id",))
     run = JobRun(root, "align", {})

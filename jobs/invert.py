@@ -8,7 +8,10 @@ face with status ok) or a plain folder of aligned crops (each file one face, rea
 ok or a permanent failure are skipped; transient failures (read errors, lost rows, inversion
 errors) are tried again, and `retry_failed=true` retries every failure. A retried face's new
 row replaces the old one in the same commit, so a nightly rerun over a growing prefix inverts
-only what is new, and a killed run (nothing committed) is simply done again.
+only what is new, and a killed run (nothing committed) is simply done again. Over an align
+output a run reads only the `faces` files committed since the faces version that the last run
+consumed (recorded in the latents commit), plus the faces of keys to retry; `full_scan=true`
+reads everything (pipeline.incremental). Finished faces never reach a decode or model stage.
 
 The encoder runs alone unless `metrics=true`: then the generator reconstructs each face, the
 reconstruction is written to `<output>/reconstructions/`, and PSNR / MSE / LPIPS / ID
