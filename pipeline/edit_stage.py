@@ -30,7 +30,7 @@ from pipeline.fit_data import codes_to_numpy
 from pipeline.images import encode_png
 from pipeline.models import ModelActor, build_metrics, metric_label
 from pipeline.paste_stage import CROP_PNG
-from pipeline.schemas import edits_schema, make_table
+from pipeline.schemas import edits_schema, make_table, unsliced
 from pipeline.scoring import to_uint8
 from pipeline.storage import image_key
 
@@ -52,7 +52,7 @@ def codes_for_join(batch: pa.Table, keys_refs: list | None = None) -> pa.Table:
     """Ray task: latents rows (image_id, face_index, status, w_plus, checkpoint_sha256) -> the ok
     codes, only those of `keys_refs` when given (the keys the requests need, broadcast: the rest
     of the table never reaches the shuffle)."""
-    t = batch.filter(pc.equal(batch["status"], STATUS_OK))
+    t = unsliced(batch).filter(pc.equal(batch["status"], STATUS_OK))
     if keys_refs is not None:
         want = delta.gather(keys_refs)
         if want is None:
@@ -73,6 +73,7 @@ def as_role(batch: pa.Table, role: str) -> pa.Table:
 
 def with_status(batch: pa.Table, todo: bool) -> pa.Table:
     """The rows to edit (status ok), or the others (skipped, bad requests)."""
+    batch = unsliced(batch)
     hit = pc.equal(batch["status"], STATUS_OK)
     return batch.filter(hit if todo else pc.invert(hit))
 

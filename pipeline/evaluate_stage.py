@@ -18,7 +18,7 @@ import torch
 from pipeline.images import load_crops
 from pipeline.models import ModelActor
 from pipeline.runner import STATUS_LOST
-from pipeline.schemas import make_table, metrics_schema, nested_list_to_numpy
+from pipeline.schemas import make_table, metrics_schema, nested_list_to_numpy, unsliced
 from pipeline.scoring import ReconstructionScorer, empty_metrics
 
 log = logging.getLogger("stbatch.evaluate")
@@ -29,6 +29,7 @@ LATENT_COLUMNS = ["image_id", "face_index", "aligned_uri", "run_id", "checkpoint
 
 def ok_latents(batch: pa.Table) -> pa.Table:
     """Committed latents rows -> work rows: status ok only, with an empty `error`."""
+    batch = unsliced(batch)
     t = batch.filter(pc.equal(batch.column("status"), "ok")).select(LATENT_COLUMNS)
     return t.append_column("error", pa.nulls(t.num_rows, pa.string()))
 

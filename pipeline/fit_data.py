@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import delta, storage
-from pipeline.schemas import nested_list_to_numpy
+from pipeline.schemas import nested_list_to_numpy, unsliced
 
 log = logging.getLogger("stbatch.fit")
 
@@ -115,7 +115,7 @@ def codes_to_numpy(column) -> np.ndarray:
 
 
 def _ok_rows(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.equal(batch.column("status"), STATUS_OK))
+    return unsliced(batch).filter(pc.equal(batch.column("status"), STATUS_OK))
 
 
 # ---------------------------------------------------------------------------- Ray Data batches

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from pipeline import delta, storage
 from pipeline.runner import STATUS_OK, JobRun, TableSpec, is_done
+from pipeline.schemas import unsliced
 
 log = logging.getLogger("stbatch.incremental")
 
@@ -74,6 +75,7 @@ def _not_done(batch: pa.Table, key: list[str], retry_failed: bool) -> pa.Table:
 
 def _rows_of(batch: pa.Table, key: list[str], columns: list[str], todo_refs: list) -> pa.Table:
     todo = delta.gather(todo_refs)
+    batch = unsliced(batch)
     mine = pc.is_in(delta.key_strings(batch, key), value_set=delta.key_strings(todo, key))
     return batch.filter(mine).select(columns)
 

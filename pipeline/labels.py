@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import delta
+from pipeline.schemas import unsliced
 from pipeline.fit_data import STATUS_OK, codes_or_empty, is_val, read_table_uri
 
 log = logging.getLogger("stbatch.fit")
@@ -220,7 +221,7 @@ def labelled_codes_batch(batch: pa.Table, labels_refs: list, join_on: str, val_f
     usable, _ = _usable(lab, idx, ok)
     usable &= is_val(batch["image_id"].to_pylist(), val_fraction, seed) == (keep == "val")
     sel = np.flatnonzero(usable)
-    t = batch.select(["w_plus"]).take(pa.array(sel, pa.int64()))
+    t = unsliced(batch.select(["w_plus"])).take(pa.array(sel, pa.int64()))
     rows = np.asarray(pc.fill_null(idx, 0).to_numpy(zero_copy_only=False), np.int64)[sel]
     k = lab["labels"].type.list_size if "labels" in lab.column_names else 0
     y = codes_labels(lab, rows) if k else np.zeros((len(sel), 0), np.float32)

@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline import delta, storage
+from pipeline.schemas import unsliced
 from pipeline.decode import STATUS_OK, decode_image
 from stmodel.align import paste_back, paste_mask
 
@@ -116,7 +117,7 @@ def faces_table_exists(root: str) -> bool:
 
 
 def _face_rows(batch: pa.Table) -> pa.Table:
-    t = batch.filter(pc.equal(batch["status"], STATUS_OK))
+    t = unsliced(batch).filter(pc.equal(batch["status"], STATUS_OK))
     cols = {"image_id": pc.cast(t["image_id"], pa.string()), "face_index": pc.cast(t["face_index"], pa.int32())}
     cols.update({new: t[old] for old, new in FACE_COLUMNS.items()})
     return pa.table(cols)

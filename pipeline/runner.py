@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 
 from pipeline import delta, storage
 from pipeline.redact import redact_config
+from pipeline.schemas import unsliced
 
 log = logging.getLogger("stbatch.runner")
 
@@ -169,6 +170,7 @@ class DoneSet:
         return sorted(p[len(table_root_path):].lstrip("/") for p in paths)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        batch = unsliced(batch)
         hit = _member(self.done, _key_bytes(batch, self.key))
         if self.mark:
             return _mark_skipped(batch, hit)
@@ -204,7 +206,7 @@ def _retried_paths(refs: list, key: list[str], table_root_path: str) -> list[str
 
 
 def _missing(batch: pa.Table, key: list[str], back_refs: list) -> pa.Table:
-    batch = batch.filter(pc.not_equal(batch.column("status"), STATUS_SKIPPED))
+    batch = unsliced(batch).filter(pc.not_equal(batch.column("status"), STATUS_SKIPPED))
     back = delta.gather(back_refs)
     if back is None or not batch.num_rows:
         return batch
@@ -272,6 +274,7 @@ def write_batch(batch: pa.Table, output: str, table: str, run_id: str, schema: p
                 count_skipped: bool = True) -> pa.Table:
     """Ray task: count a batch's rows and write those that are not skipped as one data file.
     `count_skipped=False` (an isolation pass): skipped rows were counted by the first pass."""
+    batch = unsliced(batch)
     status = batch.column("status")
     unit = batch.column(UNIT_COLUMN) if UNIT_COLUMN in batch.column_names else None
     counted = unit if unit is not None else status
@@ -290,8 +293,8 @@ def write_batch(batch: pa.Table, output: str, table: str, run_id: str, schema: p
     # file of good rows (the commit opens only files holding keys it replaces).
     files = []
     if keep.num_rows:
-        keep = keep.select([f.name for f in schema]).cast(schema)
         ok = pc.equal(keep.column("status"), STATUS_OK)
+        keep = keep.select([f.name for f in schema]).cast(schema)
         for part, tag in ((keep.filter(ok), delta.OK_TAG), (keep.filter(pc.invert(ok)), "")):
             if part.num_rows:
                 files.append(delta.write_data_file(part, output, table, run_id, tag=tag))

@@ -55,6 +55,23 @@ def nested_list_array(arr, value_type: pa.DataType = pa.float32(), mask=None,
     return out
 
 
+def unsliced(t: pa.Table) -> pa.Table:
+    """`t` with fresh buffers when it is a slice holding fixed-size-list columns (W+ codes,
+    quads, landmarks). pyarrow 26's filter and take return wrong values for a sliced nested
+    fixed-size list (the values of other rows, or garbage), and Ray Data hands map functions
+    slices of its blocks: every function that filters or takes rows of such a batch calls this
+    first (an IPC round trip copies only the sliced part)."""
+    def sliced(col: pa.ChunkedArray) -> bool:
+        return pa.types.is_fixed_size_list(col.type) and any(c.offset for c in col.chunks)
+
+    if not any(sliced(c) for c in t.columns):
+        return t
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, t.schema) as w:
+        w.write_table(t)
+    return pa.ipc.open_stream(sink.getvalue()).read_all()
+
+
 def _list_shape(t: pa.DataType) -> tuple[tuple[int, ...], pa.DataType]:
     shape = []
     while pa.types.is_fixed_size_list(t):

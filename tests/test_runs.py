@@ -203,3 +203,32 @@ def test_readers_see_only_committed_runs_and_time_travel(ray_local, tmp_path):
     old = delta.open_table(out, "latents", version=v_one).to_pyarrow_table()
     assert old["image_id"].to_pylist() == ["k1"] and old["status"].to_pylist() == ["ok"]
     assert pa.compute.all(pa.compute.equal(dt.to_pyarrow_table()["status"], "read_error")).as_py()
+
+
+def test_write_batch_keeps_the_codes_of_a_sliced_block(tmp_path):
+    """Ray Data hands the write stage slices of its blocks; pyarrow 26 filters a sliced nested
+    fixed-size list wrongly (other rows' values, or garbage). The codes written must be the
+    slice's own, failure rows (null codes) split into their own file included."""
+    import pyarrow.parquet as pq
+
+    from pipeline.runner import write_batch
+    from pipeline.schemas import nested_list_to_numpy, unsliced
+
+    n = 12
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(n, 4, 8)).astype(np.float32)
+    ok = np.array([i % 3 != 1 for i in range(n)])
+    schema = latents_schema(4, 8)
+    cols = {"image_id": [f"{i:064x}" for i in range(n)], "face_index": np.zeros(n, np.int32),
+            "source_uri": [None] * n, "aligned_uri": [None] * n,
+            "status": np.where(ok, "ok", "read_error").astype(object), "error": [None] * n}
+    t = make_table(cols, schema, "run", w_plus=w, ok=ok)
+    part = t.slice(5, 6)
+    assert unsliced(part).filter(pa.array([True] * 6))["w_plus"].to_pylist() == part["w_plus"].to_pylist()
+    recs = write_batch(part, str(tmp_path), "latents", "run", schema).to_pylist()
+    back = pa.concat_tables([pq.read_table(tmp_path / "latents" / r["path"]) for r in recs if r["path"]])
+    got = {i: row for i, row in zip(back["image_id"].to_pylist(), nested_list_to_numpy(back["w_plus"]))}
+    for i in range(5, 11):
+        if ok[i]:
+            np.testing.assert_array_equal(got[f"{i:064x}"], w[i])
+    assert len(got) == 6
