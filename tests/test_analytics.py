@@ -92,3 +92,114 @@ def test_score_job(ray_local, scored_data, tmp_path):
         score.run(_cfg(score.SETTINGS, latents=root, classifier_run="no-such-run"))
     failed = delta.read_snapshot_arrow(root, "scores", filter_expr=pc.field("status") != "ok")
     assert failed.num_rows == 0
+
+
+# ---------------------------------------------------------------------------- neighbours
+
+def _pair_scores(groups, truth: set) -> tuple[float, float]:
+    """Recall and precision of the pairs that share a group, against the planted pairs."""
+    by_group: dict = {}
+    for r in groups.to_pylist():
+        by_group.setdefault(r["group_id"], []).append(r["image_id"])
+    pred = {frozenset((a, b)) for g in by_group.values() for i, a in enumerate(g) for b in g[i + 1:]}
+    tp = len(pred & truth)
+    return tp / max(len(truth), 1), tp / max(len(pred), 1)
+
+
+@pytest.fixture(scope="module")
+def planted(ray_local, tmp_path_factory):
+    """A plain folder of distinct photos and planted near copies, inverted by the seeded tiny-32
+    model and embedded by the seeded random FaceNet, as the jobs do it."""
+    from jobs import embed, invert
+    from tests.analytics_data import planted_corpus
+
+    base = tmp_path_factory.mktemp("planted")
+    folder, root = str(base / "photos"), str(base / "ds")
+    pairs = planted_corpus(folder, 60, 20)
+    res = invert.run(_cfg(invert.SETTINGS, input=folder, output=root, **{"model.preset": "tiny-32",
+                                                                          "invert.batch_size": 16}))
+    assert res["counts"]["ok"] == 80
+    e = embed.run(_cfg(embed.SETTINGS, input=root, **{"metric_weights.allow_random_init": "true"}))
+    assert e["counts"] == {"in": 80, "ok": 80, "failed": 0, "skipped": 0}
+    lat = delta.read_snapshot_arrow(root, "latents", columns=["image_id", "source_uri"])
+    by_uri = dict(zip(lat["source_uri"].to_pylist(), lat["image_id"].to_pylist()))
+    truth = {frozenset((by_uri[a], by_uri[b])) for a, b in pairs}
+    return {"root": root, "truth": truth}
+
+
+def _brute(v: np.ndarray, metric: str, k: int):
+    from pipeline.vector_index import prepare
+
+    v = prepare(v, metric).astype(np.float64)
+    d = 1 - v @ v.T if metric == "cosine" else np.sqrt(((v[:, None] - v[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return d, order
+
+
+@pytest.mark.parametrize("space", ["wplus", "identity"])
+def test_neighbors_job(planted, space, tmp_path):
+    from jobs import neighbors
+    from pipeline.fit_data import codes_to_numpy
+    from pipeline.schemas import nested_list_to_numpy
+
+    root = planted["root"]
+    out = str(tmp_path / "nb")
+    res = neighbors.run(_cfg(neighbors.SETTINGS, input=root, output=out, space=space, k=5))
+    assert res["counts"] == {"in": 80, "ok": 80, "failed": 0, "skipped": 0}
+    assert res["extra"]["index"] == "flat"
+    nb = delta.read_snapshot_arrow(out, "neighbors")
+    assert nb.num_rows == 80 * 5 and set(nb["rank"].to_pylist()) == {1, 2, 3, 4, 5}
+    # the same neighbours as a brute-force search over the same vectors
+    if space == "wplus":
+        t = delta.read_snapshot_arrow(root, "latents", columns=["image_id", "w_plus"])
+        v, metric = codes_to_numpy(t["w_plus"]).mean(1), "l2"
+    else:
+        t = delta.read_snapshot_arrow(root, "embeddings", columns=["image_id", "embedding"])
+        v, metric = nested_list_to_numpy(t["embedding"]), "cosine"
+    ids = t["image_id"].to_pylist()
+    d, order = _brute(v, metric, 5)
+    pos = {i: j for j, i in enumerate(ids)}
+    for r in nb.to_pylist():
+        i, j = pos[r["image_id"]], pos[r["neighbor_image_id"]]
+        assert r["distance"] == pytest.approx(d[i, j], abs=1e-4)
+        assert r["distance"] == pytest.approx(d[i, order[i, r["rank"] - 1]], abs=1e-4)
+    # groups: connected components of the pairs under the threshold, as a numpy union-find finds them
+    th = res["extra"]["threshold"]
+    g = delta.read_snapshot_arrow(out, "duplicate_groups")
+    assert g.num_rows == 80 and np.allclose(g["threshold"].to_numpy(), th)
+    close = {frozenset((r["image_id"], r["neighbor_image_id"])) for r in nb.to_pylist() if r["distance"] < th}
+    comp = {i: {i} for i in ids}
+    for a, b in close:
+        merged = comp[a] | comp[b]
+        for x in merged:
+            comp[x] = merged
+    got = {r["image_id"]: r for r in g.to_pylist()}
+    for i in ids:
+        assert got[i]["group_size"] == len(comp[i])
+        assert got[i]["representative_image_id"] == min(comp[i])
+    recall, precision = _pair_scores(g, planted["truth"])
+    print(f"\n{space}: threshold {th}: planted pairs recall {recall:.3f}, precision {precision:.3f}, "
+          f"{res['extra']['duplicate_groups']} groups")
+    hist = delta.commit_history(out, "neighbors")
+    assert hist[-1]["space"] == space and float(hist[-1]["threshold"]) == th
+    # the same source version and settings: nothing to do
+    again = neighbors.run(_cfg(neighbors.SETTINGS, input=root, output=out, space=space, k=5))
+    assert again["counts"] == {"in": 80, "ok": 0, "failed": 0, "skipped": 80}
+    assert len(delta.commit_history(out, "neighbors")) == len(hist)
+
+
+def test_neighbors_ivf_matches_exact(planted, tmp_path):
+    from jobs import neighbors
+
+    out = str(tmp_path / "ivf")
+    exact = neighbors.run(_cfg(neighbors.SETTINGS, input=planted["root"], output=out, k=5))
+    res = neighbors.run(_cfg(neighbors.SETTINGS, input=planted["root"], output=out, k=5, space="wplus",
+                             layers="[0,8]", **{"index.kind": "ivf", "index.nlist": 4, "index.nprobe": 4}))
+    assert exact["extra"]["space"] == "wplus" and res["extra"]["space"] == "wplus[0:8]"
+    assert res["extra"]["index"] == "ivf"
+    nb = delta.read_snapshot_arrow(out, "neighbors")
+    assert nb.num_rows == 2 * 80 * 5   # one set of rows per space
+    # all lists probed: IVF returns the exact neighbours (layers [0, 8) is every layer of tiny-32)
+    key = lambda t: sorted((r["image_id"], r["rank"], r["neighbor_image_id"]) for r in t.to_pylist())  # noqa: E731
+    assert key(nb.filter(pc.field("space") == "wplus")) == key(nb.filter(pc.field("space") == "wplus[0:8]"))
