@@ -130,22 +130,22 @@ class SearchBatch:
         q = vector_index.prepare(nested_list_to_numpy(batch["vector"]), self.metric, self.center)
         dist, pos = vector_index.search(self.index, q, self.k + 1, self.metric)
         mine = np.asarray(delta.key_strings(batch, list(KEY)).to_numpy(zero_copy_only=False), dtype=object)
-        qi, rank, pi, di = [], [], [], []
-        for i in range(len(q)):
-            keep = [j for j in range(pos.shape[1]) if pos[i, j] >= 0 and self.keys[pos[i, j]] != mine[i]][:self.k]
-            qi += [i] * len(keep)
-            rank += list(range(1, len(keep) + 1))
-            pi += [int(pos[i, j]) for j in keep]
-            di += [float(dist[i, j]) for j in keep]
-        qi_a, pi_a = np.asarray(qi, np.int64), np.asarray(pi, np.int64)
+        # a face is not its own neighbour; keep the first k others of each row
+        keep = (pos >= 0) & (self.keys[np.maximum(pos, 0)] != mine[:, None])
+        rank = np.cumsum(keep, axis=1)
+        keep &= rank <= self.k
+        qi, col = np.nonzero(keep)
+        pi = pos[qi, col]
         n = len(qi)
-        cols = {"space": [self.space] * n, "image_id": batch["image_id"].take(pa.array(qi_a)).to_pylist(),
-                "face_index": batch["face_index"].take(pa.array(qi_a)).to_pylist(), "rank": rank,
-                "neighbor_image_id": self.ids[pi_a].tolist() if n else [],
-                "neighbor_face_index": self.faces[pi_a].tolist() if n else [],
-                "distance": np.asarray(di, np.float32), "status": ["ok"] * n}
+        cols = {"space": np.full(n, self.space, dtype=object),
+                "image_id": np.asarray(batch["image_id"].to_numpy(zero_copy_only=False), dtype=object)[qi],
+                "face_index": np.asarray(batch["face_index"].to_numpy(zero_copy_only=False), np.int32)[qi],
+                "rank": rank[qi, col].astype(np.int32),
+                "neighbor_image_id": self.ids[pi], "neighbor_face_index": self.faces[pi],
+                "distance": dist[qi, col], "status": np.full(n, "ok", dtype=object)}
         t = make_table(cols, neighbors_schema(), self.run_id)
-        return t.append_column(UNIT_COLUMN, pa.array(["ok" if r == 1 else None for r in rank], pa.string()))
+        first = pc.equal(t["rank"], 1)
+        return t.append_column(UNIT_COLUMN, pc.if_else(first, pa.scalar("ok"), pa.scalar(None, pa.string())))
 
 
 def close_pairs(batch: pa.Table, threshold: float) -> pa.Table:

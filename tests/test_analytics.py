@@ -137,15 +137,16 @@ def _brute(v: np.ndarray, metric: str, k: int):
     return d, order
 
 
-@pytest.mark.parametrize("space", ["wplus", "identity"])
-def test_neighbors_job(planted, space, tmp_path):
+@pytest.mark.parametrize("space, threshold", [("wplus", None), ("identity", "0.000002")])
+def test_neighbors_job(planted, space, threshold, tmp_path):
     from jobs import neighbors
     from pipeline.fit_data import codes_to_numpy
     from pipeline.schemas import nested_list_to_numpy
 
     root = planted["root"]
     out = str(tmp_path / "nb")
-    res = neighbors.run(_cfg(neighbors.SETTINGS, input=root, output=out, space=space, k=5))
+    sets = {"space": space, "k": 5, **({"threshold": threshold} if threshold else {})}
+    res = neighbors.run(_cfg(neighbors.SETTINGS, input=root, output=out, **sets))
     assert res["counts"] == {"in": 80, "ok": 80, "failed": 0, "skipped": 0}
     assert res["extra"]["index"] == "flat"
     nb = delta.read_snapshot_arrow(out, "neighbors")
@@ -181,10 +182,15 @@ def test_neighbors_job(planted, space, tmp_path):
     recall, precision = _pair_scores(g, planted["truth"])
     print(f"\n{space}: threshold {th}: planted pairs recall {recall:.3f}, precision {precision:.3f}, "
           f"{res['extra']['duplicate_groups']} groups")
+    if space == "wplus":  # the default space and threshold, as measured (README, Analytics)
+        assert recall >= 0.85 and precision >= 0.85
+    else:
+        with pytest.raises(SystemExit, match="no default threshold"):
+            neighbors.run(_cfg(neighbors.SETTINGS, input=root, output=out, space=space))
     hist = delta.commit_history(out, "neighbors")
     assert hist[-1]["space"] == space and float(hist[-1]["threshold"]) == th
     # the same source version and settings: nothing to do
-    again = neighbors.run(_cfg(neighbors.SETTINGS, input=root, output=out, space=space, k=5))
+    again = neighbors.run(_cfg(neighbors.SETTINGS, input=root, output=out, **sets))
     assert again["counts"] == {"in": 80, "ok": 0, "failed": 0, "skipped": 80}
     assert len(delta.commit_history(out, "neighbors")) == len(hist)
 
