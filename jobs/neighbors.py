@@ -46,7 +46,7 @@ from typing import Literal
 from jobs.cli import main
 from jobs.sections import JobSettings
 from jobs.settings import setting
-from pipeline import delta, storage, vector_index
+from pipeline import delta, recompute, storage, vector_index
 from pipeline.compute import actor_pool
 from pipeline.neighbors_stage import SPACES, SearchBatch, build_index_task, close_pairs, count_vectors, \
     group_pairs_task, group_rows, group_stats, metric_of, space_name, vectors
@@ -105,17 +105,6 @@ def _settings_key(cfg: dict, name: str, threshold: float) -> str:
                        "exact_below": ix["exact_below"], "nlist": ix["nlist"], "nprobe": ix["nprobe"]}, sort_keys=True)
 
 
-def _up_to_date(output: str, name: str, key: str, source_version: int | None) -> bool:
-    """Whether the last committed run of this space used the same settings on the same version
-    of the source table."""
-    try:
-        hist = delta.commit_history(output, NEIGHBORS.name)
-    except FileNotFoundError:
-        return False
-    mine = [h for h in hist if h.get("space") == name]
-    return bool(mine) and mine[-1].get("settings") == key and mine[-1].get("source_version") == str(source_version)
-
-
 def run(cfg: dict, before_commit=None) -> dict:
     """The job body (also callable from Python; `before_commit(run)` is a test hook)."""
     import ray
@@ -142,7 +131,7 @@ def run(cfg: dict, before_commit=None) -> dict:
     vec = vectors(cfg["input"], space, layers).materialize()
     n, dim = count_vectors(vec)
     key = _settings_key(cfg, name, threshold)
-    if n and _up_to_date(output, name, key, source_version):
+    if n and recompute.up_to_date(output, NEIGHBORS.name, source_version, key, {"space": name}):
         log.info("neighbors: %s version %d was searched with the same settings: nothing to do", table, source_version)
         return {"run_id": r.run_id, "counts": {"in": n, "ok": 0, "failed": 0, "skipped": n}, "extra": {"space": name}}
     kind = vector_index.choose_kind(n, ix["kind"], int(ix["exact_below"]))
@@ -182,8 +171,7 @@ def run(cfg: dict, before_commit=None) -> dict:
     r.commit(results, {**counts, "seconds": seconds, **extra},
              extra={"inputs": {"input": cfg["input"], "table": table, "version": source_version},
                     "ray": {"version": ray.__version__}},
-             metadata={"space": name, "threshold": str(threshold), "settings": key,
-                       "source_version": str(source_version)})
+             metadata={"space": name, "threshold": str(threshold), **recompute.inputs_metadata(source_version, key)})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 
 

@@ -446,3 +446,22 @@ def duplicate_groups_schema() -> pa.Schema:
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ], metadata={b"table": b"duplicate_groups", b"version": b"1"})
+
+
+def quality_schema() -> pa.Schema:
+    """`quality`: how atypical each face's code is and how bad its reconstruction, against the
+    dataset (pipeline.quality_stage)."""
+    return pa.schema([
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("face_index", pa.int32(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("mahalanobis", pa.float32()),    # of the mean-over-layers code, shrunk covariance
+        pa.field("psnr", pa.float32()),           # from the latents row (null without metrics)
+        pa.field("lpips", pa.float32()),
+        pa.field("psnr_z", pa.float32()),         # (mean - psnr) / std: high = worse than usual
+        pa.field("lpips_z", pa.float32()),        # (lpips - mean) / std: high = worse than usual
+        pa.field("latents_run_id", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ], metadata={b"table": b"quality", b"version": b"1"})

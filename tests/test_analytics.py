@@ -209,3 +209,63 @@ def test_neighbors_ivf_matches_exact(planted, tmp_path):
     # all lists probed: IVF returns the exact neighbours (layers [0, 8) is every layer of tiny-32)
     key = lambda t: sorted((r["image_id"], r["rank"], r["neighbor_image_id"]) for r in t.to_pylist())  # noqa: E731
     assert key(nb.filter(pc.field("space") == "wplus")) == key(nb.filter(pc.field("space") == "wplus[0:8]"))
+
+
+# ---------------------------------------------------------------------------- quality
+
+def _ledoit_wolf_in_memory(x: np.ndarray) -> np.ndarray:
+    """scikit-learn's ledoit_wolf on the whole (centred) matrix at once: the shrunk covariance."""
+    n, p = x.shape
+    x = x - x.mean(0)
+    emp = x.T @ x / n
+    mu = np.trace(emp) / p
+    x2 = x ** 2
+    beta = (np.sum(x2.T @ x2) / n - np.sum(emp ** 2)) / (p * n)
+    delta = np.sum((emp - mu * np.eye(p)) ** 2) / p
+    s = min(beta, delta) / delta
+    return (1 - s) * emp + s * mu * np.eye(p)
+
+
+def test_quality_job(ray_local, tmp_path):
+    from jobs import quality
+    from pipeline.runner import JobRun, TableSpec
+    from pipeline.schemas import latents_schema, make_table
+    from tests.editing_data import D, NL, codes, iid
+
+    root = str(tmp_path / "ds")
+    n = 300
+    w = codes(n, 7) * np.linspace(0.2, 3.0, D, dtype=np.float32)  # anisotropic: a shrinkage inside (0, 1)
+    w[:3] *= 4.0                                        # atypical codes
+    rng = np.random.default_rng(1)
+    psnr = rng.normal(25, 1.0, n).astype(np.float32)
+    psnr[10:12] = 15.0                                  # badly inverted
+    lpips = rng.normal(0.2, 0.02, n).astype(np.float32)
+    lpips[20] = 0.6
+    spec = TableSpec("latents", latents_schema(NL, D), ("image_id", "face_index"))
+    cols = {"image_id": [iid(i) for i in range(n + 1)], "face_index": [0] * (n + 1),
+            "status": ["ok"] * n + ["decode_error"], "psnr": list(psnr) + [None], "lpips": list(lpips) + [None]}
+    wall = np.concatenate([w, np.zeros((1, NL, D), np.float32)])
+    r = JobRun(root, "invert", {})
+    r.commit({spec: r.write_small(spec, make_table(cols, spec.schema, r.run_id, w_plus=wall,
+                                                    ok=np.arange(n + 1) < n))}, {"in": n + 1})
+    res = quality.run(_cfg(quality.SETTINGS, input=root))
+    assert res["counts"] == {"in": n, "ok": n, "failed": 0, "skipped": 0}
+    t = delta.read_snapshot_arrow(root, "quality")
+    assert t.num_rows == n
+    got = {r["image_id"]: r for r in t.to_pylist()}
+    # the Mahalanobis distances of an in-memory Ledoit-Wolf estimate
+    x = w.astype(np.float64).mean(1)
+    cov = _ledoit_wolf_in_memory(x)
+    xc = x - x.mean(0)
+    want = np.sqrt(np.einsum("ij,jk,ik->i", xc, np.linalg.inv(cov), xc))
+    np.testing.assert_allclose([got[iid(i)]["mahalanobis"] for i in range(n)], want, rtol=1e-4)
+    assert 0 < res["extra"]["shrinkage"] < 1
+    top = sorted(got.values(), key=lambda r: -r["mahalanobis"])[:3]
+    assert {r["image_id"] for r in top} == {iid(i) for i in range(3)}
+    worst = sorted(got.values(), key=lambda r: -r["psnr_z"])[:2]
+    assert {r["image_id"] for r in worst} == {iid(10), iid(11)} and worst[0]["psnr_z"] > 5
+    assert max(got.values(), key=lambda r: r["lpips_z"])["image_id"] == iid(20)
+    z = np.array([got[iid(i)]["psnr_z"] for i in range(n)])
+    assert abs(z.mean()) < 1e-3 and abs(z.std() - 1) < 1e-3
+    again = quality.run(_cfg(quality.SETTINGS, input=root))
+    assert again["counts"] == {"in": n, "ok": 0, "failed": 0, "skipped": n}
