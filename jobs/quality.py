@@ -4,7 +4,7 @@
 
 `input` is a dataset root with a committed `latents` table. For each ok face: `mahalanobis`,
 the Mahalanobis distance of its code averaged over the layers from the dataset's mean, under a
-Ledoit-Wolf shrunk covariance (pipeline.quality_stage); and, where the latents row has
+Ledoit-Wolf shrunk covariance (pipeline.code_stats); and, where the latents row has
 reconstruction metrics (jobs.invert with metrics=true), `psnr_z` and `lpips_z`: how much worse
 than the dataset's average its reconstruction is, in standard deviations (high = worse).
 
@@ -29,7 +29,8 @@ from jobs.sections import JobSettings
 from jobs.settings import setting
 from pipeline import delta, recompute
 from pipeline.fit_data import read_latents
-from pipeline.quality_stage import COLUMNS, first_moments, quality_rows, reduce_first, reduce_second, second_moments
+from pipeline.code_stats import COLUMNS, first_moments, reduce_first, reduce_second, second_moments
+from pipeline.quality_stage import quality_rows
 from pipeline.runner import JobRun, TableSpec, WriteResult
 from pipeline.schemas import quality_schema
 

@@ -269,3 +269,66 @@ def test_quality_job(ray_local, tmp_path):
     assert abs(z.mean()) < 1e-3 and abs(z.std() - 1) < 1e-3
     again = quality.run(_cfg(quality.SETTINGS, input=root))
     assert again["counts"] == {"in": n, "ok": 0, "failed": 0, "skipped": n}
+
+
+# ---------------------------------------------------------------------------- directions
+
+def test_fit_directions_and_edit_by_name(ray_local, scored_data, tiny_checkpoint, tmp_path):
+    import pandas as pd
+
+    from jobs import edit, fit_directions
+    from stmodel.label_edit import load_direction
+    from tests.editing_data import U
+
+    root = scored_data["root"]
+    labels = str(tmp_path / "labels.csv")
+    pd.DataFrame({"image_id": scored_data["ids"], **{a: scored_data["labels"][:, j] for j, a in enumerate(SCORE_ATTRS)}}
+                 ).to_csv(labels, index=False)
+    dirs = str(tmp_path / "dirs")
+    res = fit_directions.run(_cfg(fit_directions.SETTINGS, latents=root, output=dirs, components=5, attributes=labels))
+    n = len(scored_data["ids"])
+    assert res["counts"] == {"in": n + 2, "ok": n, "failed": 0, "skipped": 2}
+    assert res["extra"]["directions"][:5] == [f"pca_{i}" for i in range(5)]
+    assert sorted(res["extra"]["directions"][5:]) == sorted(SCORE_ATTRS)
+    ratio = res["extra"]["explained_variance_ratio"]
+    assert ratio == sorted(ratio, reverse=True) and 0 < sum(ratio) < 1
+    x = scored_data["w"].astype(np.float64).mean(1)
+    xc = x - x.mean(0)
+    vals, vecs = np.linalg.eigh(xc.T @ xc / n)
+    from pipeline import model_registry
+
+    rows = {m["attribute"]: m for m in model_registry.committed_models(dirs, "direction")}
+    pca0 = load_direction(rows["pca_0"]["uri"], rows["pca_0"]["sha256"]).numpy()
+    assert pca0.shape == (x.shape[1],)
+    # the top principal axis, one standard deviation long
+    assert abs(pca0 @ vecs[:, -1]) / np.linalg.norm(pca0) > 0.999
+    assert np.linalg.norm(pca0) == pytest.approx(np.sqrt(vals[-1]), rel=1e-3)
+    # the boundary of each attribute follows the rule that made its labels (sign of the mean code on u)
+    for j, a in enumerate(SCORE_ATTRS):
+        d = load_direction(rows[a]["uri"]).numpy()
+        u = U[j].reshape(-1, x.shape[1])[0]
+        assert d @ u / (np.linalg.norm(d) * np.linalg.norm(u)) > 0.8, a
+
+    ids = scored_data["ids"][:16]
+    common = {"latents": root, "model.checkpoint": tiny_checkpoint[0], "classifier": root,
+              "classifier_run": scored_data["classifier"]["run_id"], "directions": dirs, "metrics": "false",
+              "sweep.image_ids": "[" + ",".join(ids) + "]", "edit.batch_size": 16}
+    up = edit.run(_cfg(edit.SETTINGS, output=str(tmp_path / "e1"), direction="Smiling", **{"sweep.strengths": "[2.0]"},
+                       **common))
+    assert up["counts"] == {"in": 16, "ok": 16, "failed": 0, "skipped": 0}
+    t = delta.read_snapshot_arrow(str(tmp_path / "e1"), "edits")
+    assert set(t["kind"].to_pylist()) == {"direction"} and set(t["attribute"].to_pylist()) == {"Smiling"}
+    assert set(t["direction_uri"].to_pylist()) == {rows["Smiling"]["uri"]}
+    raised = np.mean(np.array(t["logit_after"].to_pylist()) > np.array(t["logit_before"].to_pylist()))
+    print(f"\nSmiling direction, strength 2 std: the classifier's Smiling logit rose for {raised:.2f} of 16 faces")
+    assert raised == 1.0
+    # against the direction, it falls
+    down = edit.run(_cfg(edit.SETTINGS, output=str(tmp_path / "e2"), direction="Smiling",
+                         **{"sweep.strengths": "[-2.0]"}, **common))
+    t2 = delta.read_snapshot_arrow(str(tmp_path / "e2"), "edits")
+    assert down["counts"]["ok"] == 16 and np.all(np.array(t2["logit_after"].to_pylist())
+                                                 < np.array(t2["logit_before"].to_pylist()))
+    pca = edit.run(_cfg(edit.SETTINGS, output=str(tmp_path / "e3"), direction="pca_0", **common))
+    assert pca["counts"] == {"in": 16, "ok": 16, "failed": 0, "skipped": 0}
+    with pytest.raises(SystemExit, match="no committed direction 'Bald'"):
+        edit.run(_cfg(edit.SETTINGS, output=str(tmp_path / "e4"), direction="Bald", **common))
