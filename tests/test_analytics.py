@@ -332,3 +332,60 @@ def test_fit_directions_and_edit_by_name(ray_local, scored_data, tiny_checkpoint
     assert pca["counts"] == {"in": 16, "ok": 16, "failed": 0, "skipped": 0}
     with pytest.raises(SystemExit, match="no committed direction 'Bald'"):
         edit.run(_cfg(edit.SETTINGS, output=str(tmp_path / "e4"), direction="Bald", **common))
+
+
+# ---------------------------------------------------------------------------- scale
+
+@pytest.mark.slow
+def test_score_driver_allocations_do_not_grow_with_faces(ray_local, tmp_path):
+    """The driver of jobs.score holds no rows: its allocations grow by less than the scale
+    test's bound per face between 64 and 2,048 faces (tests/test_scale.py)."""
+    from tests.test_scale import BOUND, DriverAllocations
+
+    growth = {}
+    for n in (32, 64, 2048):
+        root = str(tmp_path / f"ds{n}")
+        lat = write_latents(root, "0" * 64, n=n)
+        commit_model(root, "classifier", _classifier(lat["w"], rule(lat["w"]), steps=5), "classifier.pt")
+        with DriverAllocations() as m:
+            res = score.run(_cfg(score.SETTINGS, latents=root, **{"score.batch_size": 256}))
+        assert res["counts"]["ok"] == n
+        growth[n] = m.growth
+    per_face = (growth[2048] - growth[64]) / (2048 - 64)
+    print(f"\nscore: driver growth {growth}, {per_face:.0f} B per face")
+    assert per_face < BOUND, f"driver grew {per_face:.0f} bytes per face"
+
+
+# ---------------------------------------------------------------------------- README
+
+def test_readme_analytics_queries(planted, tmp_path):
+    """The README's analytics queries (DuckDB, polars) run against a demo-sized dataset made by
+    the jobs: the planted corpus inverted, embedded, scored, searched and checked for quality."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    from jobs import neighbors, quality
+    from pipeline.fit_data import codes_to_numpy
+
+    ds = str(tmp_path / "ds")
+    shutil.copytree(planted["root"], ds)
+    lat = delta.read_snapshot_arrow(ds, "latents", columns=["w_plus"])
+    w = codes_to_numpy(lat["w_plus"])
+    commit_model(ds, "classifier", _classifier(w, rule(w)), "classifier.pt")
+    assert score.run(_cfg(score.SETTINGS, latents=ds))["counts"]["ok"] == 80
+    assert neighbors.run(_cfg(neighbors.SETTINGS, input=ds))["counts"]["ok"] == 80
+    assert quality.run(_cfg(quality.SETTINGS, input=ds))["counts"]["ok"] == 80
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- analytics-queries -->\n```python\n(.*?)```", readme, re.S)
+    assert block, "the README's analytics query block is missing"
+    scope: dict = {}
+    exec(block.group(1).replace('ds = "ds"', f"ds = {ds!r}"), scope)  # noqa: S102 - the README's own code
+    s = delta.read_snapshot_arrow(ds, "scores")
+    want = int(np.sum((s["Smiling"].to_numpy() > 0.5) & (s["Eyeglasses"].to_numpy() > 0.5)))
+    assert scope["both"] == want == scope["both_polars"]
+    g = delta.read_snapshot_arrow(ds, "duplicate_groups")
+    assert len(scope["groups_found"]) == len({r["group_id"] for r in g.to_pylist() if r["group_size"] > 1}) > 0
+    assert len(scope["nearest"]) == 10 and scope["nearest"] == sorted(scope["nearest"], key=lambda r: r[1])
+    q = delta.read_snapshot_arrow(ds, "quality")
+    assert scope["atypical"][0][1] == pytest.approx(float(np.max(q["mahalanobis"].to_numpy())))
