@@ -139,7 +139,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
     a = p.parse_args()
     if a.crossover:
-        crossover(a.sizes, a.dim, a.clusters, a.spread, a.k, 16)
+        crossover(a.sizes, a.dim, a.clusters, a.spread, a.k, 8)
         return
     import ray
 

@@ -33,6 +33,11 @@ latents snapshot.
   reference  w_e = w + strength * (T_k(w, w_ref) - w)                   (the attribute's editor)
   direction  w_e = w + strength * n                                       (InterFaceGAN-style)
 
+`direction=NAME` (with requests=null) sweeps a direction published by jobs.fit_directions
+(`pca_0`, ..., or an attribute's boundary such as `Smiling`, one standard deviation long): the
+newest committed under `directions` (default: the latents root), or of `directions_run`, over
+`sweep.image_ids` at `sweep.strengths` (pipeline.directions.named_direction_sweep).
+
 The requests become a Ray Dataset and meet their codes in Ray Data joins on (image_id,
 face_index), and for reference edits on (reference_image_id, reference_face_index): the codes
 never reach the driver. Each request's edit_id is the sha256 of its canonical fields and of

@@ -9,7 +9,7 @@ the layer range `layers: [a, b)`), Euclidean distance; `identity`: the `embeddin
 
 The vectors are read by Ray tasks and kept in the object store; one task builds a faiss index
 over them (exact `flat` search below `index.exact_below` vectors, else `ivf`: IndexIVFFlat with
-about 4 sqrt(n) lists, `index.nprobe` searched; or `hnsw`), serialises it and puts it in the
+2 sqrt(n) lists, `index.nprobe` (8) searched; or `hnsw`), serialises it and puts it in the
 object store, where every actor of the search pool reads it once. The driver holds references,
 never a vector.
 
@@ -67,8 +67,8 @@ class IndexSection:
     kind: Literal["auto", "flat", "ivf", "hnsw"] = setting("auto", "auto: flat (exact) below exact_below vectors, "
                                                                    "else ivf")
     exact_below: int = setting(vector_index.EXACT_BELOW, "auto: exact search below this many vectors")
-    nlist: int | None = setting(None, "ivf lists (null: about 4 sqrt(n))")
-    nprobe: int = setting(16, "ivf lists searched per query")
+    nlist: int | None = setting(None, "ivf lists (null: 2 sqrt(n))")
+    nprobe: int = setting(8, "ivf lists searched per query")
     build_cpus: float = setting(1, "CPUs of the index-building task (Ray's accounting)")
     threads: int = setting(0, "faiss threads in the build task and each search actor (0: faiss's default)")
 

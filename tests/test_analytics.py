@@ -389,3 +389,16 @@ def test_readme_analytics_queries(planted, tmp_path):
     assert len(scope["nearest"]) == 10 and scope["nearest"] == sorted(scope["nearest"], key=lambda r: r[1])
     q = delta.read_snapshot_arrow(ds, "quality")
     assert scope["atypical"][0][1] == pytest.approx(float(np.max(q["mahalanobis"].to_numpy())))
+
+
+@pytest.mark.parametrize("job,needles", [("score", ["classifier_run", "Smiling > 0.5"]), ("embed", ["crop_size"]),
+                                         ("neighbors", ["space = wplus", "wplus 0.02", "index.exact_below"]),
+                                         ("quality", ["mahalanobis"]), ("fit_directions", ["components", "pca_0"])])
+def test_cli_help(job, needles):
+    import subprocess
+    import sys
+
+    h = subprocess.run([sys.executable, "-m", f"jobs.{job}", "--help"], capture_output=True, text=True, check=True,
+                       timeout=120)
+    for needle in [*needles, "--set"]:
+        assert needle in h.stdout, needle
