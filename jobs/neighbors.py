@@ -70,7 +70,8 @@ class IndexSection:
     nlist: int | None = setting(None, "ivf lists (null: 2 sqrt(n))")
     nprobe: int = setting(8, "ivf lists searched per query")
     build_cpus: float = setting(1, "CPUs of the index-building task (Ray's accounting)")
-    threads: int = setting(0, "faiss threads in the build task and each search actor (0: faiss's default)")
+    threads: int = setting(0, "faiss threads in the build task and each search actor (0: every core of the node, "
+                              "whatever Ray reserved: the index is the run's heavy work)")
 
 
 @dataclass

@@ -84,6 +84,17 @@ def count_vectors(ds) -> tuple[int, int]:
     return n, dim
 
 
+def _faiss_threads(threads: int) -> None:
+    """faiss's OpenMP threads: `threads`, or 0 for every core of the node. Ray sets a task's
+    OMP_NUM_THREADS to the CPUs it reserved (1), which would leave the other cores idle while
+    the index is built or searched, the run's only heavy work at that point."""
+    import os
+
+    import faiss
+
+    faiss.omp_set_num_threads(int(threads) or os.cpu_count() or 1)
+
+
 def build_index_task(refs: list, metric: str, kind: str, nlist: int | None, nprobe: int, threads: int = 0):
     """Ray task body: the index over every vector of `refs` (blocks of a vectors dataset) as
     serialized bytes, the (image_id, face_index) of each index position, and the center the
@@ -92,10 +103,7 @@ def build_index_task(refs: list, metric: str, kind: str, nlist: int | None, npro
 
     tables = [t for t in ray.get(list(refs)) if t.num_rows]
     ids = pa.concat_tables([t.select(list(KEY)) for t in tables])
-    if threads:
-        import faiss
-
-        faiss.omp_set_num_threads(int(threads))
+    _faiss_threads(threads)
     v = np.concatenate([nested_list_to_numpy(t["vector"]) for t in tables])
     del tables
     center = vector_index.center_of(v, metric)
@@ -114,10 +122,7 @@ class SearchBatch:
                  nprobe: int | None = None, threads: int = 0):
         import ray
 
-        if threads:
-            import faiss
-
-            faiss.omp_set_num_threads(int(threads))
+        _faiss_threads(threads)
         self.index = vector_index.deserialize(ray.get(index[0]), nprobe=nprobe)
         t = ray.get(ids[0])
         self.center = ray.get(center[0])
