@@ -31,6 +31,7 @@ from typing import Callable
 
 import yaml
 
+from jobs import ray_logs
 from jobs.settings import SettingsError, describe, known_keys, parse, unknown_message
 from pipeline.redact import install_log_redaction, redact_config, redact_text
 
@@ -162,13 +163,18 @@ def load_config(settings: type, config_file: str | None, sets: list[str]) -> dic
 
 def init_ray(cfg: dict, trains: bool = False) -> None:
     """Connect to `ray.address` (or RAY_ADDRESS), or start a local Ray. `trains`: the job runs
-    Ray Train, whose controller a local Ray's dashboard must serve (`ray.dashboard: auto`)."""
+    Ray Train, whose controller a local Ray's dashboard must serve (`ray.dashboard: auto`).
+    Unless `verbose`, Ray's own logs go to a file whose path is printed (jobs.ray_logs)."""
     import ray
+    from ray.data import DataContext
 
     if ray.is_initialized():
         return
+    verbose = bool(cfg.get("verbose"))
+    log_file = None if verbose else ray_logs.route_to_file()
     rc = cfg.get("ray") or {}
-    kw = {"ignore_reinit_error": True, "log_to_driver": True}
+    # the workers' stdout / stderr (Ray Train's per-step reports) stay in their own files
+    kw = {"ignore_reinit_error": True, "log_to_driver": verbose}
     address = rc.get("address") or os.environ.get("RAY_ADDRESS")
     if address:
         kw["address"] = address
@@ -188,11 +194,13 @@ def init_ray(cfg: dict, trains: bool = False) -> None:
     # the workers' log records are redacted as the driver's are (merged with a submitted job's env)
     kw["runtime_env"] = {"worker_process_setup_hook": "pipeline.redact.install_log_redaction"}
     ray.init(**kw)
-    from ray.data import DataContext
-
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = bool(cfg.get("progress", True))
     ctx.print_on_execution_start = False
+    if log_file:
+        workers = ray_logs.workers_folder()
+        print(f"Ray's logs: {log_file}" + (f" and the workers' in {workers}" if workers else "")
+              + " (--verbose prints them here)", file=sys.stderr, flush=True)
 
 
 def make_parser(job: str, description: str, settings: type) -> argparse.ArgumentParser:
@@ -205,6 +213,8 @@ def make_parser(job: str, description: str, settings: type) -> argparse.Argument
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="sets",
                    help="override one setting (dotted key, YAML value); repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bars, only the summary line")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's and Ray Train's own logs on the console (default: in a log file whose path is printed)")
     return p
 
 
@@ -234,6 +244,8 @@ def main(job: str, description: str, settings: type, run: Callable[[dict], dict]
         raise SystemExit(2) from None
     if args.quiet:
         cfg["progress"] = False
+    if args.verbose:
+        cfg["verbose"] = True
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     install_log_redaction()
     t0 = time.time()

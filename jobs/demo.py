@@ -10,8 +10,10 @@ No pretrained weights exist here, so the demo builds what it needs and says so:
      self, and the error to the true codes;
   3. runs the real jobs on a local folder standing in for object storage: align (scikit-image's
      astronaut and transformed copies, plus inputs that must fail), invert, fit_classifier
-     (labels defined from the known codes), fit_editor, edit and evaluate; every table is a
-     Delta table under the folder and the models come from the committed `models` table;
+     (labels defined from the known codes), fit_editor, edit and evaluate; invert and edit paste
+     the astronaut faces back into their photos (`paste_back`), so the report shows the whole
+     photos before | after; every table is a Delta table under the folder and the models come
+     from the committed `models` table;
   4. compacts the tables' small files (jobs.maintain), writes the HTML report (jobs.report) and
      prints where it is.
 LPIPS and ID similarity need real backbone weights, which this machine does not have: the
@@ -30,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from jobs import ray_logs
 from jobs.cli import load_config, main
 from jobs.sections import JobSettings
 from jobs.settings import setting
@@ -157,7 +160,7 @@ def write_photos(folder: str) -> int:
 # ---------------------------------------------------------------- the demo
 
 def run(cfg: dict) -> dict:
-    from jobs import align, evaluate, fit_classifier, fit_editor, invert, maintain, report, train_encoder
+    from jobs import align, edit, evaluate, fit_classifier, fit_editor, invert, maintain, report, train_encoder
     from stmodel.checkpoint import save_generator
 
     t_start = time.time()
@@ -206,8 +209,10 @@ def run(cfg: dict) -> dict:
                      "a text file named .jpg")
     job("align", align, [f"input={root}/photos", f"output={root}", f"align.size={cfg['align_size']}"])
 
-    say("4/10 invert", "aligned astronaut faces, then the synthetic images (with reconstructions and PSNR)")
-    job("invert_faces", invert, [f"input={root}", f"output={root}", "metrics=true", *model_sets, *METRICS_NO_WEIGHTS])
+    say("4/10 invert", "aligned astronaut faces (reconstructions pasted back into the photos), then the "
+                      "synthetic images (with reconstructions and PSNR)")
+    job("invert_faces", invert, [f"input={root}", f"output={root}", "metrics=true", "paste_back=true",
+                                 *model_sets, *METRICS_NO_WEIGHTS])
     job("invert_synthetic", invert, [f"input={root}/synthetic", f"output={root}", "metrics=true",
                                      *model_sets, *METRICS_NO_WEIGHTS])
 
@@ -221,12 +226,13 @@ def run(cfg: dict) -> dict:
                                    "attributes=[synthetic_a]", f"fit_editor.steps={cfg['fit']['editor_steps']}",
                                    "fit_editor.batch_size=32", "fit_editor.lr=0.001"])
 
-    say("7/10 edit", "label, reference and direction edits of the astronaut faces and some synthetic images")
-    requests = edit_requests(root, data["ids"][:4])
-    job("edit", __import__("jobs.edit", fromlist=["run"]), [
-        f"latents={root}", f"requests={requests}", f"output={root}", *model_sets,
-        f"classifier={root}", f"editors={root}",
-        *METRICS_NO_WEIGHTS])
+    say("7/10 edit", "label, reference and direction edits of the astronaut faces, pasted back into their "
+                    "photos, then of some synthetic images (no photo to paste into)")
+    photo_requests, synthetic_requests = edit_requests(root, data["ids"][:4])
+    edit_sets = [f"latents={root}", f"output={root}", *model_sets, f"classifier={root}", f"editors={root}",
+                 *METRICS_NO_WEIGHTS]
+    job("edit_photos", edit, [f"requests={photo_requests}", "paste_back=true", *edit_sets])
+    job("edit_synthetic", edit, [f"requests={synthetic_requests}", *edit_sets])
 
     say("8/10 evaluate", "reconstruction metrics of the latents table against the crops")
     job("evaluate", evaluate, [f"input={root}", *model_sets, *METRICS_NO_WEIGHTS])
@@ -239,13 +245,15 @@ def run(cfg: dict) -> dict:
     seconds = round(time.time() - t_start, 1)
     out = {"root": root, "report": rep["extra"].get("report"), "eval": ev, "timings": timings}
     storage.write_bytes(storage.join(root, "demo_summary.json"), json.dumps(out, indent=2, default=str).encode())
-    say("done", f"{seconds} s; open {out['report']}")
+    logs = ray_logs.current()
+    say("done", f"{seconds} s; open {out['report']}" + (f" (Ray's own logs: {logs})" if logs else ""))
     counts = {"in": len(summaries), "ok": len(summaries), "failed": 0, "skipped": 0}
     return {"run_id": None, "counts": counts, "extra": {"report": out["report"], "eval": ev, "timings": timings}}
 
 
-def edit_requests(root: str, synthetic_ids: list[str]) -> str:
-    """One request of each kind per source face: the aligned astronauts and a few synthetic ones."""
+def edit_requests(root: str, synthetic_ids: list[str]) -> tuple[str, str]:
+    """One request of each kind per source face: the aligned astronauts (whose photos the edits
+    are pasted back into), and a few synthetic ones (no photo); one requests file for each."""
     import pyarrow.compute as pc
 
     # the aligned photo faces (the faces table) that have an ok code; the demo's tables are small
@@ -253,23 +261,26 @@ def edit_requests(root: str, synthetic_ids: list[str]) -> str:
     ok = delta.read_snapshot_arrow(root, "latents", columns=["image_id", "face_index"], filter_expr=(
         pc.field("status") == "ok") & pc.field("image_id").isin(pc.unique(aligned["image_id"]).to_pylist()))
     faces = sorted(ok.to_pylist(), key=lambda r: (r["image_id"], r["face_index"]))[:4]
-    sources = faces + [{"image_id": i, "face_index": 0} for i in synthetic_ids[:2]]
     ref = synthetic_ids[-1]
-    rows = []
-    for s in sources:
-        base = {"image_id": s["image_id"], "face_index": int(s["face_index"]), "attribute": "synthetic_a"}
-        rows += [{**base, "kind": "label", "strength": 3.0, "target": 1},
-                 {**base, "kind": "label", "strength": 3.0, "target": 0},
-                 {**base, "kind": "reference", "reference_image_id": ref},
-                 {**base, "kind": "direction", "strength": 4.0,
-                  "direction_uri": f"{root}/synthetic_meta/direction_synthetic_a.npy"}]
     cols = ["image_id", "face_index", "kind", "attribute", "strength", "target", "reference_image_id",
             "direction_uri"]
-    rows = [{c: r.get(c) for c in cols} for r in rows]  # from_pylist takes its columns from row 0
-    uri = storage.join(root, "requests", "edit_requests.parquet")
-    os.makedirs(os.path.dirname(uri), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), uri)
-    return uri
+    uris = []
+    for name, sources in (("photos", faces), ("synthetic", [{"image_id": i, "face_index": 0}
+                                                           for i in synthetic_ids[:2]])):
+        rows = []
+        for s in sources:
+            base = {"image_id": s["image_id"], "face_index": int(s["face_index"]), "attribute": "synthetic_a"}
+            rows += [{**base, "kind": "label", "strength": 3.0, "target": 1},
+                     {**base, "kind": "label", "strength": 3.0, "target": 0},
+                     {**base, "kind": "reference", "reference_image_id": ref},
+                     {**base, "kind": "direction", "strength": 4.0,
+                      "direction_uri": f"{root}/synthetic_meta/direction_synthetic_a.npy"}]
+        rows = [{c: r.get(c) for c in cols} for r in rows]  # from_pylist takes its columns from row 0
+        uri = storage.join(root, "requests", f"edit_requests_{name}.parquet")
+        os.makedirs(os.path.dirname(uri), exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), uri)
+        uris.append(uri)
+    return uris[0], uris[1]
 
 
 if __name__ == "__main__":

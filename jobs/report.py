@@ -16,7 +16,8 @@ reported in the page, never a crash.
 The driver reads only the scalar columns each section shows and a bounded number of rows and
 images; the W+ norms come from the first `report.max_wplus_rows` codes, streamed, or with
 `report.max_wplus_rows=null` from every code in Ray Data (the only part that starts Ray).
-Section builders: `pipeline/report_sections.py`, `pipeline/report_data.py`, `pipeline/report_html.py`.
+The page: `pipeline/report_page.py` (sections gathered as data in `pipeline/report_sections.py`, rendered
+with the Jinja2 templates in `pipeline/report_templates/`).
 
 Counts are per report part (jobs, faces, latents, metrics, edits, training): ok = built,
 skipped = absent from the dataset, failed = could not be built (shown as an error in its
@@ -30,10 +31,10 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from jobs.cli import main
+from jobs.cli import init_ray, main
 from jobs.sections import JobSettings
 from jobs.settings import setting
-from pipeline import report_sections, storage
+from pipeline import report_page, report_sections, storage
 
 log = logging.getLogger("stbatch.report")
 
@@ -73,7 +74,8 @@ def run(cfg: dict) -> dict:
     t0 = time.time()
     root = cfg["input"].rstrip("/") or cfg["input"]
     rcfg = {**report_sections.DEFAULTS, **(cfg.get("report") or {})}
-    html_text, info = report_sections.build_report(root, rcfg, {k: cfg[k] for k in ("ray", "progress") if k in cfg})
+    ray_cfg = {"progress": False, **{k: cfg[k] for k in ("ray", "progress", "verbose") if k in cfg}}
+    html_text, info = report_page.build_report(root, rcfg, start_ray=lambda: init_ray(ray_cfg))
     uri = storage.join(cfg.get("output") or root, "report", "index.html")
     storage.write_bytes(uri, html_text.encode("utf-8"))
     log.info("report: %d runs, %d sections, %d images embedded, %.1f KiB, %.1fs", info["runs"],

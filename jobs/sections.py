@@ -28,6 +28,8 @@ class RaySection:
 class JobSettings:
     ray: RaySection = setting(RaySection, "where the job runs")
     progress: bool = setting(True, "Ray Data progress bars on stderr (--quiet sets false)")
+    verbose: bool = setting(False, "Ray's own logs on the console too (default: a log file whose path is printed; "
+                                   "--verbose sets true)")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """What the dataset report reads, and how little of it: committed Delta snapshots column by
-column, job runs from the Delta log (checked against the `_runs/` records), embedded images and
-the per-layer W+ norms.
+column, job runs from the Delta log (checked against the `_runs/` records) and the per-layer W+
+norms (images: `pipeline.report_images`).
 
 Nothing here holds a whole table. A section asks a `Snapshot` for the columns it needs (scalars
 only: strings and floats per row), for a bounded `head` of filtered rows (thumbnails, failures)
@@ -28,7 +28,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import delta, storage
-from pipeline import report_html as H
 
 log = logging.getLogger("stbatch.report")
 
@@ -294,58 +293,6 @@ def job_runs(root: str, tables: list[str], records: list[dict], notes: list[str]
                          "but has no run record: shown from the Delta commit metadata")
     # run ids begin with their UTC start time: the order of a run known from its id alone
     return sorted(runs.values(), key=lambda r: (str(r.started or r.finished or r.run_id), r.run_id))
-
-
-# ---------------------------------------------------------------------------------------------
-# Images
-
-
-class Images:
-    """Reads, downscales and embeds images once each; a missing one becomes a placeholder."""
-
-    def __init__(self, root: str, old_roots: list[str], px: int, fmt: str):
-        self.root, self.px, self.fmt = root, int(px), fmt
-        self.old_roots = sorted({r.rstrip("/") for r in old_roots if isinstance(r, str) and r
-                                 and r.rstrip("/") != root.rstrip("/")}, key=len, reverse=True)
-        self.cache: dict[tuple, tuple[str | None, str]] = {}
-        self.embedded = 0
-        self.missing = 0
-
-    def _candidates(self, uri: str) -> list[str]:
-        if "://" not in uri and not uri.startswith("/"):
-            return [storage.join(self.root, uri)]
-        out = [uri]
-        for old in self.old_roots:  # the dataset was moved or copied: rebase onto this root
-            if uri.startswith(old + "/"):
-                out.append(storage.join(self.root, uri[len(old) + 1:]))
-        return out
-
-    def data_uri(self, uri: str | None, px: int | None = None) -> tuple[str | None, str]:
-        px = int(px or self.px)
-        if not uri:
-            return None, "no image"
-        key = (uri, px)
-        if key not in self.cache:
-            res: tuple[str | None, str] = (None, "missing")
-            for cand in self._candidates(uri):
-                try:
-                    res = (H.thumbnail_data_uri(storage.read_bytes(cand), px, self.fmt), "")
-                    break
-                except FileNotFoundError:
-                    res = (None, "missing")
-                except Exception as e:  # noqa: BLE001
-                    res = (None, f"unreadable: {type(e).__name__}")
-            self.cache[key] = res
-            if res[0]:
-                self.embedded += 1
-            else:
-                self.missing += 1
-        return self.cache[key]
-
-    def cell(self, uri: str | None, caption: str = "", title: str = "", px: int | None = None) -> str:
-        src, why = self.data_uri(uri, px)
-        return H.img_cell(src, caption, size=int(px or self.px), title=f"{title or caption}\n{uri or ''}".strip(),
-                          reason=why)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,8 +13,11 @@ from PIL import Image
 
 from jobs import report
 from jobs.cli import load_config
-from pipeline import delta, report_data, report_sections
-from pipeline import report_html as H
+from pipeline import delta, report_charts, report_data, report_page
+from pipeline.report_blocks import Banner, Grid
+from pipeline.report_images import Thumb
+from pipeline.report_render import render
+from pipeline.report_sections import random_init_banner
 from pipeline import storage
 from pipeline.runner import JobRun, TableSpec
 from pipeline.schemas import FACES_SCHEMA, faces_table, latents_schema, make_table, metrics_schema
@@ -236,13 +239,13 @@ def test_report_on_s3(s3_bucket):
 
 
 def test_svg_helpers_are_safe_and_tolerant():
-    assert "no values" in H.svg_histogram([None, float("nan")], "x")
-    h = H.svg_histogram([1, 1, 1], "<b>t</b>")
+    assert "no values" in report_charts.Histogram([None, float("nan")], "x").svg()
+    h = report_charts.Histogram([1, 1, 1], "<b>t</b>").svg()
     assert "<b>" not in h and "&lt;b&gt;" in h and "<rect" in h
-    assert "<polyline" in H.svg_line_chart({"a": ([0, 1, 2], [3, None, 1])}, "loss")
-    assert "no values" in H.svg_bar_chart([None], ["0"], "w")
-    assert H.random_init_warning(["x", None]) == "" and "RANDOM-INIT" in H.random_init_warning(["a-RANDOM-INIT"])
-    assert 'class="ph"' in H.img_cell(None, "cap")
+    assert "<polyline" in report_charts.LineChart({"a": ([0, 1, 2], [3, None, 1])}, "loss").svg()
+    assert "no values" in report_charts.BarChart([None], ["0"], "w").svg()
+    assert random_init_banner(["x", None]) is None and "RANDOM-INIT" in random_init_banner(["a-RANDOM-INIT"]).text
+    assert 'class="ph"' in render("section.html.j2", anchor="a", title="t", items=[Banner("b"), Grid([Thumb(None, "cap")])])
 
 
 def test_edits_table_with_few_columns(tmp_path):
@@ -284,5 +287,20 @@ def test_sections_read_only_scalar_columns(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(report_data.Snapshot, "scalar", spy)
-    html, info = report_sections.build_report(root, {})
+    html, info = report_page.build_report(root, {})
     assert asked and "w_plus" not in asked and info["failed"] == 0
+
+
+def test_pipeline_never_imports_jobs():
+    """The layers run one way (jobs -> pipeline -> stmodel): the report used to start Ray through
+    jobs.cli; the report job now hands it a `start_ray` instead."""
+    import ast
+    from pathlib import Path
+
+    up = []
+    for path in sorted((Path(__file__).parent.parent / "pipeline").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            up += [f"{path.name}: {n}" for n in names if n == "jobs" or n.startswith("jobs.")]
+    assert not up, up

@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from pipeline.report_html import _tick_labels, _ticks, svg_bar_chart, svg_histogram, svg_line_chart
+from pipeline.report_charts import _tick_labels, _ticks, count_ticks, svg_bar_chart, svg_histogram, svg_line_chart
 
 X_TICK = re.compile(r'text-anchor="middle" font-size="10">([^<]*)</text>')
 Y_TICK = re.compile(r'text-anchor="end" font-size="10">([^<]*)</text>')
@@ -42,3 +42,15 @@ def test_ordinary_ranges_keep_short_labels():
     assert _tick_labels(_ticks(0.1, 0.9, 4)) == ["0.2", "0.4", "0.6", "0.8"]
     assert X_TICK.findall(svg_histogram([1, 2, 3, 4, 5], "h")) == ["1", "2", "3", "4", "5"]
     assert _tick_labels([2.0]) == ["2"]
+
+
+def test_count_axes_have_distinct_integer_ticks():
+    """Issue 20: a det_score histogram whose tallest bar is 1 read "1, 0, 0" on its y axis (ticks
+    at 0, 0.5, 1 printed as integers)."""
+    for cmax in range(1, 200):
+        ticks = count_ticks(cmax)
+        assert ticks[0] == 0 and ticks[-1] >= cmax and len(set(ticks)) == len(ticks) >= 2, (cmax, ticks)
+        assert all(isinstance(t, int) for t in ticks) and len(ticks) <= 5, (cmax, ticks)
+    for counts in ([0.9], [0.9, 0.91], [0.9, 0.9, 0.95], list(np.linspace(0, 1, 7))):
+        labels = Y_TICK.findall(svg_histogram(counts, "det_score"))
+        assert len(set(labels)) == len(labels) >= 2 and all(v.isdigit() for v in labels), (counts, labels)
