@@ -358,17 +358,16 @@ def test_score_driver_allocations_do_not_grow_with_faces(ray_local, tmp_path):
 
 # ---------------------------------------------------------------------------- README
 
-def test_readme_analytics_queries(planted, tmp_path):
-    """The README's analytics queries (DuckDB, polars) run against a demo-sized dataset made by
-    the jobs: the planted corpus inverted, embedded, scored, searched and checked for quality."""
-    import re
+@pytest.fixture(scope="module")
+def analysed(planted, tmp_path_factory):
+    """The planted corpus with every analytics table: a classifier committed beside its codes,
+    then score, neighbors (defaults) and quality, as a user runs them."""
     import shutil
-    from pathlib import Path
 
     from jobs import neighbors, quality
     from pipeline.fit_data import codes_to_numpy
 
-    ds = str(tmp_path / "ds")
+    ds = str(tmp_path_factory.mktemp("analysed") / "ds")
     shutil.copytree(planted["root"], ds)
     lat = delta.read_snapshot_arrow(ds, "latents", columns=["w_plus"])
     w = codes_to_numpy(lat["w_plus"])
@@ -376,6 +375,16 @@ def test_readme_analytics_queries(planted, tmp_path):
     assert score.run(_cfg(score.SETTINGS, latents=ds))["counts"]["ok"] == 80
     assert neighbors.run(_cfg(neighbors.SETTINGS, input=ds))["counts"]["ok"] == 80
     assert quality.run(_cfg(quality.SETTINGS, input=ds))["counts"]["ok"] == 80
+    return ds
+
+
+def test_readme_analytics_queries(analysed):
+    """The README's analytics queries (DuckDB, polars) run against a demo-sized dataset made by
+    the jobs: the planted corpus inverted, embedded, scored, searched and checked for quality."""
+    import re
+    from pathlib import Path
+
+    ds = analysed
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     block = re.search(r"<!-- analytics-queries -->\n```python\n(.*?)```", readme, re.S)
     assert block, "the README's analytics query block is missing"
@@ -402,3 +411,36 @@ def test_cli_help(job, needles):
                        timeout=120)
     for needle in [*needles, "--set"]:
         assert needle in h.stdout, needle
+
+
+def test_report_analytics_section(analysed, tmp_path):
+    """The report's analytics section: prevalence, duplicate strips, outliers, neighbour strips and
+    the sweeps of a published PCA direction rendered by jobs.edit."""
+    import re
+
+    from jobs import edit, fit_directions, report
+
+    out = str(tmp_path / "edited")
+    d = fit_directions.run(_cfg(fit_directions.SETTINGS, latents=analysed, output=out, components=2))
+    assert d["extra"]["directions"] == ["pca_0", "pca_1"]
+    ids = delta.read_snapshot_arrow(analysed, "latents", columns=["image_id"])["image_id"].to_pylist()[:2]
+    e = edit.run(_cfg(edit.SETTINGS, latents=analysed, output=out, **{"model.preset": "tiny-32"}, directions=out,
+                      direction="pca_0", metrics="false", **{"sweep.image_ids": "[" + ",".join(ids) + "]",
+                                                             "sweep.strengths": "[-2.0,2.0]"}))
+    assert e["counts"] == {"in": 4, "ok": 4, "failed": 0, "skipped": 0}
+    # the report of the analysed root, with the edits (and their directions) of `out` beside it
+    import shutil
+
+    for t in ("edits", "models"):
+        shutil.copytree(f"{out}/{t}", f"{analysed}/{t}", dirs_exist_ok=True)
+    res = report.run(_cfg(report.SETTINGS, input=analysed, output=str(tmp_path / "rep")))
+    assert res["counts"]["failed"] == 0
+    html = open(res["extra"]["report"]).read()
+    section = html[html.index("Analytics (jobs.score"):]
+    for needle in ("Attribute prevalence", "Smiling", "Near-duplicate groups", "Atypical codes",
+                   "Nearest neighbours", "Direction sweeps", "pca_0", "+2 std", "-2 std"):
+        assert needle in section, needle
+    g = delta.read_snapshot_arrow(analysed, "duplicate_groups")
+    n_groups = len({r["group_id"] for r in g.to_pylist() if r["group_size"] > 1})
+    assert f"{n_groups} groups" in section
+    assert len(re.findall(r"data:image/png;base64", section)) >= 2 * n_groups + 10
