@@ -136,8 +136,8 @@ def run(cfg: dict, before_commit=None) -> dict:
         log.info("neighbors: %s version %d was searched with the same settings: nothing to do", table, source_version)
         return {"run_id": r.run_id, "counts": {"in": n, "ok": 0, "failed": 0, "skipped": n}, "extra": {"space": name}}
     kind = vector_index.choose_kind(n, ix["kind"], int(ix["exact_below"]))
-    log.info("neighbors %s -> %s: %d faces, %d-d %s vectors (%s), %s index, k=%d, threshold %g, run %s",
-             cfg["input"], output, n, dim, name, metric, table, kind, int(cfg["k"]), threshold, r.run_id)
+    log.info("neighbors %s -> %s: %d faces, %d-d %s vectors of %s (%s), %s index, k=%d, threshold %g, run %s",
+             cfg["input"], output, n, dim, name, table, metric, kind, int(cfg["k"]), threshold, r.run_id)
     res, gres, stats = WriteResult(), WriteResult(), {"faces": 0, "groups": 0}
     if n >= 2:
         build = ray.remote(build_index_task).options(num_cpus=float(ix["build_cpus"]), num_returns=3)

@@ -3,11 +3,12 @@ scikit-image's bundled sample photos, none overlapping another, none near-unifor
 of them a copy re-encoded as JPEG quality 60, scaled by 0.8 and cropped by a few percent."""
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
 from PIL import Image
+
+from jobs.demo import near_copy
 
 SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
            "stereo_motorcycle", "camera", "coins", "moon", "grass", "gravel", "brick", "colorwheel")
@@ -38,19 +39,6 @@ def distinct_photos(n: int, size: int = 128, min_std: float = 25.0) -> list[np.n
             out.append(src.pop(0))
         i += 1
     return out
-
-
-def near_copy(rgb: np.ndarray, rng: np.random.Generator) -> bytes:
-    """JPEG q60 of the photo scaled by 0.8 and cropped by 2-5 % on each side (JPEG bytes)."""
-    im = Image.fromarray(rgb)
-    w, h = im.size
-    im = im.resize((round(w * 0.8), round(h * 0.8)), Image.BICUBIC)
-    w, h = im.size
-    left, top, right, bottom = (rng.uniform(0.02, 0.05, 4) * [w, h, w, h]).round().astype(int)
-    im = im.crop((left, top, w - right, h - bottom))
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=60)
-    return buf.getvalue()
 
 
 def planted_corpus(folder: str, n_distinct: int, n_planted: int, seed: int = 0) -> list[tuple[str, str]]:
