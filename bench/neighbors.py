@@ -77,6 +77,7 @@ def recall_task(root: str, sample: int, k: int, space: str, seed: int) -> dict:
     from pipeline import delta
     from pipeline.schemas import nested_list_to_numpy
 
+    faiss.omp_set_num_threads(os.cpu_count() or 1)  # a 1-CPU Ray task would search on one thread
     emb = delta.read_snapshot_arrow(root, "embeddings", columns=["image_id", "embedding"])
     ids = emb["image_id"].to_numpy(zero_copy_only=False)
     v = np.ascontiguousarray(nested_list_to_numpy(emb["embedding"]))
