@@ -129,9 +129,12 @@ class SearchBatch:
         self.keys = np.asarray(delta.key_strings(t, list(KEY)).to_numpy(zero_copy_only=False), dtype=object)
         self.ids = np.asarray(t["image_id"].to_numpy(zero_copy_only=False), dtype=object)
         self.faces = np.asarray(t["face_index"].to_numpy(zero_copy_only=False), dtype=np.int32)
-        self.k, self.metric, self.space, self.run_id = int(k), metric, space, run_id
+        self.k, self.metric, self.space, self.run_id, self.threads = int(k), metric, space, run_id, int(threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        # OpenMP's thread count is per calling thread, and Ray Data calls this on another thread
+        # than the one that ran __init__
+        _faiss_threads(self.threads)
         q = vector_index.prepare(nested_list_to_numpy(batch["vector"]), self.metric, self.center)
         dist, pos = vector_index.search(self.index, q, self.k + 1, self.metric)
         mine = np.asarray(delta.key_strings(batch, list(KEY)).to_numpy(zero_copy_only=False), dtype=object)
