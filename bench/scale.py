@@ -3,6 +3,7 @@ must not grow with the number of faces.
 
     python -m bench.scale                        # invert + evaluate over 1k and 10k faces (tiny-32)
     python -m bench.scale --sizes 500 5000 --jobs invert
+    python -m bench.scale --sizes 10000 100000 --jobs score   # jobs.score over committed tiny-32 codes
 
 For each size a folder of that many distinct crops, named by a committed `faces` table as
 jobs.align leaves it, is inverted (random tiny-32 model, no metrics), then evaluated (PSNR / MSE
@@ -10,7 +11,9 @@ only). (A plain folder of crops as input is listed by the driver, as Ray's file 
 that listing, not the rows, grows with the folder.) The driver's RSS is sampled every 20 ms during each
 job, after a warm-up run of each job (imports, Ray Data's first plan, the model); the figure that
 matters is the marginal growth of the peak per face between the sizes:
-(growth at the larger size - growth at the smaller) / (difference in faces).
+(growth at the larger size - growth at the smaller) / (difference in faces). For `score` the
+input is a committed `latents` table of seeded random tiny-32 codes (written by Ray tasks, not
+timed) and a classifier committed beside it.
 """
 from __future__ import annotations
 
@@ -85,10 +88,49 @@ def commit_faces_table(folder: str, root: str) -> None:
     run.commit({spec: run.write_small(spec, faces_table(rows, run.run_id))}, {"in": len(rows)})
 
 
-def measure(job: str, cfg: dict) -> dict:
-    from jobs import evaluate, invert
+def _code_block(batch: dict, run_id: str):
+    import numpy as np
 
-    run = {"invert": invert.run, "evaluate": evaluate.run}[job]
+    from pipeline.schemas import latents_schema, make_table
+
+    start, stop = int(batch["start"][0]), int(batch["stop"][0])
+    w = np.random.default_rng(start).standard_normal((stop - start, 8, 64)).astype(np.float32)
+    ids = [f"{i:064x}" for i in range(start, stop)]
+    return make_table({"image_id": ids, "face_index": [0] * len(ids), "status": ["ok"] * len(ids),
+                       "checkpoint_sha256": ["0" * 64] * len(ids)}, latents_schema(8, 64), run_id,
+                      w_plus=w, ok=np.ones(len(ids), bool))
+
+
+def commit_codes_and_classifier(root: str, n: int, block: int = 10_000) -> None:
+    """A committed `latents` table of `n` seeded random tiny-32 codes (written by Ray tasks) and a
+    seeded classifier committed as jobs.fit_classifier commits one."""
+    import ray
+    import torch
+
+    from pipeline import storage
+    from pipeline.model_registry import MODELS, model_key, model_rows
+    from pipeline.runner import JobRun, TableSpec
+    from pipeline.schemas import latents_schema
+    from stmodel.checkpoint import save_obj
+    from stmodel.classifier import LatentClassifier, classifier_state
+
+    spec = TableSpec("latents", latents_schema(8, 64), ("image_id", "face_index"))
+    run = JobRun(root, "invert", {}, rows_per_file=block)
+    items = ray.data.from_items([{"start": s, "stop": min(n, s + block)} for s in range(0, n, block)])
+    res = run.write(items.map_batches(_code_block, batch_size=1, fn_kwargs={"run_id": run.run_id}), spec)
+    run.commit({spec: res}, {"in": n})
+    fit = JobRun(root, "fit_classifier", {})
+    torch.manual_seed(0)
+    uri = storage.join(root, model_key("classifier", fit.run_id, "classifier.pt"))
+    sha = save_obj(classifier_state(LatentClassifier(8, 64, 3, (128, 64), 16, ["Smiling", "Eyeglasses", "Male"])), uri)
+    fit.commit({MODELS: fit.write_small(MODELS, model_rows([{"uri": uri, "kind": "classifier", "sha256": sha}],
+                                                           fit.run_id))}, {"in": 0})
+
+
+def measure(job: str, cfg: dict) -> dict:
+    from jobs import evaluate, invert, score
+
+    run = {"invert": invert.run, "evaluate": evaluate.run, "score": score.run}[job]
     with PeakRSS() as m:
         t0 = time.time()
         res = run(cfg)
@@ -100,7 +142,7 @@ def measure(job: str, cfg: dict) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
-    p.add_argument("--jobs", nargs="+", default=["invert", "evaluate"], choices=["invert", "evaluate"])
+    p.add_argument("--jobs", nargs="+", default=["invert", "evaluate"], choices=["invert", "evaluate", "score"])
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args(argv)
@@ -124,6 +166,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for i, n in enumerate([100, *sorted(args.sizes)]):
         warmup = i == 0
         crops, out = os.path.join(work, f"crops_{i}_{n}"), os.path.join(work, f"ds_{i}_{n}")
+        if args.jobs == ["score"]:  # codes, no crops: the scale a classifier pass meets
+            from jobs import score
+
+            commit_codes_and_classifier(out, n)
+            r = {"faces": n, **measure("score", load_config(score.SETTINGS, None, [f"latents={out}", "progress=false",
+                                                                                    "score.batch_size=4096"]))}
+            if not warmup:
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+            continue
         write_crops(crops, n, seed=i)
         commit_faces_table(crops, out)
         cfgs = {"invert": load_config(invert.SETTINGS, None, [f"input={out}", f"output={out}", *model,

@@ -39,7 +39,7 @@ log = logging.getLogger("stbatch")
 
 # The jobs whose settings a shared config file may hold (the demo runs the others itself).
 CONFIG_JOBS = ("align", "invert", "evaluate", "edit", "fit_classifier", "fit_editor", "train_encoder", "report",
-               "maintain")
+               "maintain", "score", "embed", "neighbors", "quality", "fit_directions")
 
 
 def deep_merge(base: dict, over: dict) -> dict:

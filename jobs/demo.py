@@ -14,7 +14,11 @@ No pretrained weights exist here, so the demo builds what it needs and says so:
      the astronaut faces back into their photos (`paste_back`), so the report shows the whole
      photos before | after; every table is a Delta table under the folder and the models come
      from the committed `models` table;
-  4. compacts the tables' small files (jobs.maintain), writes the HTML report (jobs.report) and
+  4. scores every face with the committed classifier (jobs.score) and looks for near-duplicates
+     (jobs.neighbors, default space and threshold) among the faces, where 12 validation images
+     were also given as copies re-encoded as JPEG q60, scaled by 0.8 and cropped by 2-5 %: it
+     prints how many of those planted pairs it found;
+  5. compacts the tables' small files (jobs.maintain), writes the HTML report (jobs.report) and
      prints where it is.
 LPIPS and ID similarity need real backbone weights, which this machine does not have: the
 demo leaves them uncomputed (null, labelled) rather than report numbers from random networks.
@@ -157,10 +161,64 @@ def write_photos(folder: str) -> int:
     return len(photos) + 2
 
 
+# ---------------------------------------------------------------- planted near-duplicates
+
+PLANTED = 12  # validation images also given as near copies
+
+
+def near_copy(rgb: np.ndarray, rng: np.random.Generator) -> bytes:
+    """JPEG q60 of the photo scaled by 0.8 and cropped by 2-5 % on each side (JPEG bytes): the
+    near-duplicate of issue 21's acceptance test."""
+    import io
+
+    from PIL import Image
+
+    im = Image.fromarray(rgb)
+    w, h = im.size
+    im = im.resize((round(w * 0.8), round(h * 0.8)), Image.BICUBIC)
+    w, h = im.size
+    left, top, right, bottom = (rng.uniform(0.02, 0.05, 4) * [w, h, w, h]).round().astype(int)
+    im = im.crop((left, top, w - right, h - bottom))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=60)
+    return buf.getvalue()
+
+
+def plant_copies(root: str, n: int, seed: int) -> list[tuple[str, str]]:
+    """Near copies of the first `n` validation images in `<root>/planted/`: (original, copy) files."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for i in range(n):
+        src = storage.join(root, "synthetic", "val", f"img_{i:05d}.png")
+        rgb = np.asarray(Image.open(src).convert("RGB"))
+        dst = storage.join(root, "planted", f"copy_{i:05d}.jpg")
+        storage.write_bytes(dst, near_copy(rgb, rng))
+        pairs.append((src, dst))
+    return pairs
+
+
+def planted_found(root: str, pairs: list[tuple[str, str]]) -> tuple[int, int]:
+    """(planted pairs whose two faces share a duplicate group, pairs of other faces grouped
+    together): read from the demo's small committed tables."""
+    lat = delta.read_snapshot_arrow(root, "latents", columns=["image_id", "source_uri"])
+    ids = dict(zip(lat["source_uri"].to_pylist(), lat["image_id"].to_pylist()))
+    g = delta.read_snapshot_arrow(root, "duplicate_groups", columns=["image_id", "group_id", "group_size"])
+    group = dict(zip(g["image_id"].to_pylist(), g["group_id"].to_pylist()))
+    truth = {frozenset((ids[a], ids[b])) for a, b in pairs if a in ids and b in ids}
+    members: dict = {}
+    for iid, gid in group.items():
+        members.setdefault(gid, []).append(iid)
+    grouped = {frozenset((a, b)) for m in members.values() for i, a in enumerate(m) for b in m[i + 1:]}
+    return len(grouped & truth), len(grouped - truth)
+
+
 # ---------------------------------------------------------------- the demo
 
 def run(cfg: dict) -> dict:
-    from jobs import align, edit, evaluate, fit_classifier, fit_editor, invert, maintain, report, train_encoder
+    from jobs import (align, edit, evaluate, fit_classifier, fit_editor, invert, maintain, neighbors, report, score,
+                      train_encoder)
     from stmodel.checkpoint import save_generator
 
     t_start = time.time()
@@ -215,11 +273,22 @@ def run(cfg: dict) -> dict:
                                  *model_sets, *METRICS_NO_WEIGHTS])
     job("invert_synthetic", invert, [f"input={root}/synthetic", f"output={root}", "metrics=true",
                                      *model_sets, *METRICS_NO_WEIGHTS])
+    planted = plant_copies(root, PLANTED, int(cfg["seed"]))
+    job("invert_planted", invert, [f"input={root}/planted", f"output={root}", *model_sets])
 
     say("5/10 fit_classifier", f"latent classifier for {', '.join(ATTRIBUTES)} (labels from the true codes)")
     job("fit_classifier", fit_classifier, [f"latents={root}", f"attributes={root}/synthetic_meta/attributes.parquet",
                                            f"output={root}", f"fit_classifier.epochs={cfg['fit']['classifier_epochs']}",
                                            "fit_classifier.batch_size=32", "fit_classifier.lr=0.001"])
+
+    say("5/10 score", "every face's probability of each attribute (the committed classifier)")
+    job("score", score, [f"latents={root}"])
+    job("neighbors", neighbors, [f"input={root}"])
+    found, other = planted_found(root, planted)
+    say("5/10 neighbors", f"{PLANTED} validation images were also given as near copies (JPEG q60, scaled 0.8, "
+                         f"cropped 2-5 %): planted pairs found: {found}/{len(planted)}; other pairs grouped: {other} "
+                         "(default space wplus, threshold 0.02)")
+    near_dups = {"planted": len(planted), "found": found, "other_pairs": other}
 
     say("6/10 fit_editor", "reference-based edit transformer for synthetic_a")
     job("fit_editor", fit_editor, [f"latents={root}", f"classifier={root}", f"output={root}",
@@ -243,12 +312,14 @@ def run(cfg: dict) -> dict:
     say("10/10 report", "HTML report")
     rep = job("report", report, [f"input={root}"])
     seconds = round(time.time() - t_start, 1)
-    out = {"root": root, "report": rep["extra"].get("report"), "eval": ev, "timings": timings}
+    out = {"root": root, "report": rep["extra"].get("report"), "eval": ev, "near_duplicates": near_dups,
+           "timings": timings}
     storage.write_bytes(storage.join(root, "demo_summary.json"), json.dumps(out, indent=2, default=str).encode())
     logs = ray_logs.current()
     say("done", f"{seconds} s; open {out['report']}" + (f" (Ray's own logs: {logs})" if logs else ""))
     counts = {"in": len(summaries), "ok": len(summaries), "failed": 0, "skipped": 0}
-    return {"run_id": None, "counts": counts, "extra": {"report": out["report"], "eval": ev, "timings": timings}}
+    return {"run_id": None, "counts": counts, "extra": {"report": out["report"], "eval": ev,
+                                                        "near_duplicates": near_dups, "timings": timings}}
 
 
 def edit_requests(root: str, synthetic_ids: list[str]) -> tuple[str, str]:

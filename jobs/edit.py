@@ -33,6 +33,11 @@ latents snapshot.
   reference  w_e = w + strength * (T_k(w, w_ref) - w)                   (the attribute's editor)
   direction  w_e = w + strength * n                                       (InterFaceGAN-style)
 
+`direction=NAME` (with requests=null) sweeps a direction published by jobs.fit_directions
+(`pca_0`, ..., or an attribute's boundary such as `Smiling`, one standard deviation long): the
+newest committed under `directions` (default: the latents root), or of `directions_run`, over
+`sweep.image_ids` at `sweep.strengths` (pipeline.directions.named_direction_sweep).
+
 The requests become a Ray Dataset and meet their codes in Ray Data joins on (image_id,
 face_index), and for reference edits on (reference_image_id, reference_face_index): the codes
 never reach the driver. Each request's edit_id is the sha256 of its canonical fields and of
@@ -80,6 +85,7 @@ from jobs.cli import main
 from jobs.sections import JobSettings, MetricWeights, ModelActorSection, NamedModelSection, PasteBackSection
 from jobs.settings import setting
 from pipeline import delta, model_registry, paste_stage, storage
+from pipeline.directions import named_direction_sweep
 from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
 from pipeline.edit_requests import (DIRECTION_MAX_BYTES, REQUEST_FIELDS, STATUS_OK, EditContext, expand_sweep,
                                     prepare_requests, read_requests, request_keys, sweep_batch)
@@ -136,6 +142,11 @@ class Settings(JobSettings):
                                                 "path components)")
     direction_max_bytes: int = setting(DIRECTION_MAX_BYTES, "a larger direction file is a bad_request (size checked "
                                                             "before reading)")
+    direction: str | None = setting(None, "a published direction by name (pca_0, Smiling: jobs.fit_directions): a "
+                                          "sweep of it over sweep.image_ids at sweep.strengths (requests=null)")
+    directions: str | None = setting(None, "dataset root whose committed directions `direction` names (default: "
+                                           "latents)")
+    directions_run: str | None = setting(None, "that root's direction of this run (default: the newest committed)")
     edit: EditSection = setting(EditSection, "the edit actors (batch_size: requests per model call)")
 
 
@@ -315,6 +326,7 @@ def run(cfg: dict, before_commit=None, actor: type[EditBatch] = EditBatch) -> di
     mc, info = describe_model(cfg["model"])
     n_latent, style_dim = mc.n_latent, mc.style_dim
     clf_row, editor_rows = resolve_models(cfg)
+    cfg = named_direction_sweep(cfg)
     attributes = None
     if clf_row is not None:
         clf = load_classifier(clf_row["uri"], sha256=clf_row["sha256"])

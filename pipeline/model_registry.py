@@ -17,13 +17,13 @@ import pyarrow.compute as pc
 from pipeline import delta, storage
 from pipeline.runner import TableSpec
 
-KINDS = ("classifier", "editor")
+KINDS = ("classifier", "editor", "direction")
 FILES_PREFIX = "model_files"
 
 MODELS = TableSpec("models", pa.schema([
     pa.field("uri", pa.string(), nullable=False),
-    pa.field("kind", pa.string(), nullable=False),        # classifier | editor
-    pa.field("attribute", pa.string()),                    # editors: the attribute it edits
+    pa.field("kind", pa.string(), nullable=False),        # classifier | editor | direction
+    pa.field("attribute", pa.string()),                    # editors: the attribute it edits; directions: the name
     pa.field("sha256", pa.string(), nullable=False),
     pa.field("status", pa.string(), nullable=False),       # ok (the runner's accounting column)
     pa.field("run_id", pa.string(), nullable=False),

@@ -129,7 +129,8 @@ def metric_label(lp, ident) -> str:
 class ModelActor(abc.ABC):
     """Base of the stages' actor classes: thread count, device, autocast dtype and the
     inversion model, set up once per actor (`generator=False` when nothing reconstructs: the
-    synthesis network is then never built). A subclass maps a batch in `map_batch`, and builds
+    synthesis network is then never built; `model=None` for a stage that runs other models
+    only, such as the latent classifier or the identity backbone). A subclass maps a batch in `map_batch`, and builds
     whatever else it loads through `on_model_thread`.
 
     Every torch call of an actor, set-up included, runs on one thread of its own. Ray Data
@@ -138,16 +139,19 @@ class ModelActor(abc.ABC):
     OpenMP threads than cores on a small machine, and libgomp then stops spinning between
     parallel regions, which slows every op (`bench.actor_threads` measures it)."""
 
-    def __init__(self, model: dict, device: str = "auto", amp: str = "auto", torch_threads: int = 0,
+    def __init__(self, model: dict | None, device: str = "auto", amp: str = "auto", torch_threads: int = 0,
                  generator: bool = True):
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.on_model_thread(self._load, model, device, amp, torch_threads, generator)
 
-    def _load(self, model: dict, device: str, amp: str, torch_threads: int, generator: bool) -> None:
+    def _load(self, model: dict | None, device: str, amp: str, torch_threads: int, generator: bool) -> None:
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         self.device = pick_device(device)
         self.amp = amp_dtype(amp, self.device)
+        if model is None:
+            self.model, self.info = None, None
+            return
         self.model, self.info = load_model(model, generator=generator)
         self.model.to(self.device).requires_grad_(False)
         if self.amp is not None:

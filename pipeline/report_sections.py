@@ -635,12 +635,20 @@ def section_training(ctx: Context) -> list | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def section_analytics(ctx: Context) -> list | None:
+    from pipeline.report_analytics import section_analytics as build  # it builds on this module's pieces
+
+    return build(ctx)
+
+
 SECTIONS: list[tuple[str, str, Callable[[Context], list | None], str]] = [
     ("jobs", "Jobs", section_jobs, "no committed runs (Delta commits or _runs/*.json records)"),
     ("faces", "Faces (jobs.align)", section_faces, "no committed faces table (run jobs.align)"),
     ("latents", "Latents (jobs.invert)", section_latents, "no committed latents table (run jobs.invert)"),
     ("metrics", "Metrics (jobs.evaluate)", section_metrics, "no committed metrics table (run jobs.evaluate)"),
     ("edits", "Edits (jobs.edit)", section_edits, "no committed edits table (run jobs.edit)"),
+    ("analytics", "Analytics (jobs.score, neighbors, quality, fit_directions)", section_analytics,
+     "no committed analytics table (run jobs.score, jobs.neighbors or jobs.quality)"),
     ("training", "Training (jobs.train_encoder)", section_training,
      "no train/log.jsonl, train/grids/ or train/eval.json (run jobs.train_encoder)"),
 ]

@@ -501,10 +501,10 @@ class JobRun:
     # -- publishing --------------------------------------------------------------------------
 
     def commit(self, results: dict[TableSpec, WriteResult], summary: dict, extra: dict | None = None,
-               replace: bool = True) -> dict:
-        """One Delta commit per table (metadata: run id, job, code version, counts), then the
-        human-readable run record `_runs/<run_id>.json`."""
-        meta = {"run_id": self.run_id, "job": self.job, "code_version": storage.code_version(),
+               replace: bool = True, metadata: dict[str, str] | None = None) -> dict:
+        """One Delta commit per table (metadata: run id, job, code version, counts, and the job's
+        own `metadata`), then the human-readable run record `_runs/<run_id>.json`."""
+        meta = {**(metadata or {}), "run_id": self.run_id, "job": self.job, "code_version": storage.code_version(),
                 "counts": json.dumps({k: summary.get(k) for k in ("in", "ok", "failed", "skipped")})}
         for spec, res in results.items():
             self.versions[spec.name] = delta.commit(self.output, spec.name, spec.schema, list(spec.key),

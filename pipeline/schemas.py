@@ -397,3 +397,94 @@ def classifier_eval_schema() -> pa.Schema:
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ], metadata={b"table": b"classifier_eval", b"version": b"1"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytics tables (jobs.score, jobs.embed, jobs.neighbors, jobs.quality)
+
+EMBEDDING_DIM = 512   # facenet-pytorch InceptionResnetV1
+
+
+def scores_schema(columns: Sequence[str]) -> pa.Schema:
+    """`scores`: one probability (sigmoid of the classifier's logit) per attribute column, with
+    the classifier that gave it; `columns` are the attributes' safe column names."""
+    return pa.schema([
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("face_index", pa.int32(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("classifier_sha256", pa.string(), nullable=False),
+        pa.field("classifier_run_id", pa.string()),     # the fit run that published it (null: a file)
+        pa.field("latents_run_id", pa.string()),
+        *[pa.field(c, pa.float32()) for c in columns],
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ], metadata={b"table": b"scores", b"version": b"1"})
+
+
+def embeddings_schema(dim: int = EMBEDDING_DIM) -> pa.Schema:
+    """`embeddings`: the identity vector of each aligned crop (L2-normalised, as FaceNet gives it)."""
+    return pa.schema([
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("face_index", pa.int32(), nullable=False),
+        pa.field("aligned_uri", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("embedding", nested_list_type(pa.float32(), (dim,))),
+        pa.field("backbone", pa.string(), nullable=False),  # says "RANDOM-INIT" for test backbones
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ], metadata={b"table": b"embeddings", b"version": b"1"})
+
+
+def neighbors_schema() -> pa.Schema:
+    """`neighbors`: the k nearest faces of every face in a space, rank 1 = nearest."""
+    return pa.schema([
+        pa.field("space", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("face_index", pa.int32(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("neighbor_image_id", pa.string(), nullable=False),
+        pa.field("neighbor_face_index", pa.int32(), nullable=False),
+        pa.field("distance", pa.float32(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ], metadata={b"table": b"neighbors", b"version": b"1"})
+
+
+def duplicate_groups_schema() -> pa.Schema:
+    """`duplicate_groups`: every face of the space with its group (connected component of the
+    pairs closer than the threshold); group_size 1 = no near-duplicate."""
+    return pa.schema([
+        pa.field("space", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("face_index", pa.int32(), nullable=False),
+        pa.field("group_id", pa.string(), nullable=False),   # the representative's image_id:face_index
+        pa.field("group_size", pa.int32(), nullable=False),
+        pa.field("representative_image_id", pa.string(), nullable=False),
+        pa.field("representative_face_index", pa.int32(), nullable=False),
+        pa.field("threshold", pa.float32(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ], metadata={b"table": b"duplicate_groups", b"version": b"1"})
+
+
+def quality_schema() -> pa.Schema:
+    """`quality`: how atypical each face's code is and how bad its reconstruction, against the
+    dataset (pipeline.quality_stage)."""
+    return pa.schema([
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("face_index", pa.int32(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("mahalanobis", pa.float32()),    # of the mean-over-layers code, shrunk covariance
+        pa.field("psnr", pa.float32()),           # from the latents row (null without metrics)
+        pa.field("lpips", pa.float32()),
+        pa.field("psnr_z", pa.float32()),         # (mean - psnr) / std: high = worse than usual
+        pa.field("lpips_z", pa.float32()),        # (lpips - mean) / std: high = worse than usual
+        pa.field("latents_run_id", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ], metadata={b"table": b"quality", b"version": b"1"})

@@ -44,7 +44,7 @@ SIGNED_QUERY = "?X-Amz-Signature=SIGSECRET0&X-Amz-Credential=CREDSECRET0"
 POISON = ("<script>alert(1)</script> https://b.s3.amazonaws.com/k?X-Amz-Signature=SIGSECRET1"
           "&X-Amz-Credential=CREDSECRET1")
 SECRETS = ("SIGSECRET0", "CREDSECRET0", "SIGSECRET1", "CREDSECRET1")
-SECTIONS = ("overview", "jobs", "faces", "latents", "metrics", "edits", "training")
+SECTIONS = ("overview", "jobs", "faces", "latents", "metrics", "edits", "analytics", "training")
 
 # The astronaut's face in skimage's 512x512 photo: top-left, bottom-left, bottom-right, top-right.
 QUAD = np.array([[160, 30], [160, 230], [360, 230], [360, 30]], dtype=np.float64)
@@ -199,8 +199,54 @@ def build(root: str, poison: str = "") -> dict:
     ed_spec = TableSpec("edits", edits_schema(), ("edit_id",))
     _commit(root, "edit", ed_spec, make_table(ed, ed_spec.schema, "x"), n_ed, n_ed - 1, bool(poison))
 
+    _analytics(root, [c[0] for c in crops], codes.numpy(), np.asarray(lat["psnr"], np.float64), txt, bool(poison))
     _training(root, np.concatenate([synth, recon]), poison)
     return {"faces": len(photos), "crops": len(crops), "edits": n_ed, "composites": len(photos) * (1 + len(plans))}
+
+
+def _analytics(root: str, ids: list[str], codes: np.ndarray, psnr: np.ndarray, txt, raw: bool) -> None:
+    """The analytics tables as jobs.score / jobs.neighbors / jobs.quality leave them, computed here
+    from the codes: probabilities of two attributes from fixed directions, the 3 nearest faces
+    (Euclidean, mean code), the astronaut and its smaller copy as one duplicate group, and the
+    Mahalanobis distances under the shrunk covariance."""
+    from pipeline.code_stats import ledoit_wolf
+    from pipeline.schemas import duplicate_groups_schema, neighbors_schema, quality_schema, scores_schema
+
+    n = len(ids)
+    x = codes.astype(np.float64).mean(axis=1)
+    xc = x - x.mean(0)
+    rng = np.random.default_rng(3)
+    probs = 1 / (1 + np.exp(-(xc @ rng.standard_normal((x.shape[1], 2))) / 4))
+    base = {"image_id": [txt(i) for i in ids], "face_index": [0] * n, "status": ["ok"] * n}
+    sc = scores_schema(["Smiling", "Eyeglasses"])
+    _commit(root, "score", TableSpec("scores", sc, ("image_id", "face_index")),
+            make_table({**base, "classifier_sha256": [txt("cd" * 32)] * n, "Smiling": probs[:, 0],
+                        "Eyeglasses": probs[:, 1]}, sc, "x"), n, n, raw)
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    order = np.argsort(d, axis=1)[:, :3]
+    nb = {"space": [], "image_id": [], "face_index": [], "rank": [], "neighbor_image_id": [], "neighbor_face_index": [],
+          "distance": [], "status": []}
+    for i in range(n):
+        for r, j in enumerate(order[i]):
+            for k, v in (("space", "wplus"), ("image_id", txt(ids[i])), ("face_index", 0), ("rank", r + 1),
+                         ("neighbor_image_id", txt(ids[j])), ("neighbor_face_index", 0), ("distance", d[i, j]),
+                         ("status", "ok")):
+                nb[k].append(v)
+    _commit(root, "neighbors", TableSpec("neighbors", neighbors_schema(), ("space", "image_id", "face_index", "rank")),
+            make_table(nb, neighbors_schema(), "x"), n, n, raw)
+    rep = min(ids[0], ids[2])
+    group = [rep if i in (0, 2) else ids[i] for i in range(n)]
+    _commit(root, "neighbors", TableSpec("duplicate_groups", duplicate_groups_schema(), ("space", "image_id", "face_index")),
+            make_table({**base, "space": ["wplus"] * n, "group_id": [txt(f"{g}:0") for g in group],
+                        "group_size": [2 if i in (0, 2) else 1 for i in range(n)],
+                        "representative_image_id": [txt(g) for g in group], "representative_face_index": [0] * n,
+                        "threshold": [0.02] * n}, duplicate_groups_schema(), "x"), n, n, raw)
+    cov, _ = ledoit_wolf(n, xc.T @ xc, (xc ** 2).T @ (xc ** 2))
+    maha = np.sqrt(np.einsum("ij,jk,ik->i", xc, np.linalg.inv(cov), xc))
+    _commit(root, "quality", TableSpec("quality", quality_schema(), ("image_id", "face_index")),
+            make_table({**base, "mahalanobis": maha, "psnr": psnr, "psnr_z": (psnr.mean() - psnr) / psnr.std()},
+                       quality_schema(), "x"), n, n, raw)
 
 
 def _commit(root: str, job: str, spec: TableSpec, t: pa.Table, n_in: int, n_ok: int, raw: bool) -> None:

@@ -52,6 +52,11 @@ def test_short_demo_end_to_end(tmp_path):
     logs = re.search(r"^Ray's logs: (\S+)", out, re.M)
     assert logs and os.path.exists(logs.group(1)), out[:2000]
     res = json.loads(p.stdout.strip().splitlines()[-1])
+    # issue 21: the planted near-duplicates are searched for and the count is printed
+    nd = res["near_duplicates"]
+    print("demo near-duplicates:", nd)
+    assert nd["planted"] == 12 and 0 <= nd["found"] <= 12
+    assert f"planted pairs found: {nd['found']}/12" in out
     ev = res["eval"]
     print("demo eval:", ev)
     assert ev["trained"]["psnr"] >= ev["mean_latent"]["psnr"] + MARGIN_DB

@@ -129,7 +129,7 @@ def test_full_dataset_report(tmp_path):
     res = _run(root)
     assert res["run_id"] is None
     assert res["extra"]["report"] == storage.join(root, "report", "index.html")
-    assert res["counts"] == {"in": 6, "ok": 6, "failed": 0, "skipped": 0}
+    assert res["counts"] == {"in": 7, "ok": 6, "failed": 0, "skipped": 1}  # no analytics table
     # align, invert, evaluate, edit (Delta commits) and train_encoder (record only, no table)
     assert res["extra"]["runs"] == 5 and res["extra"]["missing_images"] == 2
     html = _html(res["extra"]["report"])
@@ -188,7 +188,7 @@ def test_empty_and_partial_roots(tmp_path):
     res = _run(str(tmp_path / "nothing"))
     html = _html(res["extra"]["report"])
     assert "Nothing here yet" in html and res["extra"]["runs"] == 0
-    assert res["counts"] == {"in": 6, "ok": 0, "failed": 0, "skipped": 6}
+    assert res["counts"] == {"in": 7, "ok": 0, "failed": 0, "skipped": 7}
     assert "Not found" in html and "run jobs.align" in html
 
     # a corrupt record, an old-format manifest, a commit without a record, a lost data file,

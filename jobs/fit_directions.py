@@ -1,0 +1,109 @@
+"""Fit job: latent directions of a dataset, published for `jobs.edit --set direction=NAME`.
+
+    python -m jobs.fit_directions --set latents=URI [--set output=URI] [--set components=10] \\
+        [--set attributes=URI [--set attributes_list=[Smiling,Eyeglasses]]]
+
+`latents` is a dataset root with a committed `latents` table. Directions (pipeline.directions):
+
+  pca_0 ... pca_<components-1>   principal axes of the codes averaged over their layers
+                                 (GANSpace), pca_0 the axis of most variance
+  <attribute>                    with `attributes` (the label table of jobs.fit_classifier:
+                                 image_id or file + one 0/1, -1/1 or bool column per attribute):
+                                 the normal of the linear boundary between the attribute's two
+                                 classes (InterFaceGAN; Fisher's discriminant under the
+                                 Ledoit-Wolf shrunk covariance), pointing to its presence
+
+Each is a [D] float32 `.npy` scaled to one standard deviation of the codes along it (an edit's
+`strength` is then in standard deviations), written to
+`<output>/model_files/direction/<run_id>/<name>.npy` and published by a `models` row (kind
+`direction`, attribute = the name) in this run's commit: `jobs.edit --set direction=pca_0` or
+`--set direction=Smiling` uses the newest committed one (`directions=ROOT`, default: `latents`).
+An attribute with fewer than `min_class` labelled codes in one of its classes gets no direction
+(the summary says why).
+
+The statistics are summed by Ray tasks and reduced in one task, which also writes the files;
+the driver holds references and the rows it commits.
+
+Counts: one per committed latents row: in = ok + failed + skipped (skipped: rows whose
+inversion had failed).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from jobs.cli import main
+from jobs.sections import JobSettings
+from jobs.settings import setting
+from pipeline import directions
+from pipeline.code_stats import COLUMNS, first_moments, reduce_first, reduce_second, second_moments
+from pipeline.fit_data import code_shape, latent_counts, read_latents
+from pipeline.labels import load_labels
+from pipeline.model_registry import MODELS, model_rows
+from pipeline.runner import JobRun
+
+log = logging.getLogger("stbatch.fit_directions")
+
+JOB = "fit_directions"
+
+
+@dataclass
+class Settings(JobSettings):
+    latents: str | None = setting(None, "dataset root with a committed latents table")
+    output: str | None = setting(None, "model_files/direction/<run>/, the models/ table, _runs/ (default: latents)")
+    components: int = setting(10, "PCA directions pca_0 ... (most variance first)")
+    attributes: str | None = setting(None, "Parquet/CSV of labels (as jobs.fit_classifier's): one boundary per "
+                                           "attribute; null: PCA only")
+    attributes_list: list[str] | None = setting(None, "choose the attributes (default: the table's numeric columns)")
+    min_class: int = setting(10, "an attribute needs this many labelled codes in each class")
+
+
+SETTINGS = Settings
+
+
+def run(cfg: dict, before_commit=None) -> dict:
+    """The job body (also callable from Python; `before_commit(run)` is a test hook)."""
+    import ray
+
+    if not cfg.get("latents"):
+        raise SystemExit("fit_directions: set latents=URI")
+    if int(cfg["components"]) < 0:
+        raise SystemExit("fit_directions: components must be >= 0")
+    output = cfg.get("output") or cfg["latents"]
+    r = JobRun(output, JOB, cfg)
+    c = latent_counts(cfg["latents"], 0.0, 0)
+    if not c["ok"]:
+        raise SystemExit(f"fit_directions: no ok codes under {cfg['latents']}")
+    shape = code_shape(cfg["latents"])
+    labels = load_labels(cfg["attributes"], cfg.get("attributes_list")) if cfg.get("attributes") else None
+    codes = read_latents(cfg["latents"], COLUMNS + (["source_uri"] if labels else [])).materialize()
+    first = ray.remote(reduce_first).remote(list(codes.map_batches(first_moments, batch_format="pyarrow")
+                                                  .materialize().to_arrow_refs()))
+    second = codes.map_batches(second_moments, batch_format="pyarrow", fn_kwargs={"first": [first]})
+    stats = ray.remote(reduce_second).remote(list(second.materialize().to_arrow_refs()), first)
+    sums = None
+    if labels is not None:
+        sums = list(codes.map_batches(directions.class_sums, batch_format="pyarrow", fn_kwargs={
+            "labels_refs": labels.broadcast(), "join_on": labels.join_on, "shape": shape}).materialize().to_arrow_refs())
+    log.info("fit_directions %s -> %s: %d ok codes of shape %s, %d PCA directions, %s, run %s", cfg["latents"], output,
+             c["ok"], list(shape), int(cfg["components"]),
+             f"boundaries for {len(labels.names)} attributes" if labels else "no labels", r.run_id)
+    out = ray.get(ray.remote(directions.publish).remote(stats, sums, labels.names if labels else [],
+                                                        int(cfg["components"]), int(cfg["min_class"]), output,
+                                                        r.run_id))
+    for name, why in out["skipped"].items():
+        log.warning("no direction for %s: %s", name, why)
+    counts = {"in": c["in"], "ok": c["ok"], "failed": 0, "skipped": c["in"] - c["ok"]}
+    extra = {"directions": [row["attribute"] for row in out["rows"]],
+             "explained_variance_ratio": out["explained_variance_ratio"], "attributes_skipped": out["skipped"]}
+    if before_commit is not None:
+        before_commit(r)
+    r.commit({MODELS: r.write_small(MODELS, model_rows(out["rows"], r.run_id))},
+             {**counts, "seconds": r.seconds(), **extra},
+             extra={"inputs": {"latents": cfg["latents"], "attributes": cfg.get("attributes")},
+                    "ray": {"version": ray.__version__}})
+    return {"run_id": r.run_id, "counts": counts, "extra": extra}
+
+
+if __name__ == "__main__":
+    main(JOB, __doc__, SETTINGS, run)

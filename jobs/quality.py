@@ -1,0 +1,95 @@
+"""Quality job: atypical codes and bad reconstructions, one `quality` row per ok face.
+
+    python -m jobs.quality --set input=URI [--set output=URI]
+
+`input` is a dataset root with a committed `latents` table. For each ok face: `mahalanobis`,
+the Mahalanobis distance of its code averaged over the layers from the dataset's mean, under a
+Ledoit-Wolf shrunk covariance (pipeline.code_stats); and, where the latents row has
+reconstruction metrics (jobs.invert with metrics=true), `psnr_z` and `lpips_z`: how much worse
+than the dataset's average its reconstruction is, in standard deviations (high = worse).
+
+    SELECT image_id, mahalanobis FROM quality ORDER BY mahalanobis DESC LIMIT 20   -- most atypical
+    SELECT image_id, psnr, psnr_z FROM quality WHERE psnr_z > 2                   -- badly inverted
+
+The statistics are computed by Ray tasks (sums per block, reduced in one task); the driver holds
+references only. The table is recomputed whole (the statistics are the dataset's), replacing
+each face's row; a run over the same committed latents version finds nothing to do. The
+shrinkage and the face count are in the commit metadata and the summary.
+
+Counts (one per ok code): in = ok + failed + skipped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from jobs.cli import main
+from jobs.sections import JobSettings
+from jobs.settings import setting
+from pipeline import delta, recompute
+from pipeline.fit_data import read_latents
+from pipeline.code_stats import COLUMNS, first_moments, reduce_first, reduce_second, second_moments
+from pipeline.quality_stage import quality_rows
+from pipeline.runner import JobRun, TableSpec, WriteResult
+from pipeline.schemas import quality_schema
+
+log = logging.getLogger("stbatch.quality")
+
+JOB = "quality"
+QUALITY = TableSpec("quality", quality_schema(), ("image_id", "face_index"))
+
+
+@dataclass
+class Settings(JobSettings):
+    input: str | None = setting(None, "dataset root with a committed latents table")
+    output: str | None = setting(None, "where the quality/ table and _runs/ go (default: input)")
+    rows_per_part: int = setting(200_000, "table rows per Parquet data file")
+
+
+SETTINGS = Settings
+
+
+def run(cfg: dict, before_commit=None) -> dict:
+    """The job body (also callable from Python; `before_commit(run)` is a test hook)."""
+    import ray
+
+    if not cfg.get("input"):
+        raise SystemExit("quality: set input=URI (a dataset root with a latents table)")
+    output = cfg.get("output") or cfg["input"]
+    src = delta.open_table(cfg["input"], "latents")
+    if src is None:
+        raise SystemExit(f"quality: no committed latents table under {cfg['input']}")
+    version = src.version()
+    del src
+    r = JobRun(output, JOB, cfg, rows_per_file=int(cfg["rows_per_part"]))
+    codes = read_latents(cfg["input"], COLUMNS).materialize()
+    first = ray.remote(reduce_first).remote(list(codes.map_batches(first_moments, batch_format="pyarrow")
+                                                  .materialize().to_arrow_refs()))
+    n = int(ray.get(ray.remote(lambda f: f["n"]).remote(first)))
+    key = json.dumps({"job": JOB}, sort_keys=True)
+    if n and recompute.up_to_date(output, QUALITY.name, version, key):
+        log.info("quality: latents version %d is done: nothing to do", version)
+        return {"run_id": r.run_id, "counts": {"in": n, "ok": 0, "failed": 0, "skipped": n}, "extra": {}}
+    res, info = WriteResult(), {}
+    if n:
+        second = codes.map_batches(second_moments, batch_format="pyarrow", fn_kwargs={"first": [first]})
+        model = ray.remote(reduce_second).remote(list(second.materialize().to_arrow_refs()), first)
+        info = ray.get(ray.remote(lambda m: {"shrinkage": round(float(m["shrinkage"]), 6),
+                                             "psnr": m["psnr"], "lpips": m["lpips"]}).remote(model))
+        log.info("quality %s -> %s: %d faces, shrinkage %.4f, run %s", cfg["input"], output, n, info["shrinkage"],
+                 r.run_id)
+        res = r.write(codes.map_batches(quality_rows, batch_format="pyarrow",
+                                        fn_kwargs={"model": [model], "run_id": r.run_id}), QUALITY, expected=n)
+    counts = {"in": n, **res.counts}
+    extra = {"faces": n, **info}
+    if before_commit is not None:
+        before_commit(r)
+    r.commit({QUALITY: res}, {**counts, "seconds": r.seconds(), **extra},
+             extra={"inputs": {"input": cfg["input"], "latents_version": version}, "ray": {"version": ray.__version__}},
+             metadata={"shrinkage": str(info.get("shrinkage")), **recompute.inputs_metadata(version, key)})
+    return {"run_id": r.run_id, "counts": counts, "extra": extra}
+
+
+if __name__ == "__main__":
+    main(JOB, __doc__, SETTINGS, run)
