@@ -19,13 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.fit_data import codes_to_numpy
+from pipeline.schemas import unsliced
 
 COLUMNS = ["image_id", "face_index", "status", "w_plus", "psnr", "lpips", "run_id"]
 METRICS = ("psnr", "lpips")
 
 
 def ok_codes(batch: pa.Table) -> tuple[pa.Table, np.ndarray]:
-    t = batch.filter(pc.equal(batch["status"], "ok"))
+    t = unsliced(batch).filter(pc.equal(batch["status"], "ok"))
     w = codes_to_numpy(t["w_plus"]).astype(np.float64) if t.num_rows else np.zeros((0, 0, 0))
     return t, w.mean(axis=1) if t.num_rows else np.zeros((0, 0))
 
@@ -41,7 +42,14 @@ def first_moments(batch: pa.Table) -> pa.Table:
         v = metric_values(t, m)
         v = v[np.isfinite(v)]
         row.update({f"{m}_n": [len(v)], f"{m}_sum": [float(v.sum())], f"{m}_sq": [float((v * v).sum())]})
-    return pa.table(row)
+    return pa.table(row, schema=FIRST_SCHEMA)  # typed: a block without ok codes (a failure file) has no sums
+
+
+FIRST_SCHEMA = pa.schema([("n", pa.int64()), ("sum", pa.list_(pa.float64())),
+                          *[f for m in METRICS for f in (pa.field(f"{m}_n", pa.int64()),
+                                                         pa.field(f"{m}_sum", pa.float64()),
+                                                         pa.field(f"{m}_sq", pa.float64()))]])
+SECOND_SCHEMA = pa.schema([("xx", pa.list_(pa.float64())), ("x2x2", pa.list_(pa.float64()))])
 
 
 def reduce_first(parts: list) -> dict:
@@ -68,10 +76,11 @@ def second_moments(batch: pa.Table, first: list) -> pa.Table:
     _, x = ok_codes(batch)
     mean = ray.get(first[0])["mean"]
     if not len(x):
-        return pa.table({"xx": [[]], "x2x2": [[]]})
+        return pa.table({"xx": [[]], "x2x2": [[]]}, schema=SECOND_SCHEMA)
     xc = x - mean
     x2 = xc * xc
-    return pa.table({"xx": [(xc.T @ xc).ravel().tolist()], "x2x2": [(x2.T @ x2).ravel().tolist()]})
+    return pa.table({"xx": [(xc.T @ xc).ravel().tolist()], "x2x2": [(x2.T @ x2).ravel().tolist()]},
+                    schema=SECOND_SCHEMA)
 
 
 def ledoit_wolf(n: int, xx: np.ndarray, x2x2: np.ndarray) -> tuple[np.ndarray, float]:

@@ -22,7 +22,7 @@ import torch
 from pipeline.fit_data import codes_to_numpy
 from pipeline.models import ModelActor
 from pipeline.runner import STATUS_LOST
-from pipeline.schemas import make_table, scores_schema
+from pipeline.schemas import make_table, scores_schema, unsliced
 
 log = logging.getLogger("stbatch.score")
 
@@ -52,7 +52,7 @@ def safe_columns(attributes: list[str]) -> dict[str, str]:
 
 def work_batch(batch: pa.Table, classifier_sha256: str) -> pa.Table:
     """Committed latents rows -> work rows: the ok codes, with the classifier that will score them."""
-    t = batch.filter(pc.equal(batch.column("status"), "ok"))
+    t = unsliced(batch).filter(pc.equal(batch.column("status"), "ok"))
     n = t.num_rows
     return pa.table({"image_id": pc.cast(t["image_id"], pa.string()), "face_index": pc.cast(t["face_index"], pa.int32()),
                      "status": t["status"], "error": pa.nulls(n, pa.string()), "w_plus": t["w_plus"],
@@ -96,6 +96,7 @@ class ScoreBatch(ModelActor):
 
     @torch.no_grad()
     def map_batch(self, batch: pa.Table) -> pa.Table:
+        batch = unsliced(batch)
         status, error = batch["status"].to_pylist(), batch["error"].to_pylist()
         todo = np.array([s == "ok" for s in status], bool)
         probs = np.full((batch.num_rows, len(self.columns)), np.nan, np.float32)
