@@ -98,8 +98,9 @@ def read_source(run: JobRun, source_root: str, source_table: str, columns: list[
         return None
     key = list(target.key)
     app = consumed_app_id(run.job, source_root)
-    since = None if (full_scan or retry_failed) else delta.app_version(run.output, target.name, app)
-    if since != snap.version:
+    recorded = delta.app_version(run.output, target.name, app)
+    since = None if (full_scan or retry_failed) else recorded
+    if recorded != snap.version:  # (a run that consumed nothing new commits nothing)
         run.consumed[target.name] = (app, snap.version)
     new = None
     if since is not None:
