@@ -113,11 +113,12 @@ def test_sigkill_mid_run_and_between_model_and_state_then_resume(tmp_path):
     save_generator(g, f"{root}/models/generator.pt", latent_avg=g.mean_latent(2000))
     sample_dataset(g, root, n_train=16, n_val=4, truncation=0.7, seed=0)
 
-    # 1. SIGKILL to the whole process group as soon as the first checkpoint is complete
+    # 1. SIGKILL to the whole process group as soon as the first checkpoint is complete (a state
+    # file published, not one still being written under its temporary name)
     proc = _start(root, "run1")
     try:
         deadline = time.time() + 900
-        while not (ckpts.is_dir() and any(p.name.startswith("state_") for p in ckpts.iterdir())):
+        while not (ckpts.is_dir() and any(p.name.startswith("state_") and ".tmp-" not in p.name for p in ckpts.iterdir())):
             assert proc.poll() is None and time.time() < deadline, "no checkpoint before the job ended"
             time.sleep(0.02)
     finally:
