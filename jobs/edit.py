@@ -326,7 +326,10 @@ def run(cfg: dict, before_commit=None, actor: type[EditBatch] = EditBatch) -> di
     mc, info = describe_model(cfg["model"])
     n_latent, style_dim = mc.n_latent, mc.style_dim
     clf_row, editor_rows = resolve_models(cfg)
-    cfg = named_direction_sweep(cfg)
+    try:
+        cfg = named_direction_sweep(cfg)
+    except (ValueError, LookupError) as e:
+        raise SystemExit(f"edit: {e}") from None
     attributes = None
     if clf_row is not None:
         clf = load_classifier(clf_row["uri"], sha256=clf_row["sha256"])

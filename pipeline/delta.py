@@ -169,25 +169,6 @@ def snapshot_files(output: str, table: str, version: int | None = None) -> tuple
     return (None, []) if snap is None else (snap.version, snap.paths)
 
 
-def files_added_since(output: str, table: str, version: int) -> tuple[int | None, list[str] | None]:
-    """(current version, the data files of the current snapshot that were not in the snapshot at
-    `version`): what an incremental reader has not seen. The file list is None when that
-    version can no longer be loaded (its log was cleaned up): the reader scans everything."""
-    current, now = snapshot_files(output, table)
-    if current is None:
-        return None, None
-    if current == version:
-        return current, []
-    try:
-        _, then = snapshot_files(output, table, version)
-    except Exception as e:  # noqa: BLE001 - delta-rs raises several types for a version it cannot load
-        log.info("%s: version %d is no longer in the log (%s): reading the whole snapshot", table, version,
-                 type(e).__name__)
-        return current, None
-    seen = set(then)
-    return current, [p for p in now if p not in seen]
-
-
 def app_version(output: str, table: str, app_id: str) -> int | None:
     """The version that the app transaction `app_id` recorded in `table` (None when none did)."""
     dt = open_table(output, table)

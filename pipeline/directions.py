@@ -123,18 +123,16 @@ def named_direction_sweep(cfg: dict) -> dict:
     default the `latents` root) becomes the sweep's one direction file, its root an allowed
     direction prefix, the sweep's kinds [direction]; a direction named after an attribute also
     becomes the sweep's attribute (its classifier logits are recorded) unless the sweep names
-    some. Returns `cfg` unchanged without `direction`; raises SystemExit when it cannot be used."""
+    some. Returns `cfg` unchanged without `direction`; raises ValueError when it cannot be used
+    (with requests) and LookupError when no such direction is committed."""
     name = cfg.get("direction")
     if not name:
         return cfg
     if cfg.get("requests"):
-        raise SystemExit("edit: direction=NAME makes a sweep over the faces: set requests=null (or give "
+        raise ValueError("direction=NAME makes a sweep over the faces: set requests=null (or give "
                          "direction_uri in the requests)")
     root = cfg.get("directions") or cfg["latents"]
-    try:
-        m = resolve(root, str(name), run_id=cfg.get("directions_run"))
-    except LookupError as e:
-        raise SystemExit(f"edit: {e}") from None
+    m = resolve(root, str(name), run_id=cfg.get("directions_run"))
     sw = dict(cfg["sweep"])
     sw.update(kinds=["direction"], direction_uris=[m["uri"]])
     if not str(name).startswith(PCA_PREFIX) and not sw.get("attributes"):
