@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import logging
 import os
@@ -32,15 +31,11 @@ from typing import Callable
 import yaml
 
 from jobs import ray_logs
-from jobs.settings import SettingsError, describe, known_keys, parse, unknown_message
+from jobs.settings import SETTINGS
+from pipeline.config import SettingsError, describe, known_keys, parse, unknown_message
 from pipeline.redact import install_log_redaction, redact_config, redact_text
 
 log = logging.getLogger("stbatch")
-
-# The jobs whose settings a shared config file may hold (the demo runs the others itself).
-CONFIG_JOBS = ("align", "invert", "evaluate", "edit", "fit_classifier", "fit_editor", "train_encoder", "report",
-               "maintain", "score", "embed", "neighbors", "quality", "fit_directions")
-
 
 def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
@@ -87,12 +82,7 @@ def set_dotted(cfg: dict, assignment: str) -> None:
 
 def other_jobs_keys(job_settings: type) -> list[dict]:
     """The setting-name trees of the other jobs a config file may be shared with."""
-    trees = []
-    for name in CONFIG_JOBS:
-        cls = importlib.import_module(f"jobs.{name}").SETTINGS
-        if cls is not job_settings:
-            trees.append(known_keys(cls))
-    return trees
+    return [known_keys(cls) for cls in SETTINGS.values() if cls is not job_settings]
 
 
 def for_this_job(data: Mapping, mine: dict | None, others: list[dict], path: str, errors: list[str]) -> dict:

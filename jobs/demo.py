@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -37,9 +36,8 @@ import pyarrow.parquet as pq
 import torch
 
 from jobs import ray_logs
+from jobs.settings.demo import Settings
 from jobs.cli import load_config, main
-from jobs.sections import JobSettings
-from jobs.settings import setting
 from pipeline import delta, storage
 from pipeline.schemas import nested_list_array
 
@@ -47,35 +45,6 @@ log = logging.getLogger("stbatch.demo")
 
 JOB = "demo"
 ATTRIBUTES = ("synthetic_a", "synthetic_b", "synthetic_c")
-
-@dataclass
-class DemoTrainSection:
-    steps: int = setting(1500, "train_encoder steps")
-    batch_size: int = setting(8, "train_encoder batch size")
-    lr: float = setting(1e-3, "train_encoder learning rate")
-    log_every: int = setting(25, "steps between log lines")
-    val_every: int = setting(250, "steps between validation grids")
-    checkpoint_every: int = setting(250, "steps between checkpoints")
-
-
-@dataclass
-class DemoFitSection:
-    classifier_epochs: int = setting(30, "fit_classifier epochs")
-    editor_steps: int = setting(300, "fit_editor steps")
-
-
-@dataclass
-class Settings(JobSettings):
-    output: str = setting("demo_out", "local folder used as the object store")
-    progress: bool = setting(False, "Ray Data progress bars on stderr")
-    preset: str = setting("tiny-32", "the seeded generator's preset")
-    seed: int = setting(0, "seed of the generator and the sampled images")
-    n_train: int = setting(384, "training images sampled from the generator")
-    n_val: int = setting(64, "validation images")
-    truncation: float = setting(0.7, "psi of the sampled codes")
-    train_encoder: DemoTrainSection = setting(DemoTrainSection, "the encoder training run")
-    fit: DemoFitSection = setting(DemoFitSection, "the classifier and editor fits")
-    align_size: int = setting(256, "aligned crop side")
 
 
 SETTINGS = Settings

@@ -19,12 +19,10 @@ Counts (one per ok face of the latents table): in = ok + failed + skipped.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import partial
 
 from jobs.cli import main
-from jobs.sections import CropActorSection, JobSettings, MetricWeights
-from jobs.settings import setting
+from jobs.settings.embed import Settings
 from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
 from pipeline.embed_stage import EMBED_DONE_KEY, EMBED_KEY, WORK_COLUMNS, EmbedBatch, backbone_label, load_targets, \
     lost_rows, work_batch
@@ -37,21 +35,6 @@ log = logging.getLogger("stbatch.embed")
 JOB = "embed"
 TABLE = "embeddings"
 EMBEDDINGS = TableSpec(TABLE, embeddings_schema(), EMBED_KEY)
-
-
-@dataclass
-class EmbedSection(CropActorSection):
-    batch_size: int = setting(32, "crops per backbone call")
-
-
-@dataclass
-class Settings(JobSettings):
-    input: str | None = setting(None, "dataset root with a committed latents table")
-    output: str | None = setting(None, "where the embeddings/ table and _runs/ go (default: input)")
-    metric_weights: MetricWeights = setting(MetricWeights, "facenet: the identity backbone's weights (lpips unused)")
-    crop_size: int = setting(256, "crops are resized to this before the backbone takes its face region")
-    retry_failed: bool = setting(False, "also retry permanent failures (decode_error ...); transient ones always are")
-    embed: EmbedSection = setting(EmbedSection, "the embedding actors")
 
 
 SETTINGS = Settings

@@ -22,12 +22,10 @@ Counts (one per face): in = ok + failed + skipped.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import partial
 
 from jobs.cli import input_errors, main, model_errors
-from jobs.sections import CropActorSection, JobSettings, MetricWeights, NamedModelSection
-from jobs.settings import setting
+from jobs.settings.evaluate import Settings
 from pipeline import incremental
 from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
 from pipeline.evaluate_stage import LATENT_COLUMNS, EvaluateBatch, load_targets, lost_rows, ok_latents
@@ -40,19 +38,6 @@ log = logging.getLogger("stbatch.evaluate")
 JOB = "evaluate"
 TABLE = "metrics"
 METRICS = TableSpec(TABLE, metrics_schema(), ("image_id", "face_index"))
-
-
-@dataclass
-class Settings(JobSettings):
-    input: str | None = setting(None, "dataset root holding a committed latents table")
-    output: str | None = setting(None, "where metrics/ and reconstructions/ go (default: input)")
-    model: NamedModelSection = setting(NamedModelSection, "the inversion model that made the codes")
-    metric_weights: MetricWeights = setting(MetricWeights, "backbones of LPIPS and ID similarity")
-    retry_failed: bool = setting(False, "also retry permanent failures (model_mismatch ...); transient ones "
-                                        "always are (implies full_scan)")
-    full_scan: bool = setting(False, "read the whole latents table, not only what changed since the latents "
-                                     "version the last run consumed (recorded in the metrics table's log)")
-    evaluate: CropActorSection = setting(CropActorSection, "the evaluation actors (batch_size: faces per model call)")
 
 
 SETTINGS = Settings

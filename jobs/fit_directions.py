@@ -30,11 +30,9 @@ inversion had failed).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from jobs.cli import main
-from jobs.sections import JobSettings
-from jobs.settings import setting
+from jobs.settings.fit_directions import Settings
 from pipeline import directions
 from pipeline.code_stats import COLUMNS, first_moments, reduce_first, reduce_second, second_moments
 from pipeline.fit_data import code_shape, latent_counts, read_latents
@@ -45,17 +43,6 @@ from pipeline.runner import JobRun
 log = logging.getLogger("stbatch.fit_directions")
 
 JOB = "fit_directions"
-
-
-@dataclass
-class Settings(JobSettings):
-    latents: str | None = setting(None, "dataset root with a committed latents table")
-    output: str | None = setting(None, "model_files/direction/<run>/, the models/ table, _runs/ (default: latents)")
-    components: int = setting(10, "PCA directions pca_0 ... (most variance first)")
-    attributes: str | None = setting(None, "Parquet/CSV of labels (as jobs.fit_classifier's): one boundary per "
-                                           "attribute; null: PCA only")
-    attributes_list: list[str] | None = setting(None, "choose the attributes (default: the table's numeric columns)")
-    min_class: int = setting(10, "an attribute needs this many labelled codes in each class")
 
 
 SETTINGS = Settings

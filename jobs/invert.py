@@ -38,19 +38,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from functools import partial
-from typing import Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from jobs.cli import input_errors, main, model_errors
-from jobs.sections import CropActorSection, JobSettings, MetricWeights, NamedModelSection, PasteBackSection
-from jobs.settings import setting
+from jobs.settings.invert import Settings
 from pipeline import incremental, paste_stage, storage
 from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
-from pipeline.decode import DEFAULT_FORMATS, allowed_formats
+from pipeline.decode import allowed_formats
 from pipeline.images import load_crops, read_crops
 from pipeline.inputs import refused_rows, split_by_size
 from pipeline.invert_stage import InvertBatch, failed_rows, lost_rows
@@ -62,32 +58,6 @@ log = logging.getLogger("stbatch.invert")
 
 JOB = "invert"
 TABLE = "latents"
-
-@dataclass
-class InvertSection(CropActorSection):
-    torch_threads: int = setting(0, "intra-op threads per actor on the CPU (0: num_cpus)")
-    max_bytes: int = setting(20_000_000, "plain folder: refuse files bigger than this, unread (too_large; 0: no cap)")
-    formats: list[str] = setting(list(DEFAULT_FORMATS), "image formats decoded (Pillow names); others: "
-                                                         "unsupported_format")
-    multi_frame: Literal["refuse", "first"] = setting("refuse", "animated / multi-page files: refuse "
-                                                                   "(status multi_frame) | first (first frame)")
-
-
-@dataclass
-class Settings(JobSettings):
-    input: str | None = setting(None, "dataset root written by jobs.align, or a folder of aligned crops")
-    output: str | None = setting(None, "dataset root for latents/, reconstructions/, _runs/")
-    model: NamedModelSection = setting(NamedModelSection, "the inversion model")
-    metrics: bool = setting(False, "reconstruct and score every face")
-    retry_failed: bool = setting(False, "also retry permanent failures (decode_error ...); transient ones "
-                                        "always are (implies full_scan)")
-    full_scan: bool = setting(False, "read the whole faces table, not only what changed since the faces version "
-                                     "the last run consumed (recorded in the latents table's log)")
-    metric_weights: MetricWeights = setting(MetricWeights, "backbones of LPIPS and ID similarity (metrics=true)")
-    invert: InvertSection = setting(InvertSection, "the inversion actors (batch_size: faces per model call; "
-                                                   "num_cpus: leave CPUs for the read stage)")
-    paste_back: bool | PasteBackSection = setting(False, "metrics=true: reconstructions pasted back into their "
-                                                         "photos (true, or a section: format, quality, group, ...)")
 
 
 SETTINGS = Settings

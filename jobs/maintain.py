@@ -31,32 +31,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import pyarrow as pa
 
 from jobs.cli import main
-from jobs.sections import JobSettings
-from jobs.settings import setting
+from jobs.settings.maintain import Settings
 from pipeline import delta, storage
 from pipeline.runner import JobRun
 
 log = logging.getLogger("stbatch.maintain")
 
 JOB = "maintain"
-
-@dataclass
-class Settings(JobSettings):
-    output: str | None = setting(None, "dataset root whose Delta tables are maintained")
-    tables: list[str] | str | None = setting(None, "table names (default: every Delta table under output)")
-    progress: bool = setting(False, "progress bars (maintain runs no Ray Data stage)")
-    compact: bool = setting(True, "rewrite small data files into files of about target_size")
-    target_size: int | None = setting(None, "bytes per compacted file (null: delta-rs's 100 MiB)")
-    vacuum: bool = setting(True, "delete data files no commit of the window names")
-    retention_hours: int = setting(168, "files younger than this are never vacuumed (longer than any run)")
-    enforce_retention_duration: bool = setting(True, "refuse a window below the table's configured minimum")
-    full: bool = setting(True, "also orphans that no log entry names (killed runs), not only removed files")
-    dry_run: bool = setting(False, "change nothing: report what compact and vacuum would do")
 
 
 SETTINGS = Settings

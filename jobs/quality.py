@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 
 from jobs.cli import main
-from jobs.sections import JobSettings
-from jobs.settings import setting
+from jobs.settings.quality import Settings
 from pipeline import delta, recompute
 from pipeline.fit_data import read_latents
 from pipeline.code_stats import COLUMNS, first_moments, reduce_first, reduce_second, second_moments
@@ -38,13 +36,6 @@ log = logging.getLogger("stbatch.quality")
 
 JOB = "quality"
 QUALITY = TableSpec("quality", quality_schema(), ("image_id", "face_index"))
-
-
-@dataclass
-class Settings(JobSettings):
-    input: str | None = setting(None, "dataset root with a committed latents table")
-    output: str | None = setting(None, "where the quality/ table and _runs/ go (default: input)")
-    rows_per_part: int = setting(200_000, "table rows per Parquet data file")
 
 
 SETTINGS = Settings

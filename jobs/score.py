@@ -29,12 +29,10 @@ Counts (one per ok code of the latents table): in = ok + failed + skipped.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import partial
 
 from jobs.cli import main
-from jobs.sections import JobSettings, ModelActorSection
-from jobs.settings import setting
+from jobs.settings.score import Settings
 from pipeline import model_registry
 from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
 from pipeline.fit_data import code_shape, latent_counts, read_latents
@@ -46,23 +44,6 @@ log = logging.getLogger("stbatch.score")
 
 JOB = "score"
 TABLE = "scores"
-
-
-@dataclass
-class ScoreSection(ModelActorSection):
-    batch_size: int = setting(1024, "codes per classifier call")
-
-
-@dataclass
-class Settings(JobSettings):
-    latents: str | None = setting(None, "dataset root with a committed latents table")
-    output: str | None = setting(None, "where the scores/ table and _runs/ go (default: latents)")
-    classifier: str | None = setting(None, "dataset root with committed models (default: latents), or a classifier "
-                                           "file + classifier_sha256")
-    classifier_run: str | None = setting(None, "that root's classifier of this run (default: the newest committed)")
-    classifier_sha256: str | None = setting(None, "... or with this sha256 (required for a file)")
-    retry_failed: bool = setting(False, "also retry permanent failures (bad_code); transient ones always are")
-    score: ScoreSection = setting(ScoreSection, "the scoring actors")
 
 
 SETTINGS = Settings

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import posixpath
-import re
 from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa

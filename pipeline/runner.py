@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import delta, storage
+from pipeline.config import Section, as_dict
 from pipeline.redact import redact_config
 from pipeline.schemas import unsliced
 
@@ -309,9 +310,9 @@ def write_batch(batch: pa.Table, output: str, table: str, run_id: str, schema: p
 class JobRun:
     """One run of a job writing under `output`; nothing is visible until `commit`."""
 
-    def __init__(self, output: str, job: str, config: dict, rows_per_file: int = 20_000, log_every_s: float = 30):
+    def __init__(self, output: str, job: str, config: Section, rows_per_file: int = 20_000, log_every_s: float = 30):
         self.output, self.job = output, job
-        self.config = redact_config(config)
+        self.config = redact_config(as_dict(config))
         self.run_id = storage.new_run_id(job)
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.t0 = time.time()

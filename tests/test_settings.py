@@ -12,9 +12,10 @@ from typing import Literal
 
 import pytest
 
-from jobs.cli import CONFIG_JOBS, load_config
-from jobs.sections import ActorSection, JobSettings
-from jobs.settings import SettingsError, defaults, describe, parse, setting
+from jobs.cli import load_config
+from jobs.settings import CONFIG_JOBS
+from pipeline.sections import ActorSection, JobSettings
+from pipeline.config import SettingsError, as_dict, defaults, describe, parse, setting
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -22,7 +23,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 CONFIG_FOR = {
     "cars.yaml": {"invert": ("invert.batch_size", 32), "evaluate": ("model.preset", "cars-512"),
                   "edit": ("model.name", "style-transformer-cars-512")},
-    "ffhq.yaml": {"align": ("align.concurrency", [2, 16]), "invert": ("invert.load_batch_size", 64),
+    "ffhq.yaml": {"align": ("align.concurrency", (2, 16)), "invert": ("invert.load_batch_size", 64),
                   "evaluate": ("evaluate.batch_size", 16), "edit": ("model.name", "style-transformer-ffhq-1024"),
                   "train_encoder": ("train_encoder.steps", 500000)},
     "local.yaml": {"align": ("align.size", 256), "invert": ("invert.batch_size", 8),
@@ -36,9 +37,9 @@ def _settings(job: str) -> type:
     return importlib.import_module(f"jobs.{job}").SETTINGS
 
 
-def _get(cfg: dict, dotted: str):
+def _get(cfg, dotted: str):
     for p in dotted.split("."):
-        cfg = cfg[p]
+        cfg = getattr(cfg, p)
     return cfg
 
 
@@ -51,7 +52,7 @@ def _errors(settings: type, sets: list[str], config: str | None = None) -> list[
 @pytest.mark.parametrize("job", CONFIG_JOBS)
 def test_defaults_are_valid_settings(job):
     cls = _settings(job)
-    assert parse(cls, defaults(cls)) == defaults(cls)
+    assert parse(cls, as_dict(defaults(cls))) == defaults(cls)
 
 
 def test_every_config_file_is_declared():
@@ -118,7 +119,8 @@ def test_bool_is_strict_and_numbers_convert():
     errs = _errors(_settings("invert"), ["metrics=ture"])
     assert errs == ["metrics: expected bool (true or false), got 'ture' (str)"]
     cfg = load_config(_settings("invert"), None, ["metrics=true", "invert.num_cpus=2", "invert.concurrency=[1,4]"])
-    assert cfg["metrics"] is True and cfg["invert"]["num_cpus"] == 2.0 and cfg["invert"]["concurrency"] == [1, 4]
+    assert cfg.metrics is True and cfg.invert.num_cpus == 2.0 and cfg.invert.concurrency == (1, 4)
+    assert isinstance(cfg.invert.num_cpus, float)
 
 
 def test_section_given_a_value_and_value_given_a_section():
@@ -131,14 +133,21 @@ def test_section_given_a_value_and_value_given_a_section():
                                   ["paste_back.group=photo", "paste_back=true"]])
 def test_switch_then_its_keys_in_either_order(sets):
     cfg = load_config(_settings("edit"), None, sets)
-    assert cfg["paste_back"]["group"] == "photo" and cfg["paste_back"]["enabled"] is True
+    assert cfg.paste_back.group == "photo" and cfg.paste_back.enabled is True
     off = load_config(_settings("edit"), None, [*sets, "paste_back=false"])
-    assert off["paste_back"]["enabled"] is False and off["paste_back"]["group"] == "photo"
+    assert off.paste_back.enabled is False and off.paste_back.group == "photo"
+    assert load_config(_settings("edit"), None, []).paste_back.enabled is False
 
 
 @dataclass
 class Inner(ActorSection):
     mode: Literal["a", "b"] = setting("a", "a mode")
+    enabled: bool = setting(True, "on when given")
+    lo: float = setting(0.0, "low end", ge=0)
+    hi: float = setting(1.0, "high end", le=10)
+
+    def problems(self) -> list[str]:
+        return super().problems() + ([f"lo: must be below hi ({self.hi}), got {self.lo}"] if self.lo >= self.hi else [])
 
 
 @dataclass
@@ -146,22 +155,23 @@ class S(JobSettings):
     names: list[str] = setting([], "some names")
     pairs: dict[str, str] = setting({}, "name -> uri")
     inner: Inner = setting(Inner, "a section")
-    switch: bool | Inner = setting(False, "off, on with the defaults, or a section")
+    switch: Inner = setting(Inner, "off, on with the defaults, or a section", switch=True)
 
 
 def test_schema_framework_types():
     out = parse(S, {"names": ["x"], "pairs": {"k": "v"}, "inner": {"mode": "b", "num_gpus": 0}})
-    assert out["names"] == ["x"] and out["pairs"] == {"k": "v"}
-    assert out["inner"]["mode"] == "b" and out["inner"]["num_gpus"] == 0.0 and out["inner"]["batch_size"] == 8
-    assert defaults(S)["names"] == [] and defaults(S) is not defaults(S)
+    assert isinstance(out, S) and isinstance(out.inner, Inner)
+    assert out.names == ["x"] and out.pairs == {"k": "v"}
+    assert out.inner.mode == "b" and out.inner.num_gpus == 0.0 and out.inner.batch_size == 8
+    assert defaults(S).names == [] and defaults(S).names is not defaults(S).names
     with pytest.raises(SettingsError) as e:
         parse(S, {"names": ["x", 3], "pairs": {"k": 1}, "inner": {"mode": True}})
     assert sorted(e.value.errors) == sorted([
         "names: expected list of string, got ['x', 3] (list)",
         "pairs: expected mapping of name to string, got {'k': 1} (dict)",
         "inner.mode: expected one of a, b, got True (bool)"])
-    assert parse(S, {"switch": True})["switch"] is True and defaults(S)["switch"] is False
-    assert parse(S, {"switch": {"mode": "b"}})["switch"]["mode"] == "b"
+    assert parse(S, {"switch": True}).switch == Inner(enabled=True) and defaults(S).switch.enabled is False
+    assert parse(S, {"switch": {"mode": "b"}}).switch == Inner(mode="b", enabled=True)
     with pytest.raises(SettingsError) as e:
         parse(S, {"switch": {"mode": "c", "batch_sise": 2}})
     assert e.value.errors == ["switch.batch_sise: unknown setting (did you mean switch.batch_size?)",
@@ -169,6 +179,42 @@ def test_schema_framework_types():
     text = describe(S)
     assert "switch = false" in text and "switch.mode = a" in text
     assert "inner.mode = a" in text and "a mode [one of a, b]" in text
+    assert "low end [number, >= 0]" in text and "actors: a fixed number" in text
+
+
+def test_ranges_and_rules_between_settings():
+    """A value out of its range names the key, the range and the value; a section's own rules
+    run once its values are valid, under the section's path; every problem at once."""
+    with pytest.raises(SettingsError) as e:
+        parse(S, {"inner": {"lo": -1, "hi": 11, "batch_size": 0, "concurrency": [0, 2]}})
+    assert sorted(e.value.errors) == sorted([
+        "inner.lo: must be >= 0, got -1.0", "inner.hi: must be <= 10, got 11.0",
+        "inner.batch_size: must be >= 1, got 0", "inner.concurrency: must be >= 1, got (0, 2)"])
+    with pytest.raises(SettingsError) as e:
+        parse(S, {"inner": {"lo": 5, "hi": 2, "concurrency": [4, 2]}, "switch": {"lo": 3, "hi": 3}})
+    assert sorted(e.value.errors) == sorted([
+        "inner.concurrency: [min, max] needs min <= max, got [4, 2]", "inner.lo: must be below hi (2.0), got 5.0",
+        "switch.lo: must be below hi (3.0), got 3.0"])
+    with pytest.raises(SettingsError) as e:
+        parse(S, {"inner": {"lo": float("nan")}})
+    assert e.value.errors == ["inner.lo: must be >= 0, got nan"]
+
+
+def test_shared_ranges_reach_every_job():
+    errs = _errors(_settings("edit"), ["paste_back.quality=0", "paste_back.radii=[0.8, 1.5]", "ray.spill_disk_limit=0"])
+    assert sorted(errs) == sorted(["paste_back.quality: must be >= 1, <= 100, got 0",
+                                   "paste_back.radii: must be > 0, <= 1, got (0.8, 1.5)",
+                                   "ray.spill_disk_limit: must be > 0, <= 1, got 0.0"])
+    assert "JPEG quality [int, >= 1, <= 100]" in describe(_settings("edit"))
+
+
+def test_validating_a_shared_config_imports_neither_torch_nor_ray():
+    code = ("import sys; from jobs.cli import load_config; from jobs.settings import SETTINGS\n"
+            "for job, cls in SETTINGS.items(): load_config(cls, 'configs/ffhq.yaml', [])\n"
+            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0 and p.stdout.strip() == "[]", (p.stdout, p.stderr[-2000:])
 
 
 def _cli(job: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -1,10 +1,14 @@
 """Typed settings: a job's configuration declared once as dataclasses, checked before it runs.
 
-A section is a `@dataclass` whose fields are declared with `setting(default, "meaning")` (a
-nested section: `setting(SectionClass, "meaning")`). `parse(cls, data)` checks a merged mapping
-against it and returns a plain nested dict (defaults filled in) for the job body; every error is
-collected and raised together as one `SettingsError`. `describe(cls)` renders one line per
-setting for `--help`.
+A section is a `@dataclass` deriving from `Section` whose fields are declared with
+`setting(default, "meaning", ge=..., le=...)` (a nested section: `setting(SectionClass,
+"meaning")`). `parse(cls, data)` checks a merged mapping against it and returns an instance of
+`cls` (nested sections as instances, defaults filled in): the job body, its stages and its actors
+read typed attributes, never a cast. Every error is collected and raised together as one
+`SettingsError`: unknown keys (with the nearest valid one), wrong types, values out of their
+range, and the rules between settings that a section states in `problems()`. `describe(cls)`
+renders one line per setting for `--help`. Nothing here imports torch or Ray: a shared config
+file is checked without them.
 
 Types understood (and nothing else, so a schema cannot silently accept what it does not check):
   bool              true / false only (not 1, not "yes" typed as a string, not "ture")
@@ -13,7 +17,9 @@ Types understood (and nothing else, so a schema cannot silently accept what it d
   str               a string
   X | None, X | Y   the first alternative that accepts the value
   Literal[...]      one of the listed values
-  bool | Section    a switch that may also be given as its section (`paste_back=true`, or its keys)
+  Section (switch)  `setting(Section, ..., switch=True)`: given as true / false (the section's
+                    `enabled`, every other key at its default) or as the section's keys (on unless
+                    `enabled: false`); not given: the section with `enabled` false
   list[X]           a list, each item an X
   tuple[X, Y]       a list of exactly that many items (`tuple[int, int]`: [min, max]); given as a list
   dict[str, X]      a mapping of free names to X (e.g. attribute -> editor URI)
@@ -24,12 +30,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+S = TypeVar("S", bound="Section")
 
 
 class SettingsError(ValueError):
@@ -40,15 +49,52 @@ class SettingsError(ValueError):
         super().__init__("\n".join(self.errors))
 
 
+class Section:
+    """Base of every settings section (a dataclass). `problems()` states the rules between its
+    settings (each message names its key relative to the section); parse reports them with the
+    section's path, beside the type and range errors of its values."""
+
+    def problems(self) -> list[str]:
+        return []
+
+    # TRANSITION (removed once every job reads attributes): the mapping reads of the old dicts
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self, name)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        setattr(self, name, value)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default)
+
+    def __contains__(self, name: str) -> bool:
+        return hasattr(self, name)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
+
+
 class _Mismatch(Exception):
     """A value that does not fit a type (caught per setting, or per alternative of a union)."""
 
 
-def setting(default: Any, help: str) -> Any:
-    """A field with its default and one-line meaning. A dataclass as default makes a nested
-    section; lists and dicts are copied for each instance."""
-    meta = {"help": help}
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def setting(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, switch: bool = False) -> Any:
+    """A field with its default and one-line meaning. `ge` / `gt` / `le` / `lt`: the range of a
+    number (of every number of a list or tuple setting). A section class as default makes a
+    nested section; `switch=True`: that section may be given as true / false (its `enabled`)
+    and is off when not given. Lists and dicts are copied for each instance."""
+    bounds = {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
+    meta = {"help": help, "bounds": bounds, "switch": switch}
     if isinstance(default, type) and dataclasses.is_dataclass(default):
+        if switch:
+            if "enabled" not in {f.name for f in dataclasses.fields(default)}:
+                raise TypeError(f"settings: switch section {default.__name__} needs an `enabled` setting")
+            return dataclasses.field(default_factory=lambda: default(enabled=False), metadata=meta)
         return dataclasses.field(default_factory=default, metadata=meta)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
@@ -60,13 +106,8 @@ def is_section(tp: Any) -> bool:
 
 
 def section_of(tp: Any) -> type | None:
-    """The section a field holds: its type, or the section alternative of a union such as
-    `bool | PasteBackSection` (a switch that may also be given as a section)."""
-    if is_section(tp):
-        return tp
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return next((a for a in typing.get_args(tp) if is_section(a)), None)
-    return None
+    """The section a field holds, if it holds one."""
+    return tp if is_section(tp) else None
 
 
 def fields_of(cls: type) -> list[tuple[str, Any, dataclasses.Field]]:
@@ -101,6 +142,10 @@ def type_name(tp: Any) -> str:
     if origin is dict:
         return f"mapping of name to {type_name(args[1])}"
     raise TypeError(f"settings: unsupported type {tp!r}")
+
+
+def range_name(bounds: Mapping[str, float]) -> str:
+    return ", ".join(f"{_BOUNDS[k][0]} {_show(v)}" for k, v in bounds.items())
 
 
 def _got(value: Any) -> str:
@@ -140,9 +185,6 @@ def _convert(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
             return value
         raise _Mismatch
     if origin in (Union, types.UnionType):
-        inner = section_of(tp)
-        if inner is not None and isinstance(value, Mapping):
-            return _parse_section(inner, value, key, errors)  # its own errors, key by key
         for alt in args:
             sub: list[str] = []
             try:
@@ -159,12 +201,27 @@ def _convert(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise _Mismatch
-        return [_convert(a, v, f"{key}[{i}]", errors) for i, (a, v) in enumerate(zip(args, value))]
+        return tuple(_convert(a, v, f"{key}[{i}]", errors) for i, (a, v) in enumerate(zip(args, value)))
     if origin is dict:
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
             raise _Mismatch
         return {k: _convert(args[1], v, f"{key}.{k}", errors) for k, v in value.items()}
     raise TypeError(f"settings: unsupported type {tp!r} for {key}")
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _numbers(v)]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
+    return []
+
+
+def _range_errors(key: str, value: Any, bounds: Mapping[str, float]) -> list[str]:
+    for x in _numbers(value):
+        if isinstance(x, float) and math.isnan(x) or not all(_BOUNDS[k][1](x, b) for k, b in bounds.items()):
+            return [f"{key}: must be {range_name(bounds)}, got {value!r}"]
+    return []
 
 
 def _dotted(path: str, name: str) -> str:
@@ -186,35 +243,56 @@ def unknown_message(path: str, name: str, candidates: list[str]) -> str:
     return f"{_dotted(path, name)}: unknown setting{hint}"
 
 
-def _parse_section(cls: type, data: Mapping, path: str, errors: list[str]) -> dict:
+def _default(f: dataclasses.Field) -> Any:
+    return copy.deepcopy(f.default) if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def _parse_section(cls: type, data: Mapping, path: str, errors: list[str]) -> Any:
     fields = fields_of(cls)
     names = [n for n, _, _ in fields]
     for k in data:
         if k not in names:
             errors.append(unknown_message(path, str(k), names))
     out: dict = {}
+    before = len(errors)
     for name, tp, f in fields:
         key = _dotted(path, name)
         if name in data:
+            value = data[name]
+            if f.metadata.get("switch") and isinstance(value, bool):
+                value = {"enabled": value}
             try:
-                out[name] = _convert(tp, data[name], key, errors)
+                out[name] = _convert(tp, value, key, errors)
             except _Mismatch:
-                errors.append(f"{key}: expected {type_name(tp)}, {_got(data[name])}")
+                shown = type_name(tp) + (" or bool (true or false)" if f.metadata.get("switch") else "")
+                errors.append(f"{key}: expected {shown}, {_got(data[name])}")
+                continue
+            errors += _range_errors(key, out[name], f.metadata.get("bounds") or {})
+        elif f.metadata.get("switch"):
+            out[name] = _parse_section(tp, {"enabled": False}, key, errors)
         elif is_section(tp):
             out[name] = _parse_section(tp, {}, key, errors)
         else:
-            d = copy.deepcopy(f.default) if f.default is not dataclasses.MISSING else f.default_factory()
-            try:  # the same conversions as a given value (1 -> 1.0 for a float)
+            d = _default(f)
+            try:  # the same conversions as a given value (1 -> 1.0 for a float, a list -> a tuple)
                 out[name] = _convert(tp, d, key, errors)
             except _Mismatch:
                 raise TypeError(f"settings: the default of {key}, {d!r}, is not {type_name(tp)}") from None
-    return out
+            if _range_errors(key, out[name], f.metadata.get("bounds") or {}):
+                raise TypeError(f"settings: the default of {key}, {d!r}, is out of its range")
+    if len(errors) > before or len(out) < len(fields):
+        return None  # a section with errors is not built; its rules would only repeat them
+    obj = cls(**out)
+    if isinstance(obj, Section):
+        errors += [_dotted(path, m) for m in obj.problems()]
+    return obj
 
 
-def parse(cls: type, data: Mapping | None, path: str = "") -> dict:
-    """The settings of `cls` from `data` (missing keys take their defaults), as a plain nested
-    dict; raises SettingsError naming every unknown key (with the nearest valid one) and every
-    value of the wrong type (key, value, expected type)."""
+def parse(cls: type[S], data: Mapping | None, path: str = "") -> S:
+    """The settings of `cls` from `data` (missing keys take their defaults) as an instance of
+    `cls`; raises SettingsError naming every unknown key (with the nearest valid one), every
+    value of the wrong type (key, value, expected type) or out of its range, and every broken
+    rule between settings."""
     errors: list[str] = []
     if data is not None and not isinstance(data, Mapping):
         raise SettingsError([f"{path or 'settings'}: expected a section (mapping), {_got(data)}"])
@@ -224,40 +302,49 @@ def parse(cls: type, data: Mapping | None, path: str = "") -> dict:
     return out
 
 
-def defaults(cls: type) -> dict:
-    """Every setting of `cls` at its default, as a plain nested dict."""
+def defaults(cls: type[S]) -> S:
+    """Every setting of `cls` at its default."""
     return parse(cls, {})
+
+
+def as_dict(settings: Any) -> dict:
+    """A settings object as plain nested data (the run record, commit metadata)."""
+    return dataclasses.asdict(settings)
 
 
 def known_keys(cls: type) -> dict:
     """The tree of setting names: {name: subtree} for a section, {name: None} for a value."""
-    return {name: known_keys(section_of(tp)) if section_of(tp) else None for name, tp, _ in fields_of(cls)}
+    return {name: known_keys(tp) if is_section(tp) else None for name, tp, _ in fields_of(cls)}
 
 
 def _show(value: Any) -> str:
     if isinstance(value, str) and value:
         return value
+    if isinstance(value, tuple):
+        value = list(value)
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
     return text[:-4].strip() if text.endswith("\n...") else text
 
 
 def describe(cls: type, path: str = "") -> str:
-    """One line per setting: `dotted.key = default  meaning [type]`, a section's meaning on the
-    line before its keys."""
+    """One line per setting: `dotted.key = default  meaning [type, range]`, a section's meaning
+    on the line before its keys."""
     rows: list[tuple[str, str]] = []
 
     def walk(c: type, p: str) -> None:
         for name, tp, f in fields_of(c):
             key = _dotted(p, name)
             meaning = f.metadata.get("help", "")
-            if is_section(tp):
+            if f.metadata.get("switch"):
+                rows.append((f"{key} = false", f"{meaning} [bool (true or false), or the section's keys]"))
+                walk(tp, key)
+            elif is_section(tp):
                 rows.append((f"{key}:", meaning))
                 walk(tp, key)
             else:
-                d = copy.deepcopy(f.default) if f.default is not dataclasses.MISSING else f.default_factory()
-                rows.append((f"{key} = {_show(d)}", f"{meaning} [{type_name(tp)}]"))
-                if section_of(tp) is not None:  # a switch that may also be given as this section
-                    walk(section_of(tp), key)
+                bounds = f.metadata.get("bounds") or {}
+                kind = type_name(tp) + (f", {range_name(bounds)}" if bounds else "")
+                rows.append((f"{key} = {_show(_default(f))}", f"{meaning} [{kind}]"))
 
     walk(cls, path)
     width = min(44, max(len(left) for left, _ in rows))
