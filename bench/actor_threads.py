@@ -25,12 +25,13 @@ def measure(mode: str, preset: str, batch: int, threads: int, iters: int) -> dic
     import torch
 
     from pipeline.models import load_model
+    from pipeline.sections import ModelSection
 
     torch.set_num_threads(threads)
     runner = ThreadPoolExecutor(max_workers=1)
 
     def build():
-        m, _ = load_model({"preset": preset, "seed": 0}, generator=False)
+        m, _ = load_model(ModelSection(preset=preset), generator=False)
         return m.requires_grad_(False)
 
     model = runner.submit(build).result() if mode == "one-thread" else build()

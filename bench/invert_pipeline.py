@@ -25,6 +25,8 @@ lines report.
 """
 from __future__ import annotations
 
+from pipeline.sections import ModelSection
+
 import argparse
 import json
 import multiprocessing as mp
@@ -50,7 +52,7 @@ def make_crops(folder: str, n: int, seed: int) -> list[str]:
     return files
 
 
-def _bare_process(batches: list[list[str]], spec: dict, threads: int, device: str, amp: str, conn) -> None:
+def _bare_process(batches: list[list[str]], spec: ModelSection, threads: int, device: str, amp: str, conn) -> None:
     """One process of a bare loop: build and warm up the model, then run its batches each time
     the parent asks, answering with (start, end) wall-clock times."""
     from PIL import Image
@@ -86,7 +88,7 @@ def _bare_process(batches: list[list[str]], spec: dict, threads: int, device: st
 class BareLoop:
     """`processes` processes of `threads` torch threads each, the batches dealt round-robin."""
 
-    def __init__(self, files: list[str], batch: int, processes: int, threads: int, spec: dict, device: str,
+    def __init__(self, files: list[str], batch: int, processes: int, threads: int, spec: ModelSection, device: str,
                  amp: str):
         batches = [files[s:s + batch] for s in range(0, len(files), batch)]
         ctx = mp.get_context("spawn")
@@ -146,7 +148,7 @@ def main() -> None:
     threads = args.threads or max(1, cores // actors)
     tmp = tempfile.mkdtemp(prefix="bench_invert_")
     files = make_crops(os.path.join(tmp, "bare"), args.n, 0)
-    spec = {"preset": args.preset, "seed": 0}
+    spec = ModelSection(preset=args.preset)
     device = torch.device(args.device)
     amp = amp_dtype(args.amp, device)
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0

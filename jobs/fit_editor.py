@@ -42,6 +42,7 @@ from jobs.cli import main
 from jobs.settings.fit_editor import Settings
 from pipeline import model_registry, storage
 from pipeline.compute import actor_pool, device_for, fit, gpus_per_actor, retry_args
+from pipeline.sections import ActorSection
 from pipeline.fit_data import SampleCodes, code_shape, codes_batch, id_split_batch, latent_counts, read_latents
 from pipeline.fit_loops import editor_loop
 from pipeline.model_registry import MODELS
@@ -99,7 +100,7 @@ def build_datasets(cfg: dict) -> tuple[dict, dict, dict]:
         # [0, n) and [n, n + n_val)), then split by id
         codes = ray.data.range(n + n_val).map_batches(
             SampleCodes, batch_size=int(s["batch_size"]), batch_format="numpy", compute=actor_pool(1),
-            fn_constructor_kwargs=ctor, **kw, **retry_args({}, n + n_val)).materialize()
+            fn_constructor_kwargs=ctor, **kw, **retry_args(ActorSection(), n + n_val)).materialize()
         ds = {sp: codes.map_batches(id_split_batch, batch_format="numpy", batch_size=1024,
                                     fn_kwargs={"n_train": n, "keep": sp}) for sp in ("train", "val")}
         counts = {"in": n + n_val, "ok": n + n_val, "failed": 0, "skipped": 0}

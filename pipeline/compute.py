@@ -1,6 +1,10 @@
 """How a job asks Ray for resources: actor pools, GPUs per actor, and Ray Train trainers."""
 from __future__ import annotations
 
+from typing import Any
+
+from pipeline.sections import ActorSection, TrainSection
+
 
 def cluster_has_gpu() -> bool:
     import ray
@@ -8,32 +12,31 @@ def cluster_has_gpu() -> bool:
     return float(ray.cluster_resources().get("GPU", 0)) >= 1
 
 
-def gpus_per_actor(value) -> float:
+def gpus_per_actor(value: float | str) -> float:
     """`auto`: one GPU per actor when the cluster has GPUs, none otherwise."""
-    if value in (None, "auto"):
+    if value == "auto":
         return 1.0 if cluster_has_gpu() else 0.0
     return float(value)
 
 
-def use_gpu(value) -> bool:
+def use_gpu(value: bool | str) -> bool:
     """A `use_gpu` setting of a training job: `auto` = whether the cluster has GPUs."""
-    return cluster_has_gpu() if value in (None, "auto") else bool(value)
+    return cluster_has_gpu() if value == "auto" else bool(value)
 
 
-def fit(loop, loop_config: dict, datasets: dict, t: dict, name: str):
-    """Run `loop` on a TorchTrainer (data parallel: `train` split across `t["num_workers"]`
+def fit(loop, loop_config: dict, datasets: dict, t: TrainSection, name: str):
+    """Run `loop` on a TorchTrainer (data parallel: `train` split across `t.num_workers`
     workers, other datasets whole to each); returns rank 0's return value, raising the
-    training error if there is one. `t["ray_storage"]`: Ray Train's run folder (shared storage
+    training error if there is one. `t.ray_storage`: Ray Train's run folder (shared storage
     on a multi-node cluster)."""
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    rc = {"name": name}
-    if t.get("ray_storage"):
-        rc["storage_path"] = t["ray_storage"]
+    rc: dict[str, Any] = {"name": name}
+    if t.ray_storage:
+        rc["storage_path"] = t.ray_storage
     trainer = TorchTrainer(loop, train_loop_config=loop_config,
-                           scaling_config=ScalingConfig(num_workers=int(t.get("num_workers", 1)),
-                                                        use_gpu=use_gpu(t.get("use_gpu", "auto"))),
+                           scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu(t.use_gpu)),
                            datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
                            run_config=RunConfig(**rc))
     result = trainer.fit()
@@ -42,7 +45,7 @@ def fit(loop, loop_config: dict, datasets: dict, t: dict, name: str):
     return result.return_value
 
 
-def actor_pool(concurrency, isolating: bool = False):
+def actor_pool(concurrency: int | tuple[int, int], isolating: bool = False):
     """An int is a fixed pool; `[min, max]` autoscales between the two. `isolating` (a poison
     isolation pass of the runner): one task at a time per actor, so an actor that dies takes
     only the batch it was running with it, never the batches queued behind it; otherwise a
@@ -51,12 +54,23 @@ def actor_pool(concurrency, isolating: bool = False):
     import ray
 
     kw = {"max_tasks_in_flight_per_actor": 1} if isolating else {}
-    if isinstance(concurrency, (list, tuple)):
-        return ray.data.ActorPoolStrategy(min_size=int(concurrency[0]), max_size=int(concurrency[1]), **kw)
-    return ray.data.ActorPoolStrategy(size=int(concurrency), **kw)
+    if isinstance(concurrency, tuple):
+        return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1], **kw)
+    return ray.data.ActorPoolStrategy(size=concurrency, **kw)
 
 
-def retry_args(section: dict, n_rows: int) -> dict:
+def actor_stage(section: ActorSection, n_rows: int, isolating: bool = False) -> tuple[dict, str]:
+    """(the `map_batches` keywords of an actor stage: pool, CPUs, GPUs, retry bounds; the device
+    its actors run on). Every job's model stage asks for resources this one way."""
+    num_gpus = gpus_per_actor(section.num_gpus)
+    kw: dict[str, Any] = {"compute": actor_pool(section.concurrency, isolating=isolating),
+                          "num_cpus": section.num_cpus, **retry_args(section, n_rows)}
+    if num_gpus > 0:
+        kw["num_gpus"] = num_gpus
+    return kw, device_for(section.device, num_gpus)
+
+
+def retry_args(section: ActorSection, n_rows: int) -> dict:
     """`map_batches` keywords that bound an actor stage's fault tolerance (Ray Data's default is
     unbounded: max_restarts=-1, max_task_retries=-1, so a face that kills its worker every time
     hangs the job). `max_task_retries`: times a task is run again after its actor died; then the
@@ -64,14 +78,12 @@ def retry_args(section: dict, n_rows: int) -> dict:
     `max_restarts`: restarts per actor; `auto` = one per attempt of every task of the pass
     (n_rows x (max_task_retries + 1)), finite and never fewer than the crashes the pass can meet:
     an actor past its restarts stays dead in Ray Data's pool, which then waits forever."""
-    retries = int(section.get("max_task_retries", 1))
-    if retries < 0:
-        raise ValueError(f"max_task_retries must be >= 0, got {retries}")
-    restarts = section.get("max_restarts", "auto")
-    if restarts in (None, "auto"):
-        restarts = max(1, int(n_rows)) * (retries + 1)
-    return {"max_restarts": int(restarts), "max_task_retries": retries}
+    retries = section.max_task_retries
+    restarts = section.max_restarts
+    if restarts == "auto":
+        restarts = max(1, n_rows) * (retries + 1)
+    return {"max_restarts": restarts, "max_task_retries": retries}
 
 
 def device_for(device: str, num_gpus: float) -> str:
-    return device if device not in (None, "auto") else ("cuda" if num_gpus > 0 else "cpu")
+    return device if device != "auto" else ("cuda" if num_gpus > 0 else "cpu")

@@ -287,7 +287,6 @@ def write_data_file(t: pa.Table, output: str, table: str, run_id: str, tag: str 
 
 def key_strings(t: pa.Table, key: list[str]) -> pa.Array:
     """One string per row for a (possibly composite) key, for set membership in Arrow."""
-
     cols = [pc.cast(t.column(k), pa.string()) for k in key]
     if len(cols) == 1:
         return cols[0]
@@ -317,7 +316,6 @@ def _replace_in_file(batch: dict, key: list[str], replace_key: list[str], ours_r
     `replace_key` (a retried image replaces all its rows); in this run's own files a row loses to
     a twin of the same `key` in a greater file name or earlier in the same file. Returns the
     rewrite record (nothing when the file is untouched)."""
-
     fs, _ = storage.url_to_fs(output)
     out: dict[str, list] = {"old_path": [], "old_size": [], "path": [], "size": [], "rows": []}
     ours = gather(ours_refs)

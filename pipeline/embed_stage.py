@@ -20,9 +20,10 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline.images import load_crops
-from pipeline.models import ModelActor
+from pipeline.models import RANDOM_INIT_SEED, ModelActor
 from pipeline.runner import STATUS_LOST
 from pipeline.schemas import EMBEDDING_DIM, embeddings_schema, make_table, nested_list_array
+from pipeline.sections import MetricWeights
 
 log = logging.getLogger("stbatch.embed")
 
@@ -43,15 +44,15 @@ def backbone_label(weights: dict) -> str:
                      "allow_random_init is for tests")
 
 
-def build_identity(weights: dict, device: torch.device):
+def build_identity(weights: MetricWeights, device: torch.device):
     """The identity backbone of a `metric_weights` section; a random one is seeded, so every
     actor and every run embeds alike."""
     from stmodel.metrics import IDSimilarity
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(weights.get("random_init_seed", 0)))
-        return IDSimilarity(weights.get("facenet") or None, allow_random_init=bool(weights.get("allow_random_init")),
-                            device=device, sha256=weights.get("facenet_sha256") or None)
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return IDSimilarity(weights.facenet or None, allow_random_init=weights.allow_random_init,
+                            device=device, sha256=weights.facenet_sha256 or None)
 
 
 def work_batch(batch: pa.Table, backbone: str) -> pa.Table:

@@ -19,12 +19,15 @@ from urllib.parse import urlsplit
 
 import torch
 
+from pipeline.sections import MetricWeights, ModelSection
 from pipeline.redact import redact_text
 from stmodel.checkpoint import inversion_config, load_bytes, load_inversion, read_bytes
 from stmodel.config import ModelConfig, get_preset
 from stmodel.inversion import StyleTransformer
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# the seed of random-init metric backbones (tests): every actor and every job scores alike
+RANDOM_INIT_SEED = 0
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -51,30 +54,30 @@ def random_model_info(preset: str, seed: int) -> dict:
             "sha256": hashlib.sha256(f"random-init:{preset}:{seed}".encode()).hexdigest()}
 
 
-def load_model(spec: dict, generator: bool = True) -> tuple[StyleTransformer, dict]:
+def load_model(spec: ModelSection, generator: bool = True) -> tuple[StyleTransformer, dict]:
     """The inversion model of a `model:` config section, and a description for the tables:
     `{"name", "sha256", "uri"}` (a seeded random model is identified by preset and seed).
     `generator=False`: encoder and mapping net only (the same weights; `reconstruct` raises)."""
-    if spec.get("checkpoint"):
-        model, info = load_inversion(spec["checkpoint"], preset=spec.get("preset") or None,
-                                     sha256=spec.get("sha256") or None, generator=generator)
-        return model, {"name": _name(spec), "sha256": info.sha256, "uri": spec["checkpoint"]}
+    if spec.checkpoint:
+        model, info = load_inversion(spec.checkpoint, preset=spec.preset or None, sha256=spec.sha256 or None,
+                                     generator=generator)
+        return model, {"name": _name(spec), "sha256": info.sha256, "uri": spec.checkpoint}
     preset, seed = _random_spec(spec)
     torch.manual_seed(seed)
     return StyleTransformer(get_preset(preset), generator=generator).eval(), random_model_info(preset, seed)
 
 
-def describe_model(spec: dict) -> tuple[ModelConfig, dict]:
+def describe_model(spec: ModelSection) -> tuple[ModelConfig, dict]:
     """What the driver needs (shape, identity) without building the model or its weights."""
-    if spec.get("checkpoint"):
-        data, digest = read_bytes(spec["checkpoint"], spec.get("sha256") or None)
-        cfg = inversion_config(load_bytes(data, spec["checkpoint"]), spec.get("preset") or None)
-        return cfg, {"name": _name(spec), "sha256": digest, "uri": spec["checkpoint"]}
+    if spec.checkpoint:
+        data, digest = read_bytes(spec.checkpoint, spec.sha256 or None)
+        cfg = inversion_config(load_bytes(data, spec.checkpoint), spec.preset or None)
+        return cfg, {"name": _name(spec), "sha256": digest, "uri": spec.checkpoint}
     preset, seed = _random_spec(spec)
     return get_preset(preset), random_model_info(preset, seed)
 
 
-def model_shapes(spec: dict) -> dict:
+def model_shapes(spec: ModelSection) -> dict:
     """Sizes and identity the driver needs, without building the model: input_size, pool_size,
     n_latent, style_dim, name, sha256."""
     mc, info = describe_model(spec)
@@ -82,23 +85,24 @@ def model_shapes(spec: dict) -> dict:
             "style_dim": mc.style_dim, "name": info["name"], "sha256": info["sha256"]}
 
 
-def _name(spec: dict) -> str:
+def _name(spec: ModelSection) -> str:
     """The model's name in rows and records: `name`, else the checkpoint's file name (never its
     query string, which a presigned URL signs with)."""
-    if spec.get("name"):
-        return redact_text(str(spec["name"]))
-    uri = str(spec["checkpoint"])
+    name = getattr(spec, "name", None)  # NamedModelSection: the name written to the tables
+    if name:
+        return redact_text(name)
+    uri = str(spec.checkpoint)
     path = urlsplit(uri).path if "://" in uri else uri
     return os.path.basename(path.rstrip("/"))
 
 
-def _random_spec(spec: dict) -> tuple[str, int]:
-    if not spec.get("preset"):
+def _random_spec(spec: ModelSection) -> tuple[str, int]:
+    if not spec.preset:
         raise ValueError("model: set model.checkpoint=URI (or model.preset=NAME with model.seed for a random model)")
-    return spec["preset"], int(spec.get("seed", 0))
+    return spec.preset, spec.seed
 
 
-def build_metrics(spec: dict, device: torch.device):
+def build_metrics(spec: MetricWeights, device: torch.device):
     """(LPIPSMetric | None, IDSimilarity | None) from a `metrics:` config section.
 
     A metric without weights is an error, unless `allow_random_init` (tests only: seeded random
@@ -106,18 +110,18 @@ def build_metrics(spec: dict, device: torch.device):
     columns stay null with a label saying so)."""
     from stmodel.metrics import IDSimilarity, LPIPSMetric
 
-    rnd = bool(spec.get("allow_random_init", False))
-    skip = bool(spec.get("skip_missing", False)) and not rnd
+    rnd = spec.allow_random_init
+    skip = spec.skip_missing and not rnd
     # Random-init backbones (tests) are seeded, so every actor and every job scores alike.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(spec.get("random_init_seed", 0)))
+        torch.manual_seed(RANDOM_INIT_SEED)
         lp = ident = None
-        if spec.get("lpips_alexnet") or not skip:
-            lp = LPIPSMetric(spec.get("lpips_alexnet") or None, allow_random_init=rnd, device=device,
-                             sha256=spec.get("lpips_alexnet_sha256") or None)
-        if spec.get("facenet") or not skip:
-            ident = IDSimilarity(spec.get("facenet") or None, allow_random_init=rnd, device=device,
-                                 sha256=spec.get("facenet_sha256") or None)
+        if spec.lpips_alexnet or not skip:
+            lp = LPIPSMetric(spec.lpips_alexnet or None, allow_random_init=rnd, device=device,
+                             sha256=spec.lpips_alexnet_sha256 or None)
+        if spec.facenet or not skip:
+            ident = IDSimilarity(spec.facenet or None, allow_random_init=rnd, device=device,
+                                 sha256=spec.facenet_sha256 or None)
     return lp, ident
 
 

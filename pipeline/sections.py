@@ -53,7 +53,9 @@ class NamedModelSection(ModelSection):
 @dataclass
 class MetricWeights(Section):
     lpips_alexnet: str | None = setting(None, "torchvision AlexNet state_dict URI (LPIPS backbone)")
+    lpips_alexnet_sha256: str | None = setting(None, "verify that file against this sha256 when set")
     facenet: str | None = setting(None, "facenet-pytorch VGGFace2 InceptionResnetV1 state_dict URI (ID similarity)")
+    facenet_sha256: str | None = setting(None, "verify that file against this sha256 when set")
     allow_random_init: bool = setting(False, "tests only: seeded random backbones, labelled in every row")
     skip_missing: bool = setting(False, "leave a metric without weights uncomputed (null, labelled)")
 

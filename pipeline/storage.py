@@ -24,6 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 # object_store's helpers, used as storage.*
 from pipeline.object_store import (DELTA_RETRY_OPTIONS, columns_filesystem, open_for_columns,  # noqa: F401
                                    task_retry_args)
+from stmodel.uri import write_bytes  # noqa: F401 - the one implementation, also used as storage.write_bytes
 
 RUNS_DIR = "_runs"
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*(/[A-Za-z0-9][A-Za-z0-9._=-]*)*$")

@@ -20,6 +20,7 @@ from jobs import edit, invert
 from jobs.cli import load_config
 from pipeline import delta
 from pipeline.compute import retry_args
+from pipeline.sections import ActorSection
 from pipeline.decode import image_id
 from pipeline.edit_stage import EditBatch
 from pipeline.invert_stage import InvertBatch
@@ -62,10 +63,11 @@ def crashing_edit(victim: str, log_path: str):
 
 
 def test_retry_args_are_finite():
-    assert retry_args({}, 10) == {"max_restarts": 20, "max_task_retries": 1}
-    assert retry_args({"max_task_retries": 0, "max_restarts": "auto"}, 0) == {"max_restarts": 1,
+    assert retry_args(ActorSection(), 10) == {"max_restarts": 20, "max_task_retries": 1}
+    assert retry_args(ActorSection(max_task_retries=0, max_restarts="auto"), 0) == {"max_restarts": 1,
                                                                              "max_task_retries": 0}
-    assert retry_args({"max_task_retries": 2, "max_restarts": 5}, 100) == {"max_restarts": 5, "max_task_retries": 2}
+    assert retry_args(ActorSection(max_task_retries=2, max_restarts=5), 100) == {"max_restarts": 5,
+                                                                                  "max_task_retries": 2}
 
 
 def test_poison_face_ends_as_one_worker_crash_row_and_the_run_completes(ray_local, tmp_path, tiny_checkpoint):
