@@ -34,7 +34,6 @@ most log2(B) + 1 passes, each over fewer rows, each crash bounded by the retries
 from __future__ import annotations
 
 import datetime as _dt
-import gc
 import json
 import logging
 import math
@@ -48,6 +47,7 @@ import pyarrow.compute as pc
 
 from pipeline import delta, storage
 from pipeline.config import Section, as_dict
+from pipeline.ray_private import release_leftover_actors, with_own_context
 from pipeline.redact import redact_config
 from pipeline.schemas import unsliced
 
@@ -215,46 +215,6 @@ def _missing(batch: pa.Table, key: list[str], back_refs: list) -> pa.Table:
                                            value_set=pc.unique(delta.key_strings(back, key)))))
 
 
-def _release_actors() -> None:
-    """End the actors a finished execution left behind (called between two executions of one job).
-
-    Ray Data drops its handles when an execution ends, and an actor lives as long as a handle
-    to it does; after a task of the pool failed, a handle stays referenced from the driver (the
-    recorded error's traceback), so the actor - restarted after its crash, idle - keeps its
-    CPUs / GPUs, and the next pass, on a small cluster, waits for them forever. Those leftovers
-    are the map-worker handles no live actor pool holds: another run in this driver (two jobs
-    at once) has its actors in its pool, and they are never touched."""
-    import ray
-    from ray.actor import ActorHandle
-
-    gc.collect()
-    objects = gc.get_objects()
-    left = [o for o in objects if issubclass(type(o), ActorHandle)  # (type(): no __class__ lookups)
-            and o._ray_actor_creation_function_descriptor.class_name.startswith("MapWorker(")]
-    if not left:
-        return
-    in_use = _pooled_actor_ids(objects)
-    ended = 0
-    for h in left:
-        if h._ray_actor_id not in in_use:
-            ray.kill(h, no_restart=True)
-            ended += 1
-    if ended:
-        log.info("ended %d actor(s) left by the finished pass", ended)
-
-
-def _pooled_actor_ids(objects: list) -> set:
-    """Ids of the actors that a live Ray Data actor pool (a running execution) holds."""
-    from ray.data._internal.execution.operators.actor_pool_map_operator import _ActorPool
-
-    ids = set()
-    for o in objects:
-        if isinstance(o, _ActorPool):
-            ids.update(h._ray_actor_id for h in list(o._running_actors))
-            ids.update(h._ray_actor_id for h in list(o._pending_actors.values()))
-    return ids
-
-
 def _as_worker_crash(batch: pa.Table, batch_size: int) -> pa.Table:
     """`lost` rows -> `worker_crash` rows with the reason (other statuses kept)."""
     lost = pc.equal(batch.column("status"), STATUS_LOST)
@@ -310,9 +270,10 @@ def write_batch(batch: pa.Table, output: str, table: str, run_id: str, schema: p
 class JobRun:
     """One run of a job writing under `output`; nothing is visible until `commit`."""
 
-    def __init__(self, output: str, job: str, config: Section, rows_per_file: int = 20_000, log_every_s: float = 30):
+    def __init__(self, output: str, job: str, config: Section | None = None, rows_per_file: int = 20_000,
+                 log_every_s: float = 30):
         self.output, self.job = output, job
-        self.config = redact_config(as_dict(config))
+        self.config = redact_config(as_dict(config)) if config is not None else {}  # None: tables written by hand
         self.run_id = storage.new_run_id(job)
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.t0 = time.time()
@@ -406,13 +367,13 @@ class JobRun:
         not one batch: `rows` come in blocks of at most `batch_size` rows, and `rerun` must not
         batch them above it before the actor stage (its task stages take `batch_size` too).
         With `rerun`, `ds` is None and the first pass is `rerun(inputs, None)`, built here: no
-        caller holds it, so its actors end when it is drained (see `_release_actors`)."""
+        caller holds it, so its actors end when it is drained (see `ray_private.release_leftover_actors`)."""
         res = WriteResult()
         if ds is None:
             ds = rerun(inputs, None)
         self._drain(ds, table, res, expected, tolerate_crashes=rerun is not None)
         del ds
-        _release_actors()
+        release_leftover_actors()
         if expected is not None and res.done < expected and inputs is not None and lost_rows is not None:
             key = list(lost_key or table.key)
             missing = self._missing_rows(inputs, key, table, res.files)
@@ -426,7 +387,7 @@ class JobRun:
                     before = len(res.files)
                     self._drain(rerun(missing.repartition(target_num_rows_per_block=bs), bs), table, res, expected,
                                 tolerate_crashes=True, count_skipped=False)
-                    _release_actors()
+                    release_leftover_actors()
                     missing = self._missing_rows(missing, key, table, res.files[before:])
                 crashed = True
             if missing.count():
@@ -440,15 +401,13 @@ class JobRun:
         dropped instead of failing the run: its rows are missing, for the isolation passes.
         `count_skipped=False`: an isolation pass, whose skipped rows (align marks done files
         again) the first pass counted already."""
-        from ray.data import Dataset
-
         last = time.time()
         out = ds.map_batches(write_batch, batch_format="pyarrow", batch_size=self.rows_per_file,
                              fn_kwargs={"output": self.output, "table": table.name, "run_id": self.run_id,
                                         "schema": table.schema, "count_skipped": count_skipped},
                              **storage.task_retry_args())  # a write that fails on storage runs again
         if tolerate_crashes:
-            out = Dataset.copy(out, _deep_copy=True)  # its own DataContext: the setting stays with this run
+            out = with_own_context(out)  # the setting stays with this run
             out.context.max_errored_blocks = -1
         for rec in out.iter_rows():
             res.add(rec)

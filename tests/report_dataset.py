@@ -253,7 +253,7 @@ def _commit(root: str, job: str, spec: TableSpec, t: pa.Table, n_in: int, n_ok: 
     """One run of `job` committing `t`. `raw`: the data file is written as another engine (or
     this project before its rows were redacted) would leave it, text untouched, so that what
     the report shows of it is the report's own doing."""
-    r = JobRun(root, job, {})
+    r = JobRun(root, job)
     res = WriteResult(files=[_raw_file(root, spec.name, r.run_id, t)]) if raw else r.write_small(spec, t)
     r.commit({spec: res}, {"in": n_in, "ok": n_ok, "failed": n_in - n_ok, "skipped": 0, "seconds": 1.0},
              replace=False)
@@ -284,4 +284,4 @@ def _training(root: str, images: np.ndarray, poison: str) -> None:
     if poison:
         ev = {f"{k}{poison}": v for k, v in ev.items()}
     storage.write_bytes(storage.join(root, "train/eval.json"), json.dumps(ev).encode())
-    JobRun(root, "train_encoder", {}).commit({}, {"in": 384, "ok": 384, "failed": 0, "skipped": 0, "seconds": 60.0})
+    JobRun(root, "train_encoder").commit({}, {"in": 384, "ok": 384, "failed": 0, "skipped": 0, "seconds": 60.0})

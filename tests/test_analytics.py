@@ -245,7 +245,7 @@ def test_quality_job(ray_local, tmp_path):
     cols = {"image_id": [iid(i) for i in range(n + 1)], "face_index": [0] * (n + 1),
             "status": ["ok"] * n + ["decode_error"], "psnr": list(psnr) + [None], "lpips": list(lpips) + [None]}
     wall = np.concatenate([w, np.zeros((1, NL, D), np.float32)])
-    r = JobRun(root, "invert", {})
+    r = JobRun(root, "invert")
     r.commit({spec: r.write_small(spec, make_table(cols, spec.schema, r.run_id, w_plus=wall,
                                                     ok=np.arange(n + 1) < n))}, {"in": n + 1})
     res = quality.run(_cfg(quality.SETTINGS, input=root))

@@ -175,9 +175,9 @@ def test_reads_committed_align_output(ray_local, tmp_path, tiny_checkpoint):
     rows.append({"image_id": "f" * 64, "source_uri": "s3://raw/none.jpg", "status": "no_face",
                  "error": "no face", "n_faces": 0})
     spec = TableSpec("faces", FACES_SCHEMA, ("image_id", "face_index"), ("image_id",))
-    run = JobRun(root, "align", {})
+    run = JobRun(root, "align")
     run.commit({spec: run.write_small(spec, faces_table(rows, run.run_id))}, {"in": 4})
-    crashed = JobRun(root, "align", {})  # an uncommitted align run: ignored
+    crashed = JobRun(root, "align")  # an uncommitted align run: ignored
     crashed.write_small(spec, faces_table([{**rows[0], "image_id": "e" * 64}], crashed.run_id))
     r = invert.run(_cfg(root, root, ckpt))
     assert r["counts"] == {"in": 3, "ok": 3, "failed": 0, "skipped": 0}

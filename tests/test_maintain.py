@@ -35,10 +35,10 @@ def _rows(run: int, run_id: str) -> pa.Table:
 def _table_with_orphan(root: str) -> str:
     """N_COMMITS small commits of ROWS rows each, and the data file of a killed run."""
     for k in range(N_COMMITS):
-        r = JobRun(root, "invert", {})
+        r = JobRun(root, "invert")
         r.commit({SPEC: r.write_small(SPEC, _rows(k, r.run_id))}, {"in": ROWS, "ok": ROWS, "failed": 0, "skipped": 0},
                  replace=False)
-    killed = JobRun(root, "invert", {})
+    killed = JobRun(root, "invert")
     rec = killed.write_small(SPEC, _rows(99, killed.run_id)).files[0]
     return rec.path
 

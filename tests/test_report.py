@@ -47,7 +47,7 @@ EDITS = TableSpec("edits", pa.schema([
 
 def _commit(root: str, job: str, spec: TableSpec, t: pa.Table, summary: dict) -> JobRun:
     """One run of `job` committing `t` to `spec` through the runner (no Ray: no key replacement)."""
-    r = JobRun(root, job, {})
+    r = JobRun(root, job)
     r.commit({spec: r.write_small(spec, t)}, summary, replace=False)
     return r
 
@@ -80,7 +80,7 @@ def _dataset(root: str, labels: str = REAL, mismatch: bool = False) -> dict:
             {"in": 5 if mismatch else 4, "ok": 3, "failed": 1, "skipped": 0, "seconds": 2.0,
              "metrics": {"psnr": {"mean": 25.0, "p50": 25.0, "p95": 29.5, "n": 3}, "backbones": [labels]}})
 
-    crashed = JobRun(root, "invert", {})  # data file written, never committed: must be ignored
+    crashed = JobRun(root, "invert")  # data file written, never committed: must be ignored
     crashed.write_small(LATENTS, make_table(cols, LATENTS.schema, crashed.run_id, w_plus=w * 100, ok=ok))
     ghost = storage.new_run_id("invert")  # a record naming a commit the Delta log does not hold
     storage.write_bytes(storage.join(root, "_runs", f"{ghost}.json"), json.dumps(
@@ -111,7 +111,7 @@ def _dataset(root: str, labels: str = REAL, mismatch: bool = False) -> dict:
     _png(storage.join(root, "train/grids/step_000050.png"), 30, size=512)
     storage.write_bytes(storage.join(root, "train/eval.json"), json.dumps(
         {"trained": {"psnr": 24.1, "lpips": 0.2}, "mean_latent": {"psnr": 15.3, "lpips": 0.5}}).encode())
-    JobRun(root, "train_encoder", {}).commit({}, {"in": 10, "ok": 10, "failed": 0, "skipped": 0, "seconds": 5.0})
+    JobRun(root, "train_encoder").commit({}, {"in": 10, "ok": 10, "failed": 0, "skipped": 0, "seconds": 5.0})
     return {"ids": ids, "crashed": crashed.run_id, "ghost": ghost}
 
 

@@ -35,7 +35,7 @@ def _commit_faces(root, files, missing=()):
         uri = f + ".gone" if i in missing else f
         rows.append({"image_id": iid, "source_uri": f"s3://raw/p{i}.jpg", "status": "ok", "n_faces": 1,
                      "face_index": 0, "aligned_uri": uri})
-    run = JobRun(root, "align", {})
+    run = JobRun(root, "align")
     run.commit({FACES: run.write_small(FACES, faces_table(rows, run.run_id))}, {"in": len(rows)})
     return rows
 
@@ -138,7 +138,7 @@ def test_commit_race_is_recomputed_on_top_of_the_winner(ray_local, tmp_path, mon
     """Run B read the table before run A committed; B's first commit attempt loses the race,
     and its retry replaces A's rows of the keys both wrote: every key once, B's rows newest."""
     out = str(tmp_path / "ds")
-    a, b = JobRun(out, "invert", {}), JobRun(out, "invert", {})
+    a, b = JobRun(out, "invert"), JobRun(out, "invert")
     ra = a.write_small(LAT, _latent_rows(["k1", "k2", "k3"], a.run_id))
     rb = b.write_small(LAT, _latent_rows(["k2", "k3", "k4"], b.run_id))
     real = delta._ensure_table
@@ -164,7 +164,7 @@ def test_commit_race_is_recomputed_on_top_of_the_winner(ray_local, tmp_path, mon
 
 def test_duplicates_within_a_run_are_published_once(ray_local, tmp_path):
     out = str(tmp_path / "ds")
-    run = JobRun(out, "invert", {})
+    run = JobRun(out, "invert")
     r1 = run.write_small(LAT, _latent_rows(["k1", "k2"], run.run_id))
     r2 = run.write_small(LAT, _latent_rows(["k2", "k2", "k3"], run.run_id))
     r1.files += r2.files
@@ -177,11 +177,11 @@ def test_faces_retry_replaces_every_row_of_the_image(ray_local, tmp_path):
     """An image that failed (one row, no face index) and is retried with two faces: the failed
     row goes, both faces stay, other images untouched."""
     out = str(tmp_path / "ds")
-    first = JobRun(out, "align", {})
+    first = JobRun(out, "align")
     rows = [{"image_id": "a" * 64, "source_uri": "x", "status": "align_error", "error": "boom"},
             {"image_id": "b" * 64, "source_uri": "y", "status": "ok", "face_index": 0}]
     first.commit({FACES: first.write_small(FACES, faces_table(rows, first.run_id))}, {"in": 2})
-    second = JobRun(out, "align", {})
+    second = JobRun(out, "align")
     retry = [{"image_id": "a" * 64, "source_uri": "x", "status": "ok", "face_index": i} for i in (0, 1)]
     second.commit({FACES: second.write_small(FACES, faces_table(retry, second.run_id))}, {"in": 1})
     t = delta.read_snapshot_arrow(out, "faces")
@@ -191,11 +191,11 @@ def test_faces_retry_replaces_every_row_of_the_image(ray_local, tmp_path):
 
 def test_readers_see_only_committed_runs_and_time_travel(ray_local, tmp_path):
     out = str(tmp_path / "ds")
-    one = JobRun(out, "invert", {})
+    one = JobRun(out, "invert")
     one.commit({LAT: one.write_small(LAT, _latent_rows(["k1"], one.run_id))}, {"in": 1})
-    two = JobRun(out, "invert", {})
+    two = JobRun(out, "invert")
     two.commit({LAT: two.write_small(LAT, _latent_rows(["k1", "k2"], two.run_id, status="read_error"))}, {"in": 2})
-    killed = JobRun(out, "invert", {})
+    killed = JobRun(out, "invert")
     killed.write_small(LAT, _latent_rows(["k9"], killed.run_id))  # never committed
     dt = delta.open_table(out, "latents")
     assert sorted(dt.to_pyarrow_table()["image_id"].to_pylist()) == ["k1", "k2"]
