@@ -72,7 +72,7 @@ def commit_new_faces(root: str, crops: list[str]) -> None:
     rows = [{"image_id": image_id(storage.read_bytes(c)), "source_uri": f"s3://raw/new_{i}.jpg", "status": "ok",
              "n_faces": 1, "face_index": 0, "aligned_uri": c} for i, c in enumerate(crops)]
     spec = TableSpec("faces", FACES_SCHEMA, ("image_id", "face_index"), ("image_id",))
-    run = JobRun(root, "align", {})
+    run = JobRun(root, "align")
     run.commit({spec: run.write_small(spec, faces_table(rows, run.run_id))}, {"in": len(rows)})
 
 

@@ -78,7 +78,7 @@ def commit_faces_table(folder: str, root: str) -> None:
     from pipeline.schemas import FACES_SCHEMA, faces_table
 
     spec = TableSpec("faces", FACES_SCHEMA, ("image_id", "face_index"), ("image_id",))
-    run = JobRun(root, "align", {})
+    run = JobRun(root, "align")
     rows = []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
@@ -119,7 +119,7 @@ def commit_codes_and_classifier(root: str, n: int, block: int = 10_000) -> None:
     items = ray.data.from_items([{"start": s, "stop": min(n, s + block)} for s in range(0, n, block)])
     res = run.write(items.map_batches(_code_block, batch_size=1, fn_kwargs={"run_id": run.run_id}), spec)
     run.commit({spec: res}, {"in": n})
-    fit = JobRun(root, "fit_classifier", {})
+    fit = JobRun(root, "fit_classifier")
     torch.manual_seed(0)
     uri = storage.join(root, model_key("classifier", fit.run_id, "classifier.pt"))
     sha = save_obj(classifier_state(LatentClassifier(8, 64, 3, (128, 64), 16, ["Smiling", "Eyeglasses", "Male"])), uri)
