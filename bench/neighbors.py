@@ -63,7 +63,7 @@ def write_embeddings(root: str, n: int, dim: int, clusters: int, spread: float, 
                                 override_num_blocks=len(starts))
     ds = items.map_batches(synthetic_block, batch_size=1, batch_format="numpy",
                            fn_kwargs={"n": n, "dim": dim, "clusters": clusters, "spread": spread, "seed": seed})
-    r = JobRun(root, "bench_embeddings", {}, rows_per_file=block)
+    r = JobRun(root, "bench_embeddings", rows_per_file=block)
     res = r.write(ds, EMBEDDINGS)
     r.commit({EMBEDDINGS: res}, {"in": n, **res.counts})
 

@@ -115,7 +115,7 @@ def commit_codes_and_classifier(root: str, n: int, block: int = 10_000) -> None:
     from stmodel.classifier import LatentClassifier, classifier_state
 
     spec = TableSpec("latents", latents_schema(8, 64), ("image_id", "face_index"))
-    run = JobRun(root, "invert", {}, rows_per_file=block)
+    run = JobRun(root, "invert", rows_per_file=block)
     items = ray.data.from_items([{"start": s, "stop": min(n, s + block)} for s in range(0, n, block)])
     res = run.write(items.map_batches(_code_block, batch_size=1, fn_kwargs={"run_id": run.run_id}), spec)
     run.commit({spec: res}, {"in": n})
