@@ -50,19 +50,10 @@ from pipeline.config import Section, as_dict
 from pipeline.ray_private import release_leftover_actors, with_own_context
 from pipeline.redact import redact_config
 from pipeline.schemas import unsliced
+from pipeline.status import STATUS_LOST, STATUS_OK, STATUS_SKIPPED, STATUS_WORKER_CRASH, TRANSIENT_STATUSES
 
 log = logging.getLogger("stbatch.runner")
 
-STATUS_OK = "ok"
-STATUS_SKIPPED = "skipped"   # counted, never written
-STATUS_LOST = "lost"         # went into the pipeline and never came back (worker crash)
-STATUS_WORKER_CRASH = "worker_crash"  # crashed its worker on every attempt, alone in its batch
-# Failures a later run retries by default; every other failure status is permanent (the same
-# input would fail the same way) and is retried only with `retry_failed=true`.
-TRANSIENT_STATUSES = frozenset({
-    "read_error", "write_error", "lost", "worker_crash", "invert_error", "align_error", "evaluate_error",
-    "edit_error", "model_mismatch",
-})
 UNIT_COLUMN = "_unit"   # optional: the outcome that counts for an input unit (align counts files, not faces)
 
 

@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from pipeline.status import STATUS_ALIGN_ERROR, STATUS_DECODE_ERROR, STATUS_NO_FACE, STATUS_TOO_LARGE, STATUS_TOO_SMALL
+
 # ---------------------------------------------------------------------------------------------
 # Generic helpers
 
@@ -177,18 +179,8 @@ def utc_now() -> _dt.datetime:
 # ---------------------------------------------------------------------------------------------
 # The `faces` table
 
-FACE_STATUS_OK = "ok"
-# Failure statuses (one row per input file, error text says why).
-FACE_STATUSES_FAILED = (
-    "decode_error",   # empty, truncated, not an image, corrupt pixel data
-    "too_large",      # header declares more pixels than `max_pixels` (decompression bomb guard)
-    "too_small",      # image smaller than `min_image_side`, or every face below `min_face_px`
-    "no_face",        # the detector found nothing above `min_score`
-    "align_error",    # unexpected failure in detection / alignment / writing the crop
-)
-# Not written to the table: counted as skipped in the summary.
-FACE_STATUS_SKIPPED = "skipped"    # image_id already in a committed run
-FACE_STATUS_DUPLICATE = "duplicate"  # same bytes as another file of this run (row written, counted skipped)
+# Failure statuses of the faces table (one row per input file, error text says why): pipeline.status
+FACE_STATUSES_FAILED = (STATUS_DECODE_ERROR, STATUS_TOO_LARGE, STATUS_TOO_SMALL, STATUS_NO_FACE, STATUS_ALIGN_ERROR)
 
 LANDMARKS_TYPE = nested_list_type(pa.float32(), (5, 2))
 QUAD_TYPE = nested_list_type(pa.float32(), (4, 2))
