@@ -507,6 +507,16 @@ def _weighted_quantile(points: np.ndarray, weights: np.ndarray, q: float) -> flo
     return float(np.interp(q, cdf, p))
 
 
+def reduce_run_files(output: str, table: str, files: list[delta.FileRecord], fields: list[pa.Field],
+                     fn: Callable[..., pa.Table], **fn_kwargs):
+    """A Dataset of `fn(block, **fn_kwargs)` over the columns `fields` of a run's own data files:
+    the end-of-run summaries are reduced in Ray tasks, so the driver handles one small record per
+    block (O(files)), never the run's rows."""
+    root = delta.table_root(output, table)
+    return delta.read_files([storage.join(root, f.path) for f in files], fields).map_batches(
+        fn, batch_format="pyarrow", fn_kwargs=fn_kwargs)
+
+
 def run_summary(output: str, table: str, files: list[delta.FileRecord], columns: tuple[str, ...]) -> dict:
     """mean / p50 / p95 / n of metric columns over this run's committed ok rows. Ray tasks read
     the run's own files column-wise and reduce each block to a sketch (pipeline cost O(rows) in
@@ -514,15 +524,13 @@ def run_summary(output: str, table: str, files: list[delta.FileRecord], columns:
     block holds at most SKETCH_POINTS values and interpolated from its quantile points above."""
     if not files:
         return {}
-    root = delta.table_root(output, table)
     dt = delta.open_table(output, table)  # None before the run's first commit of the table
     schema = pa.schema(dt.schema().to_arrow()) if dt is not None else None
     present = [c for c in columns if schema is None or c in schema.names]
     extra = ["metric_backbones"] if schema is None or "metric_backbones" in schema.names else []
     fields = [pa.field(c, pa.float32()) for c in present] + [pa.field("status", pa.string())] + \
         [pa.field(c, pa.string()) for c in extra]
-    sketches = delta.read_files([storage.join(root, f.path) for f in files], fields).map_batches(
-        _metric_sketch, batch_format="pyarrow", fn_kwargs={"columns": present})
+    sketches = reduce_run_files(output, table, files, fields, _metric_sketch, columns=present)
     merged: dict[str, dict] = {c: {"n": 0, "sum": 0.0, "points": [], "weights": []} for c in present}
     labels: set[str] = set()
     for r in sketches.iter_rows():
