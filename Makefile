@@ -15,18 +15,23 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip check
 	touch $(STAMP)
 
-.PHONY: venv demo test quick bench lock
+.PHONY: venv demo test quick lint bench lock
 venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo
 
-# the whole suite, slow end-to-end tests included (what CI runs)
-test: $(STAMP)
+# lint and type checks, then the whole suite, slow end-to-end tests included (what CI runs)
+test: lint
 	$(PY) -m pytest -q
 
+# ruff over the code, tests and benchmarks; mypy over stmodel/, pipeline/ and jobs/ (pyproject.toml)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
 # everything but the tests marked slow (two-node cluster, overlapping runs, demo, scale)
-quick: $(STAMP)
+quick: lint
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
