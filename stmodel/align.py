@@ -133,9 +133,9 @@ def crop_from_quad(image, quad, size: int = 1024, supersample: int = 4,
     pad = (max(-pad[0] + border, 0), max(-pad[1] + border, 0),
            max(pad[2] - img.size[0] + border, 0), max(pad[3] - img.size[1] + border, 0))
     if enable_padding and max(pad) > border - 4:
-        pad = np.maximum(pad, int(np.rint(qsize * 0.3)))
-        img = _pad_reflect_blend(img, pad, qsize)
-        quad += pad[:2]
+        pad_arr = np.maximum(pad, int(np.rint(qsize * 0.3)))
+        img = _pad_reflect_blend(img, pad_arr, qsize)
+        quad += pad_arr[:2]
 
     # Transform.
     ss = max(1, int(supersample))

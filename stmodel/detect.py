@@ -138,7 +138,7 @@ class FaceDetector:
         self.device = resolve_device(device)
         self.min_face_size, self.thresholds, self.factor = float(min_face_size), tuple(thresholds), float(factor)
         # P-net's convs run ~1.5x faster in channels-last memory on a CPU.
-        self.pnet = _load_net(PNet(), "pnet").to(self.device, memory_format=torch.channels_last)
+        self.pnet = _load_net(PNet(), "pnet").to(self.device).to(memory_format=torch.channels_last)
         self.rnet = _load_net(RNet(), "rnet").to(self.device)
         self.onet = _load_net(ONet(), "onet").to(self.device)
         self.max_side = int(max_side) if max_side else None

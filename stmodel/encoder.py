@@ -39,6 +39,7 @@ class BottleneckIRSE(nn.Module):
 
     def __init__(self, in_channel: int, depth: int, stride: int, se_reduction: int):
         super().__init__()
+        self.shortcut_layer: nn.Module
         if in_channel == depth:
             self.shortcut_layer = Subsample(stride)
         else:
@@ -96,6 +97,8 @@ class StyleTransformerEncoder(nn.Module):
                 c2 = x
             if i == self.taps[2]:
                 c3 = x
+        if c1 is None or c2 is None or c3 is None:
+            raise RuntimeError(f"encoder body of {len(self.body)} units never reached the taps {self.taps}")
         p2 = self._upsample_add(c3, self.latlayer1(c2))
         p1 = self._upsample_add(p2, self.latlayer2(c1))
         tokens = [t.flatten(2).transpose(1, 2) for t in (c3, p2, p1)]  # [B, HW, D]

@@ -43,6 +43,7 @@ class StyleTransformer(nn.Module):
         self.has_generator = bool(generator)
         self.decoder = Generator(cfg) if generator else MappingNet(cfg)
         # Not a state_dict entry: the official file stores it beside `state_dict`.
+        self.latent_avg: torch.Tensor
         self.register_buffer("latent_avg", torch.zeros(cfg.n_queries, cfg.style_dim), persistent=False)
 
     @property

@@ -8,6 +8,7 @@ and face-embedding networks are passed in (frozen); a term whose weight is 0 nee
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ class LossWeights:
 
 class PSPLoss(nn.Module):
     def __init__(self, weights: LossWeights = LossWeights(), lpips_net: nn.Module | None = None,
-                 id_embed=None):
+                 id_embed: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """`lpips_net(a, b)` -> per-image distance (inputs [-1, 1]); `id_embed(x)` -> unit
         embeddings; both frozen, differentiable w.r.t. their inputs."""
         super().__init__()
@@ -43,9 +44,13 @@ class PSPLoss(nn.Module):
         parts = {"l2": F.mse_loss(y_hat, y)}
         total = wt.l2 * parts["l2"]
         if wt.lpips > 0:
+            if self.lpips_net is None:  # __init__ refuses this; narrows the Optional
+                raise ValueError("lpips weight > 0 needs an LPIPS network")
             parts["lpips"] = self.lpips_net(y_hat, y).mean()
             total = total + wt.lpips * parts["lpips"]
         if wt.id > 0:
+            if self.id_embed is None:  # __init__ refuses this; narrows the Optional
+                raise ValueError("id weight > 0 needs a face embedder")
             cos = (self.id_embed(y_hat) * self.id_embed(y).detach()).sum(1)
             parts["id"] = (1 - cos).mean()
             total = total + wt.id * parts["id"]

@@ -9,6 +9,7 @@ the blur after an upsampling conv, one noise add and one in-place leaky ReLU.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +21,10 @@ SQRT2 = math.sqrt(2.0)
 
 
 def make_kernel(k: list[int]) -> torch.Tensor:
-    k = torch.tensor(k, dtype=torch.float32)
-    if k.ndim == 1:
-        k = k[None, :] * k[:, None]
-    return k / k.sum()
+    t = torch.tensor(k, dtype=torch.float32)
+    if t.ndim == 1:
+        t = t[None, :] * t[:, None]
+    return t / t.sum()
 
 
 def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
@@ -81,6 +82,7 @@ class Upsample(nn.Module):
     def __init__(self, kernel: list[int], factor: int = 2):
         super().__init__()
         self.factor = factor
+        self.kernel: torch.Tensor
         self.register_buffer("kernel", make_kernel(kernel) * factor ** 2)
         p = self.kernel.shape[0] - factor
         self.pad = ((p + 1) // 2 + factor - 1, p // 2)
@@ -95,6 +97,7 @@ class Blur(nn.Module):
         k = make_kernel(kernel)
         if upsample_factor > 1:
             k = k * upsample_factor ** 2
+        self.kernel: torch.Tensor
         self.register_buffer("kernel", k)
         self.pad = pad
 
@@ -289,7 +292,7 @@ class Generator(nn.Module):
         return [getattr(self.noises, f"noise_{i}") for i in range(self.num_layers)]
 
     def forward(self, w_plus: torch.Tensor, randomize_noise: bool = False,
-                noise: list[torch.Tensor] | None = None, truncation: float = 1.0,
+                noise: Sequence[torch.Tensor | None] | None = None, truncation: float = 1.0,
                 truncation_latent: torch.Tensor | None = None, channels_last: bool = True) -> torch.Tensor:
         """W+ `[B, >= n_latent, D]` (or W `[B, D]`, broadcast to every layer) -> image `[B, 3, size, size]`.
 
