@@ -67,7 +67,8 @@ def main() -> None:
     res = {"one-thread": [], "two-threads": []}
     for rep in range(args.repeats):
         for mode in res:
-            out = subprocess.run([sys.executable, "-m", "bench.actor_threads", "--child", mode, "--iters", str(args.iters),
+            out = subprocess.run([sys.executable, "-m", "bench.actor_threads", "--child", mode,
+                                  "--iters", str(args.iters),
                                   "--batch", str(args.batch), "--threads", str(args.threads), "--preset", args.preset],
                                  check=True, capture_output=True, text=True).stdout
             r = json.loads(out.strip().splitlines()[-1])

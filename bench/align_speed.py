@@ -166,7 +166,8 @@ def make_camera_photo(i: int, width: int = 4000, height: int = 3000, seed: int =
     offset = (int(rng.integers(0, max(1, width - side))), int(rng.integers(0, max(1, height - side))))
     bg.paste(face, offset)
     a = np.asarray(bg, dtype=np.int16)
-    tex = (8 * np.sin(np.arange(width)[None, :] / (7 + i % 5)) * np.cos(np.arange(height)[:, None] / 11)).astype(np.int16)
+    tex = 8 * np.sin(np.arange(width)[None, :] / (7 + i % 5)) * np.cos(np.arange(height)[:, None] / 11)
+    tex = tex.astype(np.int16)
     a = a + tex[..., None] + rng.integers(-6, 7, (height, width, 1), dtype=np.int16)  # texture + sensor noise
     photo = np.clip(a, 0, 255).astype(np.uint8)
     kw = {}
@@ -309,11 +310,12 @@ def camera_accuracy(photos: list[bytes], metas: list[dict], size: int, out_dir: 
     decode_batch with draft_side=None): refined landmarks and crops of the two, the same quad
     cropped from both kinds of pixels, and each path's quad against the ground truth (the
     astronaut's own refined landmarks carried through the known placement)."""
+    from skimage import data
+
     from pipeline.align_stage import AlignFaces, decode_batch
     from pipeline.decode import decode_image
     from pipeline.schemas import nested_list_to_numpy
     from stmodel.align import crop_from_quad, ffhq_quad
-    from skimage import data
 
     n = len(photos)
     raw = {"path": np.array([f"mem/{i}.jpg" for i in range(n)], dtype=object), "bytes": np.array(photos, dtype=object)}
@@ -362,7 +364,8 @@ def camera_main(args) -> None:
     load0 = os.getloadavg()
     t = time.perf_counter()
     photos, metas = camera_photos(n, args.width, args.height, args.cache)
-    print(json.dumps({"photos": n, "size": f"{args.width}x{args.height}", "mean_bytes": int(np.mean([len(b) for b in photos])),
+    print(json.dumps({"photos": n, "size": f"{args.width}x{args.height}",
+                      "mean_bytes": int(np.mean([len(b) for b in photos])),
                       "made_s": round(time.perf_counter() - t, 1)}), flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:

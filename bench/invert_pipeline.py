@@ -25,8 +25,6 @@ lines report.
 """
 from __future__ import annotations
 
-from pipeline.sections import ModelSection
-
 import argparse
 import json
 import multiprocessing as mp
@@ -36,6 +34,8 @@ import time
 
 import numpy as np
 import torch
+
+from pipeline.sections import ModelSection
 
 
 def make_crops(folder: str, n: int, seed: int) -> list[str]:

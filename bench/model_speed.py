@@ -139,7 +139,8 @@ def main() -> None:
     peak = peak32 if args.amp == "none" else (peak16 if args.amp == "bf16" else matmul_peak(args.device, torch.float16))
     print(f"# {args.preset} on {args.device} ({torch.get_num_threads()} threads), amp={args.amp}")
     print(f"# matmul peak: fp32 {peak32:.1f} GFLOP/s, bf16 {peak16:.1f} GFLOP/s")
-    print(f"{'mode':8s} {'batch':>5s} {'img/s':>8s} {'s/img':>7s} {'GFLOP/s':>8s} {'%peak':>6s} {'%fp32pk':>7s} {'mem GB':>7s}")
+    print(f"{'mode':8s} {'batch':>5s} {'img/s':>8s} {'s/img':>7s} {'GFLOP/s':>8s} {'%peak':>6s} {'%fp32pk':>7s} "
+          f"{'mem GB':>7s}")
     rows = []
     for mode in args.modes:
         for b in args.batches:
@@ -155,7 +156,8 @@ def main() -> None:
             rows.append(r)
             extra = f"  max|dW+|={r['max_abs_wplus_diff_vs_fp32']:.4f}" if "max_abs_wplus_diff_vs_fp32" in r else ""
             print(f"{mode:8s} {b:5d} {r['images_per_s']:8.3f} {1 / r['images_per_s']:7.3f} {r['gflops_per_s']:8.1f} "
-                  f"{100 * r['share_of_peak']:5.1f}% {100 * r['share_of_fp32_peak']:6.1f}% {r['peak_mem_gb']:7.2f}{extra}",
+                  f"{100 * r['share_of_peak']:5.1f}% {100 * r['share_of_fp32_peak']:6.1f}% "
+                  f"{r['peak_mem_gb']:7.2f}{extra}",
                   flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -119,7 +119,8 @@ def crossover(sizes: list[int], dim: int, clusters: int, spread: float, k: int, 
             if kind == "flat":
                 exact = pos
             else:
-                row["ivf_recall"] = round(float(np.mean([len(set(a) & set(b)) / (k + 1) for a, b in zip(pos, exact)])), 4)
+                hits = [len(set(a) & set(b)) / (k + 1) for a, b in zip(pos, exact)]
+                row["ivf_recall"] = round(float(np.mean(hits)), 4)
         print(json.dumps(row), flush=True)
         out.append(row)
     return out

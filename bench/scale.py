@@ -135,7 +135,8 @@ def measure(job: str, cfg: dict) -> dict:
         t0 = time.time()
         res = run(cfg)
         seconds = time.time() - t0
-    return {"job": job, "counts": res["counts"], "seconds": round(seconds, 1), "rss_before_mb": round(m.start / 2**20, 1),
+    return {"job": job, "counts": res["counts"], "seconds": round(seconds, 1),
+            "rss_before_mb": round(m.start / 2**20, 1),
             "peak_mb": round(m.peak / 2**20, 1), "growth_mb": round((m.peak - m.start) / 2**20, 1)}
 
 
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         b = [r for r in rows if r["job"] == job and r["faces"] == hi][0]
         per_face = (b["growth_mb"] - a["growth_mb"]) * 2**20 / max(hi - lo, 1)
         print(f"{job}: driver peak growth {a['growth_mb']} MB at {lo} faces, {b['growth_mb']} MB at {hi} faces: "
-              f"{per_face:.0f} bytes per face (bound 512); {b['counts']['in'] / max(b['seconds'], 1e-9):.0f} faces/s at {hi}",
+              f"{per_face:.0f} bytes per face (bound 512); "
+              f"{b['counts']['in'] / max(b['seconds'], 1e-9):.0f} faces/s at {hi}",
               flush=True)
     ray.shutdown()
     return rows

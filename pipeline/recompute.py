@@ -11,7 +11,8 @@ def inputs_metadata(source_version: int, settings: str) -> dict[str, str]:
     return {"source_version": str(int(source_version)), "settings": settings}
 
 
-def up_to_date(output: str, table: str, source_version: int, settings: str, match: dict[str, str] | None = None) -> bool:
+def up_to_date(output: str, table: str, source_version: int, settings: str,
+               match: dict[str, str] | None = None) -> bool:
     """Whether the last commit of `table` (among those whose metadata has every item of `match`,
     such as the space) was computed from this source version with these settings."""
     try:

@@ -491,7 +491,8 @@ def _metric_sketch(batch: pa.Table, columns: list[str]) -> pa.Table:
     for col in columns:
         v = ok.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
         v = v[~np.isnan(v)]
-        pts = np.sort(v) if v.size <= SKETCH_POINTS else np.quantile(v, (np.arange(SKETCH_POINTS) + 0.5) / SKETCH_POINTS)
+        at = (np.arange(SKETCH_POINTS) + 0.5) / SKETCH_POINTS
+        pts = np.sort(v) if v.size <= SKETCH_POINTS else np.quantile(v, at)
         rows["metric"].append(col), rows["n"].append(int(v.size)), rows["sum"].append(float(v.sum()))
         rows["points"].append(pts.tolist()), rows["labels"].append(labels)
     return pa.table(rows, schema=pa.schema([("metric", pa.string()), ("n", pa.int64()), ("sum", pa.float64()),

@@ -31,7 +31,10 @@ def nested_list_type(value_type: pa.DataType, shape: Sequence[int]) -> pa.DataTy
     return t
 
 
-def nested_list_array(arr, value_type: pa.DataType = pa.float32(), mask=None,
+FLOAT32 = pa.float32()
+
+
+def nested_list_array(arr, value_type: pa.DataType = FLOAT32, mask=None,
                       shape: Sequence[int] | None = None) -> pa.Array:
     """A nested FixedSizeListArray from a numpy array [N, *shape].
 

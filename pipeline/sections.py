@@ -81,7 +81,9 @@ class ActorSection(Section):
 
     def problems(self) -> list[str]:
         c = self.concurrency
-        return [f"concurrency: [min, max] needs min <= max, got {list(c)}"] if isinstance(c, tuple) and c[0] > c[1] else []
+        if isinstance(c, tuple) and c[0] > c[1]:
+            return [f"concurrency: [min, max] needs min <= max, got {list(c)}"]
+        return []
 
 
 @dataclass

@@ -22,8 +22,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 # object_store's helpers, used as storage.*
-from pipeline.object_store import (DELTA_RETRY_OPTIONS, columns_filesystem, open_for_columns,  # noqa: F401
-                                   task_retry_args)
+from pipeline.object_store import DELTA_RETRY_OPTIONS, columns_filesystem, open_for_columns, task_retry_args  # noqa: F401
 from stmodel.uri import write_bytes  # noqa: F401 - the one implementation, also used as storage.write_bytes
 
 RUNS_DIR = "_runs"
@@ -60,7 +59,9 @@ def image_key(folder: str, image_id: str, face_index: int, suffix: str = "") -> 
 
 def protocol_of(uri: str) -> str:
     fs, _ = url_to_fs(uri)
-    return "file" if isinstance(fs, LocalFileSystem) else (fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0])
+    if isinstance(fs, LocalFileSystem):
+        return "file"
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
 
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:

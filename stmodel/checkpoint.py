@@ -11,6 +11,7 @@ import io
 import pickle
 import zipfile
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 import torch
@@ -82,14 +83,17 @@ def check_strict(own: dict, state: dict, what: str) -> None:
     unexpected = sorted(set(state) - set(own))
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:12])}" + (" ..." if len(missing) > 12 else ""))
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:12])}"
+                        + (" ..." if len(missing) > 12 else ""))
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:12])}" + (" ..." if len(unexpected) > 12 else ""))
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:12])}"
+                        + (" ..." if len(unexpected) > 12 else ""))
     for k in sorted(set(own) & set(state)):
         if not isinstance(state[k], torch.Tensor):
             problems.append(f"{k}: expected a tensor, found {type(state[k]).__name__}")
         elif tuple(own[k].shape) != tuple(state[k].shape):
-            problems.append(f"shape mismatch for {k}: checkpoint has {list(state[k].shape)}, model expects {list(own[k].shape)}")
+            problems.append(f"shape mismatch for {k}: checkpoint has {list(state[k].shape)}, "
+                            f"model expects {list(own[k].shape)}")
     if problems:
         raise CheckpointError(f"{what}: " + "; ".join(problems))
 
@@ -189,7 +193,7 @@ def inversion_state(model: StyleTransformer, opts: dict | None = None) -> dict:
     o = {"output_size": model.cfg.size, "input_nc": model.cfg.input_nc, "start_from_latent_avg": True,
          "learn_in_w": False, "encoder_type": "StyleTransformer", "stmodel_config": model.cfg.to_dict()}
     o.update(opts or {})
-    rows = getattr(model, "latent_avg_rows", model.cfg.n_queries)
+    rows = model.latent_avg_rows
     return {"state_dict": sd, "opts": o, "latent_avg": model.latent_avg[:rows].detach().cpu().clone()}
 
 
@@ -223,7 +227,7 @@ def load_generator(uri: str, cfg: ModelConfig | str, sha256: str | None = None,
 
 
 def save_generator(gen: Generator, uri: str, latent_avg: torch.Tensor | None = None) -> str:
-    obj = {"g_ema": {k: v.detach().cpu() for k, v in gen.state_dict().items()}}
+    obj: dict[str, Any] = {"g_ema": {k: v.detach().cpu() for k, v in gen.state_dict().items()}}
     if latent_avg is not None:
         obj["latent_avg"] = latent_avg.detach().cpu()
     return save_obj(obj, uri)

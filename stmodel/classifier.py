@@ -96,7 +96,8 @@ def classifier_from_state(sd: dict, opts: dict | None = None, source: str = "<cl
     """Build and strictly load a classifier from bare `fcs.*` keys; dims from the shapes, the
     W+ split from (in order) the arguments, our opts, the official `output_size`, or D = 512."""
     opts = dict(opts or {})
-    ours = opts.get("classifier") if isinstance(opts.get("classifier"), dict) else {}
+    ours_opts = opts.get("classifier")
+    ours: dict = ours_opts if isinstance(ours_opts, dict) else {}
     n_fc, k = _count(sd, "fcs"), _count(sd, "indep_fcs")
     if n_fc == 0 or k == 0:
         raise CheckpointError(f"{source}: no classifier keys (expected fcs.0.weight, indep_fcs.0.weight)")
@@ -107,11 +108,11 @@ def classifier_from_state(sd: dict, opts: dict | None = None, source: str = "<cl
     style_dim = style_dim or ours.get("style_dim")
     if not n_latent and not style_dim and opts.get("output_size"):
         n_latent = 2 * int(math.log2(int(opts["output_size"]))) - 2
-    if n_latent and not style_dim:
-        style_dim = in_dim // n_latent
     if not n_latent:
         style_dim = style_dim or 512  # the official W space
         n_latent = in_dim // style_dim
+    elif not style_dim:
+        style_dim = in_dim // n_latent
     if n_latent * style_dim != in_dim:
         raise CheckpointError(f"{source}: fcs.0 takes {in_dim} inputs, not n_latent {n_latent} x style_dim {style_dim}")
     names = ours.get("attributes")

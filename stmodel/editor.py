@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, load_bytes, load_strict, read_bytes, strip_prefix
-from .classifier import PREFIX as CLS_PREFIX, LatentClassifier, classifier_from_state
+from .classifier import PREFIX as CLS_PREFIX
+from .classifier import LatentClassifier, classifier_from_state
 from .transformer import TransformerDecoderLayer
 
 ENC_PREFIX = "encoder.module."
@@ -125,7 +126,8 @@ def load_editor(src: str | dict, *, sha256: str | None = None, query_norm: bool 
     if "transformerlayer.norm1.weight" not in enc or "transformerlayer.linear1.weight" not in enc:
         raise CheckpointError(f"{source}: no editor keys ({ENC_PREFIX}transformerlayer.*); "
                               "is this an inversion checkpoint?")
-    ours = opts.get("editor") if isinstance(opts.get("editor"), dict) else {}
+    ours_opts = opts.get("editor")
+    ours: dict = ours_opts if isinstance(ours_opts, dict) else {}
     d = int(enc["transformerlayer.norm1.weight"].shape[0])
     ff = int(enc["transformerlayer.linear1.weight"].shape[0])
     qn = ours.get("query_norm", False) if query_norm is None else query_norm

@@ -45,6 +45,8 @@ class StyleTransformer(nn.Module):
         # Not a state_dict entry: the official file stores it beside `state_dict`.
         self.latent_avg: torch.Tensor
         self.register_buffer("latent_avg", torch.zeros(cfg.n_queries, cfg.style_dim), persistent=False)
+        # Rows of `latent_avg` the loaded checkpoint held (written back on save).
+        self.latent_avg_rows: int = cfg.n_queries
 
     @property
     def n_latent(self) -> int:

@@ -128,7 +128,8 @@ def load_direction(uri: str, sha256: str | None = None) -> torch.Tensor:
         if isinstance(obj, dict):
             tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
             if len(tensors) != 1:
-                raise CheckpointError(f"{uri}: a dict direction file must hold exactly one tensor, found {len(tensors)}")
+                raise CheckpointError(f"{uri}: a dict direction file must hold exactly one tensor, "
+                                      f"found {len(tensors)}")
             obj = tensors[0]
         if not isinstance(obj, torch.Tensor):
             raise CheckpointError(f"{uri}: expected a tensor, found {type(obj).__name__}")

@@ -178,8 +178,8 @@ class IDSimilarity:
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device).float().clamp(-1, 1)
         h, w = x.shape[-2:]
-        t, btm, l, r = self.crop
-        x = x[..., round(t * h):round(btm * h), round(l * w):round(r * w)]
+        top, btm, left, right = self.crop
+        x = x[..., round(top * h):round(btm * h), round(left * w):round(right * w)]
         x = F.interpolate(x, size=(FACENET_SIZE, FACENET_SIZE), mode="bilinear",
                           align_corners=False, antialias=True)
         # facenet's fixed_image_standardization, (x*255 - 127.5) / 128, written for [-1, 1].
