@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import yaml
 
@@ -35,8 +35,10 @@ from jobs.settings import SETTINGS
 from pipeline.config import SettingsError, describe, known_keys, parse, unknown_message
 from pipeline.errors import JobError
 from pipeline.redact import install_log_redaction, redact_config, redact_text
+from pipeline.sections import JobSettings
 
 log = logging.getLogger("stbatch")
+S = TypeVar("S", bound=JobSettings)
 
 def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
@@ -126,8 +128,8 @@ def read_config_file(path: str, settings: type) -> dict:
     return out
 
 
-def load_config(settings: type, config_file: str | None, sets: list[str]) -> dict:
-    """The job's validated configuration as a plain dict: defaults of `settings`, overlaid by the
+def load_config(settings: type[S], config_file: str | None, sets: list[str]) -> S:
+    """The job's validated settings object: defaults of `settings`, overlaid by the
     config file (see the module doc for keys of other jobs), overlaid by each `--set`. Raises
     SettingsError with every problem found."""
     errors: list[str] = []
@@ -146,13 +148,13 @@ def load_config(settings: type, config_file: str | None, sets: list[str]) -> dic
     try:
         cfg = parse(settings, deep_merge(data, overlay))
     except SettingsError as e:
-        errors += e.errors
+        raise SettingsError(errors + e.errors) from None
     if errors:
         raise SettingsError(errors)
     return cfg
 
 
-def init_ray(cfg: dict, trains: bool = False) -> None:
+def init_ray(cfg: JobSettings, trains: bool = False) -> None:
     """Connect to `ray.address` (or RAY_ADDRESS), or start a local Ray. `trains`: the job runs
     Ray Train, whose controller a local Ray's dashboard must serve (`ray.dashboard: auto`).
     Unless `verbose`, Ray's own logs go to a file whose path is printed (jobs.ray_logs)."""
@@ -161,35 +163,35 @@ def init_ray(cfg: dict, trains: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    verbose = bool(cfg.get("verbose"))
+    verbose = cfg.verbose
     log_file = None if verbose else ray_logs.route_to_file()
-    rc = cfg.get("ray") or {}
+    rc = cfg.ray
     # the workers' stdout / stderr (Ray Train's per-step reports) stay in their own files
-    kw = {"ignore_reinit_error": True, "log_to_driver": verbose}
-    address = rc.get("address") or os.environ.get("RAY_ADDRESS")
+    kw: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": verbose}
+    address = rc.address or os.environ.get("RAY_ADDRESS")
     if address:
         kw["address"] = address
     else:
         # "local": a new local Ray even when another cluster runs on this machine (ray.init()
         # alone would join it, and refuse num_cpus).
         kw["address"] = "local"
-        for k in ("num_cpus", "num_gpus", "object_store_memory"):
-            if rc.get(k) is not None:
-                kw[k] = rc[k]
+        for k, v in (("num_cpus", rc.num_cpus), ("num_gpus", rc.num_gpus),
+                     ("object_store_memory", rc.object_store_memory)):
+            if v is not None:
+                kw[k] = v
         # Ray's own guard: spilling stops (OutOfDiskError) once the disk is this full; the job
         # then ends with `out_of_disk_message`, never with a full disk.
-        os.environ["RAY_local_fs_capacity_threshold"] = str(float(rc.get("spill_disk_limit", 0.8)))
+        os.environ["RAY_local_fs_capacity_threshold"] = str(rc.spill_disk_limit)
         # The dashboard and its metrics polling take CPU from the model on a small machine
         # (bench.invert_pipeline --dashboard); a cluster keeps its own.
-        dashboard = rc.get("dashboard", "auto")
-        kw["include_dashboard"] = trains if dashboard == "auto" else bool(dashboard)
+        kw["include_dashboard"] = trains if rc.dashboard == "auto" else rc.dashboard
         # A local Ray's workers inherit this environment (S3 endpoint and credentials included);
         # credentials are never copied into a runtime_env, where the dashboard would show them.
     # the workers' log records are redacted as the driver's are (merged with a submitted job's env)
     kw["runtime_env"] = {"worker_process_setup_hook": "pipeline.redact.install_log_redaction"}
     ray.init(**kw)
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = bool(cfg.get("progress", True))
+    ctx.enable_progress_bars = cfg.progress
     ctx.print_on_execution_start = False
     if log_file:
         workers = ray_logs.workers_folder()
@@ -259,17 +261,17 @@ def is_out_of_disk(e: BaseException) -> bool:
     return False
 
 
-def out_of_disk_message(job: str, cfg: dict) -> str:
-    limit = float((cfg.get("ray") or {}).get("spill_disk_limit", 0.8))
+def out_of_disk_message(job: str, cfg: JobSettings) -> str:
+    limit = cfg.ray.spill_disk_limit
     return (f"python -m jobs.{job}: stopped: Ray's object store needed to spill to local disk past "
             f"ray.spill_disk_limit={limit} of the disk. Nothing was committed (a rerun does the work). Give the "
             f"object store more memory (ray.object_store_memory), lower the batch / block sizes, free disk, or "
             f"raise the limit.")
 
 
-def main(job: str, description: str, settings: type, run: Callable[[dict], dict],
+def main(job: str, description: str, settings: type[S], run: Callable[[S], dict],
          argv: list[str] | None = None, use_ray: bool = True, trains: bool = False,
-         check: Callable[[dict], list[str]] | None = None) -> dict:
+         check: Callable[[S], list[str]] | None = None) -> dict:
     """Parse arguments and check the settings (exit 2 on any problem, before anything is
     touched), start Ray, call `run(cfg)` and print its summary as one JSON line.
 
@@ -289,9 +291,9 @@ def main(job: str, description: str, settings: type, run: Callable[[dict], dict]
         sys.stderr.flush()
         raise SystemExit(2) from None
     if args.quiet:
-        cfg["progress"] = False
+        cfg.progress = False
     if args.verbose:
-        cfg["verbose"] = True
+        cfg.verbose = True
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     install_log_redaction()
     t0 = time.time()

@@ -94,7 +94,8 @@ def setting(default: Any, help: str, *, ge: float | None = None, gt: float | Non
         if switch:
             if "enabled" not in {f.name for f in dataclasses.fields(default)}:
                 raise TypeError(f"settings: switch section {default.__name__} needs an `enabled` setting")
-            return dataclasses.field(default_factory=lambda: default(enabled=False), metadata=meta)
+            section: Any = default  # a dataclass with `enabled`, checked above
+            return dataclasses.field(default_factory=lambda: section(enabled=False), metadata=meta)
         return dataclasses.field(default_factory=default, metadata=meta)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
@@ -244,7 +245,10 @@ def unknown_message(path: str, name: str, candidates: list[str]) -> str:
 
 
 def _default(f: dataclasses.Field) -> Any:
-    return copy.deepcopy(f.default) if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return copy.deepcopy(f.default)
+    factory: Any = f.default_factory  # every setting has one of the two (setting())
+    return factory()
 
 
 def _parse_section(cls: type, data: Mapping, path: str, errors: list[str]) -> Any:

@@ -127,13 +127,14 @@ def is_transient(e: BaseException) -> bool:
     missing object, a refused permission, an existing object or missing credentials, which
     would fail again."""
     permanent, transient = _error_types()
+    cur: BaseException | None = e
     seen = 0
-    while e is not None and seen < 8:
-        if isinstance(e, permanent):
+    while cur is not None and seen < 8:
+        if isinstance(cur, permanent):
             return False
-        if isinstance(e, transient):
+        if isinstance(cur, transient):
             return True
-        e, seen = e.__cause__, seen + 1
+        cur, seen = cur.__cause__, seen + 1
     return False
 
 

@@ -30,11 +30,11 @@ def _handle_id(handle):
     return handle._ray_actor_id
 
 
-def pooled_actor_ids(objects: list) -> set:
+def pooled_actor_ids(objects: list) -> set[object]:
     """Ids of the actors that a live Ray Data actor pool (a running execution) holds."""
     from ray.data._internal.execution.operators.actor_pool_map_operator import _ActorPool
 
-    ids = set()
+    ids: set[object] = set()
     for o in objects:
         if isinstance(o, _ActorPool):
             ids.update(_handle_id(h) for h in list(o._running_actors))

@@ -251,7 +251,8 @@ def write_batch(batch: pa.Table, output: str, table: str, run_id: str, schema: p
             if part.num_rows:
                 files.append(delta.write_data_file(part, output, table, run_id, tag=tag))
     n = max(1, len(files))
-    return pa.table({"path": [f.path for f in files] or [None], "size": [f.size for f in files] or [0],
+    paths: list[str | None] = [f.path for f in files] or [None]
+    return pa.table({"path": paths, "size": [f.size for f in files] or [0],
                      "rows": [f.rows for f in files] or [0], "n_ok": [n_ok] + [0] * (n - 1),
                      "n_failed": [n_failed] + [0] * (n - 1), "n_skipped": [n_skip] + [0] * (n - 1),
                      "statuses": [json.dumps(stat_counts)] + ["{}"] * (n - 1)},
@@ -361,6 +362,8 @@ class JobRun:
         caller holds it, so its actors end when it is drained (see `ray_private.release_leftover_actors`)."""
         res = WriteResult()
         if ds is None:
+            if rerun is None:
+                raise ValueError("JobRun.write: give the dataset, or rerun to build it")
             ds = rerun(inputs, None)
         self._drain(ds, table, res, expected, tolerate_crashes=rerun is not None)
         del ds
@@ -493,8 +496,9 @@ def _metric_sketch(batch: pa.Table, columns: list[str]) -> pa.Table:
         v = v[~np.isnan(v)]
         at = (np.arange(SKETCH_POINTS) + 0.5) / SKETCH_POINTS
         pts = np.sort(v) if v.size <= SKETCH_POINTS else np.quantile(v, at)
-        rows["metric"].append(col), rows["n"].append(int(v.size)), rows["sum"].append(float(v.sum()))
-        rows["points"].append(pts.tolist()), rows["labels"].append(labels)
+        for name, value in (("metric", col), ("n", int(v.size)), ("sum", float(v.sum())), ("points", pts.tolist()),
+                            ("labels", labels)):
+            rows[name].append(value)
     return pa.table(rows, schema=pa.schema([("metric", pa.string()), ("n", pa.int64()), ("sum", pa.float64()),
                                             ("points", pa.list_(pa.float64())), ("labels", pa.list_(pa.string()))]))
 

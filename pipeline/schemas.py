@@ -323,6 +323,8 @@ def make_table(cols: dict, schema: pa.Schema, run_id: str, w_plus: np.ndarray | 
     arrays = []
     for f in schema:
         if f.name == "w_plus":
+            if w_plus is None:
+                raise ValueError("make_table: a schema with w_plus needs the w_plus array")
             mask = ~np.asarray(ok, dtype=bool)
             arrays.append(nested_list_array(w_plus, pa.float32(), mask=mask if mask.any() else None,
                                             shape=tuple(w_plus.shape[1:])).cast(f.type))

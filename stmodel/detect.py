@@ -376,7 +376,8 @@ def _crops(pils: list, boxes: np.ndarray, size: int, w: int, h: int, device):
         return boxes, None
     x = np.maximum(np.trunc(boxes[:, 0]), 1).astype(np.int64)
     y = np.maximum(np.trunc(boxes[:, 1]), 1).astype(np.int64)
-    ex, ey = np.minimum(np.trunc(boxes[:, 2]), w).astype(np.int64), np.minimum(np.trunc(boxes[:, 3]), h).astype(np.int64)
+    ex = np.minimum(np.trunc(boxes[:, 2]), w).astype(np.int64)
+    ey = np.minimum(np.trunc(boxes[:, 3]), h).astype(np.int64)
     ok = (ey > y - 1) & (ex > x - 1)
     boxes, x, y, ex, ey = boxes[ok], x[ok], y[ok], ex[ok], ey[ok]
     if not len(boxes):
