@@ -30,14 +30,19 @@ import torch
 from PIL import Image
 
 from pipeline import delta, storage
+from pipeline.config import defaults
 from pipeline.decode import image_id
 from pipeline.images import encode_png
 from pipeline.runner import JobRun, TableSpec, WriteResult
 from pipeline.schemas import (FACES_SCHEMA, edits_schema, faces_table, latents_schema, make_table,
                               metrics_schema)
 from pipeline.scoring import to_uint8
+from pipeline.sections import JobSettings
 from stmodel.align import crop_from_quad, paste_back
 from tests.conftest import seeded_tiny_model
+
+# the settings a run record holds, for the runs these tests make by hand
+NO_SETTINGS = defaults(JobSettings)
 
 # A presigned URL's query, as a file name may carry it; the values must never reach the page.
 SIGNED_QUERY = "?X-Amz-Signature=SIGSECRET0&X-Amz-Credential=CREDSECRET0"
@@ -253,7 +258,7 @@ def _commit(root: str, job: str, spec: TableSpec, t: pa.Table, n_in: int, n_ok: 
     """One run of `job` committing `t`. `raw`: the data file is written as another engine (or
     this project before its rows were redacted) would leave it, text untouched, so that what
     the report shows of it is the report's own doing."""
-    r = JobRun(root, job, {})
+    r = JobRun(root, job, NO_SETTINGS)
     res = WriteResult(files=[_raw_file(root, spec.name, r.run_id, t)]) if raw else r.write_small(spec, t)
     r.commit({spec: res}, {"in": n_in, "ok": n_ok, "failed": n_in - n_ok, "skipped": 0, "seconds": 1.0},
              replace=False)
@@ -284,4 +289,5 @@ def _training(root: str, images: np.ndarray, poison: str) -> None:
     if poison:
         ev = {f"{k}{poison}": v for k, v in ev.items()}
     storage.write_bytes(storage.join(root, "train/eval.json"), json.dumps(ev).encode())
-    JobRun(root, "train_encoder", {}).commit({}, {"in": 384, "ok": 384, "failed": 0, "skipped": 0, "seconds": 60.0})
+    JobRun(root, "train_encoder", NO_SETTINGS).commit({}, {"in": 384, "ok": 384, "failed": 0, "skipped": 0,
+                                                           "seconds": 60.0})

@@ -14,6 +14,7 @@ from PIL import Image
 from jobs import report
 from jobs.cli import load_config
 from pipeline import delta, report_charts, report_data, report_page
+from pipeline.config import defaults
 from pipeline.report_blocks import Banner, Grid
 from pipeline.report_images import Thumb
 from pipeline.report_render import render
@@ -21,6 +22,10 @@ from pipeline.report_sections import random_init_banner
 from pipeline import storage
 from pipeline.runner import JobRun, TableSpec
 from pipeline.schemas import FACES_SCHEMA, faces_table, latents_schema, make_table, metrics_schema
+from pipeline.sections import JobSettings, ReportSection
+
+# the settings a run record holds, for the runs these tests make by hand
+NO_SETTINGS = defaults(JobSettings)
 
 REAL = "lpips-alex (torchvision AlexNet); facenet-vggface2"
 RANDOM = "lpips-alex-RANDOM-INIT (not a real LPIPS); facenet-RANDOM-INIT (not a real ID metric)"
@@ -47,7 +52,7 @@ EDITS = TableSpec("edits", pa.schema([
 
 def _commit(root: str, job: str, spec: TableSpec, t: pa.Table, summary: dict) -> JobRun:
     """One run of `job` committing `t` to `spec` through the runner (no Ray: no key replacement)."""
-    r = JobRun(root, job, {})
+    r = JobRun(root, job, NO_SETTINGS)
     r.commit({spec: r.write_small(spec, t)}, summary, replace=False)
     return r
 
@@ -80,7 +85,7 @@ def _dataset(root: str, labels: str = REAL, mismatch: bool = False) -> dict:
             {"in": 5 if mismatch else 4, "ok": 3, "failed": 1, "skipped": 0, "seconds": 2.0,
              "metrics": {"psnr": {"mean": 25.0, "p50": 25.0, "p95": 29.5, "n": 3}, "backbones": [labels]}})
 
-    crashed = JobRun(root, "invert", {})  # data file written, never committed: must be ignored
+    crashed = JobRun(root, "invert", NO_SETTINGS)  # data file written, never committed: must be ignored
     crashed.write_small(LATENTS, make_table(cols, LATENTS.schema, crashed.run_id, w_plus=w * 100, ok=ok))
     ghost = storage.new_run_id("invert")  # a record naming a commit the Delta log does not hold
     storage.write_bytes(storage.join(root, "_runs", f"{ghost}.json"), json.dumps(
@@ -111,7 +116,7 @@ def _dataset(root: str, labels: str = REAL, mismatch: bool = False) -> dict:
     _png(storage.join(root, "train/grids/step_000050.png"), 30, size=512)
     storage.write_bytes(storage.join(root, "train/eval.json"), json.dumps(
         {"trained": {"psnr": 24.1, "lpips": 0.2}, "mean_latent": {"psnr": 15.3, "lpips": 0.5}}).encode())
-    JobRun(root, "train_encoder", {}).commit({}, {"in": 10, "ok": 10, "failed": 0, "skipped": 0, "seconds": 5.0})
+    JobRun(root, "train_encoder", NO_SETTINGS).commit({}, {"in": 10, "ok": 10, "failed": 0, "skipped": 0, "seconds": 5.0})
     return {"ids": ids, "crashed": crashed.run_id, "ghost": ghost}
 
 
@@ -287,8 +292,28 @@ def test_sections_read_only_scalar_columns(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(report_data.Snapshot, "scalar", spy)
-    html, info = report_page.build_report(root, {})
+    html, info = report_page.build_report(root, ReportSection())
     assert asked and "w_plus" not in asked and info["failed"] == 0
+
+
+def test_report_settings_ranges_and_check():
+    """The page's settings are typed and ranged once (pipeline.sections.ReportSection): the
+    report job's settings and a direct build_report call share them."""
+    import pytest
+
+    from pipeline.config import SettingsError, parse
+
+    cfg = parse(report.SETTINGS, {"input": "x", "report": {"max_images": 2, "max_wplus_rows": None}})
+    assert isinstance(cfg.report, ReportSection) and cfg.report.max_images == 2 and cfg.report.max_wplus_rows is None
+    assert cfg.report.thumb_px == ReportSection().thumb_px == 128
+    with pytest.raises(SettingsError) as e:
+        parse(report.SETTINGS, {"report": {"max_images": -1, "thumb_px": 0, "bins": 0, "max_wplus_rows": -5,
+                                           "thumb_format": "gif"}})
+    assert sorted(m.split(":")[0] for m in e.value.errors) == ["report.bins", "report.max_images",
+                                                               "report.max_wplus_rows", "report.thumb_format",
+                                                               "report.thumb_px"]
+    assert report.check(parse(report.SETTINGS, {})) == [report.NO_INPUT]
+    assert report.check(parse(report.SETTINGS, {"input": "/no/such/root"})) == []  # reported as empty
 
 
 def test_pipeline_never_imports_jobs():
