@@ -69,9 +69,10 @@ def _failed(anchor: str, title: str, e: Exception) -> Markup:
 
 
 def build_report(root: str, section: ReportSection, start_ray: Callable[[], None] | None = None) -> tuple[str, dict]:
-    """The HTML of the report for dataset `root`, and counts {runs, sections, failed, missing,
-    images, missing_images}. `start_ray` is called before the W+ norms are computed over every
-    code in Ray Data (report.max_wplus_rows null); without it Ray Data starts a default Ray."""
+    """The HTML of the report for dataset `root`, showing what `section` asks (the `report`
+    settings of jobs.report), and counts {runs, sections, failed, missing, images, missing_images}.
+    `start_ray` is called before the W+ norms are computed over every code in Ray Data
+    (report.max_wplus_rows null); without it Ray Data starts a default Ray."""
     ctx = _context(root, section, start_ray)
     done, absent, failed = [], [], 0
     for anchor, title, fn, why in SECTIONS:
