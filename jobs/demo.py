@@ -232,7 +232,8 @@ def plan(cfg: Settings, root: str) -> dict[str, Section]:
         "maintain": ("maintain", {"output": root}),
         "report": ("report", {"input": root}),
     }
-    out, errors = {}, []
+    out: dict[str, Section] = {}
+    errors: list[str] = []
     for step, (job, data) in steps.items():
         try:
             out[step] = parse(JOB_SETTINGS[job], {"progress": False, **data})
