@@ -25,6 +25,7 @@ demo leaves them uncomputed (null, labelled) rather than report numbers from ran
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -36,9 +37,11 @@ import pyarrow.parquet as pq
 import torch
 
 from jobs import ray_logs
+from jobs.cli import main
+from jobs.settings import SETTINGS as JOB_SETTINGS
 from jobs.settings.demo import Settings
-from jobs.cli import load_config, main
 from pipeline import delta, storage
+from pipeline.config import Section, SettingsError, parse
 from pipeline.schemas import nested_list_array
 
 log = logging.getLogger("stbatch.demo")
@@ -49,7 +52,10 @@ ATTRIBUTES = ("synthetic_a", "synthetic_b", "synthetic_c")
 
 SETTINGS = Settings
 
-METRICS_NO_WEIGHTS = ["metric_weights.skip_missing=true"]
+METRICS_NO_WEIGHTS = {"metric_weights": {"skip_missing": True}}
+# The encoder's checkpoint exists once step 2 has trained it; the later jobs' settings are
+# built (and checked) before, naming this, and get the real file from `with_checkpoint`.
+TRAINED = "<the encoder trained in step 2>"
 
 
 def say(step: str, msg: str) -> None:
@@ -185,74 +191,131 @@ def planted_found(root: str, pairs: list[tuple[str, str]]) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- the demo
 
-def run(cfg: dict) -> dict:
+def requests_uri(root: str, name: str) -> str:
+    return storage.join(root, "requests", f"edit_requests_{name}.parquet")
+
+
+def plan(cfg: Settings, root: str) -> dict[str, Section]:
+    """The settings of every job the demo runs, by step, built before the first runs: a value
+    out of a job's range (the demo's `align_size`, `train_encoder.*`, `fit.*`) stops the demo
+    before anything is trained. Raises SettingsError naming the step of each problem."""
+    tr, fit = cfg.train_encoder, cfg.fit
+    model = {"checkpoint": TRAINED, "name": "demo-tiny-encoder"}
+    edit_common = {"latents": root, "output": root, "model": model, "classifier": root, "editors": root,
+                   **METRICS_NO_WEIGHTS}
+    steps: dict[str, tuple[str, dict]] = {
+        "train_encoder": ("train_encoder", {
+            "input": f"{root}/synthetic/train", "val_input": f"{root}/synthetic/val", "output": root,
+            "val_codes": f"{root}/synthetic_meta/codes.parquet",
+            "model": {"generator": storage.join(root, "models", "generator.pt"), "preset": cfg.preset,
+                      "seed": cfg.seed},
+            "train_encoder": {"lpips": 0, "id": 0, "steps": tr.steps, "batch_size": tr.batch_size, "lr": tr.lr,
+                              "log_every": tr.log_every, "val_every": tr.val_every,
+                              "checkpoint_every": tr.checkpoint_every, "val_images": min(64, cfg.n_val)}}),
+        "align": ("align", {"input": f"{root}/photos", "output": root, "align": {"size": cfg.align_size}}),
+        "invert_faces": ("invert", {"input": root, "output": root, "metrics": True, "paste_back": True,
+                                    "model": model, **METRICS_NO_WEIGHTS}),
+        "invert_synthetic": ("invert", {"input": f"{root}/synthetic", "output": root, "metrics": True,
+                                        "model": model, **METRICS_NO_WEIGHTS}),
+        "invert_planted": ("invert", {"input": f"{root}/planted", "output": root, "model": model}),
+        "fit_classifier": ("fit_classifier", {
+            "latents": root, "attributes": f"{root}/synthetic_meta/attributes.parquet", "output": root,
+            "fit_classifier": {"epochs": fit.classifier_epochs, "batch_size": 32, "lr": 0.001}}),
+        "score": ("score", {"latents": root}),
+        "neighbors": ("neighbors", {"input": root}),
+        "fit_editor": ("fit_editor", {
+            "latents": root, "classifier": root, "output": root, "attributes": ["synthetic_a"],
+            "fit_editor": {"steps": fit.editor_steps, "batch_size": 32, "lr": 0.001}}),
+        "edit_photos": ("edit", {"requests": requests_uri(root, "photos"), "paste_back": True, **edit_common}),
+        "edit_synthetic": ("edit", {"requests": requests_uri(root, "synthetic"), **edit_common}),
+        "evaluate": ("evaluate", {"input": root, "model": model, **METRICS_NO_WEIGHTS}),
+        "maintain": ("maintain", {"output": root}),
+        "report": ("report", {"input": root}),
+    }
+    out: dict[str, Section] = {}
+    errors: list[str] = []
+    for step, (job, data) in steps.items():
+        try:
+            out[step] = parse(JOB_SETTINGS[job], {"progress": False, **data})
+        except SettingsError as e:
+            errors += [f"the demo's {step} run: {m}" for m in e.errors]
+    if errors:
+        raise SettingsError(errors)
+    return out
+
+
+def with_checkpoint(settings: Section, checkpoint: str) -> Section:
+    """`settings` whose model section names the trained encoder's checkpoint instead of TRAINED."""
+    model = getattr(settings, "model", None)
+    if model is None or model.checkpoint != TRAINED:
+        return settings
+    return dataclasses.replace(settings, model=dataclasses.replace(model, checkpoint=checkpoint))  # type: ignore[type-var]
+
+
+def check(cfg: Settings) -> list[str]:
+    """Before Ray starts: every job's settings the demo will build are valid."""
+    try:
+        plan(cfg, os.path.abspath(cfg.output))
+    except SettingsError as e:
+        return e.errors
+    return []
+
+
+def run(cfg: Settings) -> dict:
     from jobs import (align, edit, evaluate, fit_classifier, fit_editor, invert, maintain, neighbors, report, score,
                       train_encoder)
     from stmodel.checkpoint import save_generator
 
     t_start = time.time()
-    root = os.path.abspath(cfg["output"])
+    root = os.path.abspath(cfg.output)
+    settings = plan(cfg, root)
     os.makedirs(root, exist_ok=True)
     timings, summaries = {}, {}
 
-    def job(name, module, sets, **kw):
+    def job(name: str, module) -> dict:
         t = time.time()
-        c = load_config(module.SETTINGS, None, sets + ["progress=false"])
-        res = module.run(c, **kw)
+        res = module.run(settings[name])
         timings[name] = round(time.time() - t, 1)
         summaries[name] = res
         say(name, f"{json.dumps(res['counts'])} in {timings[name]} s")
         return res
 
-    say("1/10 generator", f"seeded {cfg['preset']} StyleGAN2 generator, {cfg['n_train']} training + "
-                         f"{cfg['n_val']} validation images with known W+ codes")
-    g = build_generator(cfg["preset"], int(cfg["seed"]))
+    say("1/10 generator", f"seeded {cfg.preset} StyleGAN2 generator, {cfg.n_train} training + "
+                         f"{cfg.n_val} validation images with known W+ codes")
+    g = build_generator(cfg.preset, cfg.seed)
     gen_uri = storage.join(root, "models", "generator.pt")
-    save_generator(g, gen_uri, latent_avg=g.mean_latent(20_000, seed=int(cfg["seed"])))
-    data = sample_dataset(g, root, int(cfg["n_train"]), int(cfg["n_val"]), float(cfg["truncation"]),
-                          int(cfg["seed"]))
+    save_generator(g, gen_uri, latent_avg=g.mean_latent(20_000, seed=cfg.seed))
+    data = sample_dataset(g, root, cfg.n_train, cfg.n_val, cfg.truncation, cfg.seed)
 
-    tr = cfg["train_encoder"]
-    say("2/10 train_encoder", f"{tr['steps']} steps of the pSp L2 objective (LPIPS/ID off: no backbone "
+    say("2/10 train_encoder", f"{cfg.train_encoder.steps} steps of the pSp L2 objective (LPIPS/ID off: no backbone "
                              "weights here), Ray Train, one CPU worker")
-    res = job("train_encoder", train_encoder, [
-        f"input={root}/synthetic/train", f"val_input={root}/synthetic/val", f"output={root}",
-        f"val_codes={root}/synthetic_meta/codes.parquet", f"model.generator={gen_uri}", f"model.preset={cfg['preset']}",
-        f"model.seed={cfg['seed']}", "train_encoder.lpips=0", "train_encoder.id=0",
-        f"train_encoder.steps={tr['steps']}", f"train_encoder.batch_size={tr['batch_size']}",
-        f"train_encoder.lr={tr['lr']}", f"train_encoder.log_every={tr['log_every']}",
-        f"train_encoder.val_every={tr['val_every']}", f"train_encoder.checkpoint_every={tr['checkpoint_every']}",
-        f"train_encoder.val_images={min(64, int(cfg['n_val']))}"])
+    res = job("train_encoder", train_encoder)
     ev = res["extra"]["eval"]
     say("2/10 train_encoder", "validation PSNR: trained {:.2f} dB | mean latent {:.2f} dB | untrained {:.2f} dB; "
         "W+ MSE to true codes: trained {:.4f} | mean latent {:.4f} | untrained {:.4f}".format(
             ev["trained"]["psnr"], ev["mean_latent"]["psnr"], ev["untrained"]["psnr"],
             ev["trained"]["w_mse"], ev["mean_latent"]["w_mse"], ev["untrained"]["w_mse"]))
     ckpt = res["extra"]["checkpoint"]
-    model_sets = [f"model.checkpoint={ckpt}", "model.name=demo-tiny-encoder"]
+    settings = {step: with_checkpoint(s, ckpt) for step, s in settings.items()}
 
     photos = write_photos(os.path.join(root, "photos"))
     say("3/10 align", f"{photos} photos: the astronaut and transformed copies, a photo without a face, "
                      "a text file named .jpg")
-    job("align", align, [f"input={root}/photos", f"output={root}", f"align.size={cfg['align_size']}"])
+    job("align", align)
 
     say("4/10 invert", "aligned astronaut faces (reconstructions pasted back into the photos), then the "
                       "synthetic images (with reconstructions and PSNR)")
-    job("invert_faces", invert, [f"input={root}", f"output={root}", "metrics=true", "paste_back=true",
-                                 *model_sets, *METRICS_NO_WEIGHTS])
-    job("invert_synthetic", invert, [f"input={root}/synthetic", f"output={root}", "metrics=true",
-                                     *model_sets, *METRICS_NO_WEIGHTS])
-    planted = plant_copies(root, PLANTED, int(cfg["seed"]))
-    job("invert_planted", invert, [f"input={root}/planted", f"output={root}", *model_sets])
+    job("invert_faces", invert)
+    job("invert_synthetic", invert)
+    planted = plant_copies(root, PLANTED, cfg.seed)
+    job("invert_planted", invert)
 
     say("5/10 fit_classifier", f"latent classifier for {', '.join(ATTRIBUTES)} (labels from the true codes)")
-    job("fit_classifier", fit_classifier, [f"latents={root}", f"attributes={root}/synthetic_meta/attributes.parquet",
-                                           f"output={root}", f"fit_classifier.epochs={cfg['fit']['classifier_epochs']}",
-                                           "fit_classifier.batch_size=32", "fit_classifier.lr=0.001"])
+    job("fit_classifier", fit_classifier)
 
     say("5/10 score", "every face's probability of each attribute (the committed classifier)")
-    job("score", score, [f"latents={root}"])
-    job("neighbors", neighbors, [f"input={root}"])
+    job("score", score)
+    job("neighbors", neighbors)
     found, other = planted_found(root, planted)
     say("5/10 neighbors", f"{PLANTED} validation images were also given as near copies (JPEG q60, scaled 0.8, "
                          f"cropped 2-5 %): planted pairs found: {found}/{len(planted)}; other pairs grouped: {other} "
@@ -260,26 +323,22 @@ def run(cfg: dict) -> dict:
     near_dups = {"planted": len(planted), "found": found, "other_pairs": other}
 
     say("6/10 fit_editor", "reference-based edit transformer for synthetic_a")
-    job("fit_editor", fit_editor, [f"latents={root}", f"classifier={root}", f"output={root}",
-                                   "attributes=[synthetic_a]", f"fit_editor.steps={cfg['fit']['editor_steps']}",
-                                   "fit_editor.batch_size=32", "fit_editor.lr=0.001"])
+    job("fit_editor", fit_editor)
 
     say("7/10 edit", "label, reference and direction edits of the astronaut faces, pasted back into their "
                     "photos, then of some synthetic images (no photo to paste into)")
-    photo_requests, synthetic_requests = edit_requests(root, data["ids"][:4])
-    edit_sets = [f"latents={root}", f"output={root}", *model_sets, f"classifier={root}", f"editors={root}",
-                 *METRICS_NO_WEIGHTS]
-    job("edit_photos", edit, [f"requests={photo_requests}", "paste_back=true", *edit_sets])
-    job("edit_synthetic", edit, [f"requests={synthetic_requests}", *edit_sets])
+    edit_requests(root, data["ids"][:4])
+    job("edit_photos", edit)
+    job("edit_synthetic", edit)
 
     say("8/10 evaluate", "reconstruction metrics of the latents table against the crops")
-    job("evaluate", evaluate, [f"input={root}", *model_sets, *METRICS_NO_WEIGHTS])
+    job("evaluate", evaluate)
 
     say("9/10 maintain", "compaction of the small files the runs left (vacuum keeps a week of history)")
-    job("maintain", maintain, [f"output={root}"])
+    job("maintain", maintain)
 
     say("10/10 report", "HTML report")
-    rep = job("report", report, [f"input={root}"])
+    rep = job("report", report)
     seconds = round(time.time() - t_start, 1)
     out = {"root": root, "report": rep["extra"].get("report"), "eval": ev, "near_duplicates": near_dups,
            "timings": timings}
@@ -316,7 +375,7 @@ def edit_requests(root: str, synthetic_ids: list[str]) -> tuple[str, str]:
                      {**base, "kind": "direction", "strength": 4.0,
                       "direction_uri": f"{root}/synthetic_meta/direction_synthetic_a.npy"}]
         rows = [{c: r.get(c) for c in cols} for r in rows]  # from_pylist takes its columns from row 0
-        uri = storage.join(root, "requests", f"edit_requests_{name}.parquet")
+        uri = requests_uri(root, name)
         os.makedirs(os.path.dirname(uri), exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows), uri)
         uris.append(uri)
@@ -324,4 +383,4 @@ def edit_requests(root: str, synthetic_ids: list[str]) -> tuple[str, str]:
 
 
 if __name__ == "__main__":
-    main(JOB, __doc__, SETTINGS, run, trains=True)
+    main(JOB, __doc__, SETTINGS, run, trains=True, check=check)

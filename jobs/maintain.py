@@ -34,9 +34,10 @@ import time
 
 import pyarrow as pa
 
-from jobs.cli import main
+from jobs.cli import input_errors, main
 from jobs.settings.maintain import Settings
 from pipeline import delta, storage
+from pipeline.errors import JobError
 from pipeline.runner import JobRun
 
 log = logging.getLogger("stbatch.maintain")
@@ -51,26 +52,25 @@ def _files(dt) -> int:
     return pa.table(dt.get_add_actions(flatten=True)).num_rows
 
 
-def maintain_table(output: str, table: str, cfg: dict, run_id: str) -> dict:
+def maintain_table(output: str, table: str, cfg: Settings, run_id: str) -> dict:
     """Compact then vacuum one table; returns what was done (or would be, on a dry run)."""
     from deltalake.transaction import CommitProperties
 
-    dry = bool(cfg.get("dry_run"))
+    dry = cfg.dry_run
     meta = {"run_id": run_id, "job": JOB, "code_version": storage.code_version()}
     dt = delta.open_table(output, table)
     if dt is None:
         return {"status": "skipped", "reason": "not a Delta table"}
     info: dict = {"version_before": dt.version(), "files_before": _files(dt)}
-    if cfg.get("compact") and not dry and info["files_before"] > 1:
-        kw = {"target_size": int(cfg["target_size"])} if cfg.get("target_size") else {}
+    if cfg.compact and not dry and info["files_before"] > 1:
+        kw = {"target_size": cfg.target_size} if cfg.target_size else {}
         m = dt.optimize.compact(commit_properties=CommitProperties(custom_metadata=meta), **kw)
         info["compacted"] = {"files_removed": int(m.get("numFilesRemoved", 0)),
                              "files_added": int(m.get("numFilesAdded", 0))}
         dt = delta.open_table(output, table)
-    if cfg.get("vacuum"):
-        removed = dt.vacuum(retention_hours=int(cfg["retention_hours"]), dry_run=dry,
-                            enforce_retention_duration=bool(cfg.get("enforce_retention_duration", True)),
-                            full=bool(cfg.get("full", True)),
+    if cfg.vacuum:
+        removed = dt.vacuum(retention_hours=cfg.retention_hours, dry_run=dry,
+                            enforce_retention_duration=cfg.enforce_retention_duration, full=cfg.full,
                             commit_properties=None if dry else CommitProperties(custom_metadata=meta))
         info["would_vacuum" if dry else "vacuumed"] = len(removed)
         info["vacuum_files"] = sorted(removed)[:20]
@@ -79,17 +79,20 @@ def maintain_table(output: str, table: str, cfg: dict, run_id: str) -> dict:
     return info
 
 
-def run(cfg: dict) -> dict:
-    if not cfg.get("output"):
-        raise SystemExit("maintain: set output=URI (a dataset root with Delta tables)")
-    output = cfg["output"].rstrip("/") or cfg["output"]
-    wanted = cfg.get("tables")
-    if isinstance(wanted, str):
-        wanted = [wanted]
+def check(cfg: Settings) -> list[str]:
+    """Before anything runs: the dataset root exists (a typo in a scheduled line is an error)."""
+    return input_errors("output", cfg.output)
+
+
+def run(cfg: Settings) -> dict:
+    if not cfg.output:
+        raise JobError("output: set output=URI (a dataset root with Delta tables)")
+    output = cfg.output.rstrip("/") or cfg.output
+    wanted = [cfg.tables] if isinstance(cfg.tables, str) else cfg.tables
     present = delta.list_tables(output)
     tables = list(wanted) if wanted else present
     r = JobRun(output, JOB, cfg)
-    log.info("maintain %s: %d table(s)%s, run %s", output, len(tables), " (dry run)" if cfg.get("dry_run") else "",
+    log.info("maintain %s: %d table(s)%s, run %s", output, len(tables), " (dry run)" if cfg.dry_run else "",
              r.run_id)
     results, counts = {}, {"in": len(tables), "ok": 0, "failed": 0, "skipped": 0}
     for table in tables:
@@ -106,11 +109,11 @@ def run(cfg: dict) -> dict:
         if info.get("version_after", -1) > info.get("version_before", -1):  # committed by this run
             r.versions[table] = info["version_after"]
         log.info("%s: %s", table, {k: v for k, v in info.items() if k != "vacuum_files"})
-    extra = {"dry_run": bool(cfg.get("dry_run")), "tables": results}
-    if not cfg.get("dry_run"):
+    extra = {"dry_run": cfg.dry_run, "tables": results}
+    if not cfg.dry_run:
         r.commit({}, {**counts, "seconds": r.seconds()}, extra={"maintain": results})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 
 
 if __name__ == "__main__":
-    main(JOB, __doc__, SETTINGS, run, use_ray=False)
+    main(JOB, __doc__, SETTINGS, run, use_ray=False, check=check)

@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import logging
 
-from jobs.cli import main
+from jobs.cli import input_errors, main
 from jobs.settings.quality import Settings
 from pipeline import delta, recompute
+from pipeline.errors import JobError
 from pipeline.fit_data import read_latents
 from pipeline.code_stats import COLUMNS, first_moments, reduce_first, reduce_second, second_moments
 from pipeline.quality_stage import quality_rows
@@ -41,20 +42,26 @@ QUALITY = TableSpec("quality", quality_schema(), ("image_id", "face_index"))
 SETTINGS = Settings
 
 
-def run(cfg: dict, before_commit=None) -> dict:
+def check(cfg: Settings) -> list[str]:
+    """Before Ray starts: the input root exists."""
+    return input_errors("input", cfg.input)
+
+
+def run(cfg: Settings, before_commit=None) -> dict:
     """The job body (also callable from Python; `before_commit(run)` is a test hook)."""
     import ray
 
-    if not cfg.get("input"):
-        raise SystemExit("quality: set input=URI (a dataset root with a latents table)")
-    output = cfg.get("output") or cfg["input"]
-    src = delta.open_table(cfg["input"], "latents")
+    src_root = cfg.input
+    if not src_root:
+        raise JobError("input: set input=URI (a dataset root with a latents table)")
+    output = cfg.output or src_root
+    src = delta.open_table(src_root, "latents")
     if src is None:
-        raise SystemExit(f"quality: no committed latents table under {cfg['input']}")
+        raise JobError(f"no committed latents table under {src_root}")
     version = src.version()
     del src
-    r = JobRun(output, JOB, cfg, rows_per_file=int(cfg["rows_per_part"]))
-    codes = read_latents(cfg["input"], COLUMNS).materialize()
+    r = JobRun(output, JOB, cfg, rows_per_file=cfg.rows_per_part)
+    codes = read_latents(src_root, COLUMNS).materialize()
     first = ray.remote(reduce_first).remote(list(codes.map_batches(first_moments, batch_format="pyarrow")
                                                   .materialize().to_arrow_refs()))
     n = int(ray.get(ray.remote(lambda f: f["n"]).remote(first)))
@@ -68,7 +75,7 @@ def run(cfg: dict, before_commit=None) -> dict:
         model = ray.remote(reduce_second).remote(list(second.materialize().to_arrow_refs()), first)
         info = ray.get(ray.remote(lambda m: {"shrinkage": round(float(m["shrinkage"]), 6),
                                              "psnr": m["psnr"], "lpips": m["lpips"]}).remote(model))
-        log.info("quality %s -> %s: %d faces, shrinkage %.4f, run %s", cfg["input"], output, n, info["shrinkage"],
+        log.info("quality %s -> %s: %d faces, shrinkage %.4f, run %s", src_root, output, n, info["shrinkage"],
                  r.run_id)
         res = r.write(codes.map_batches(quality_rows, batch_format="pyarrow",
                                         fn_kwargs={"model": [model], "run_id": r.run_id}), QUALITY, expected=n)
@@ -77,10 +84,10 @@ def run(cfg: dict, before_commit=None) -> dict:
     if before_commit is not None:
         before_commit(r)
     r.commit({QUALITY: res}, {**counts, "seconds": r.seconds(), **extra},
-             extra={"inputs": {"input": cfg["input"], "latents_version": version}, "ray": {"version": ray.__version__}},
+             extra={"inputs": {"input": src_root, "latents_version": version}, "ray": {"version": ray.__version__}},
              metadata={"shrinkage": str(info.get("shrinkage")), **recompute.inputs_metadata(version, key)})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 
 
 if __name__ == "__main__":
-    main(JOB, __doc__, SETTINGS, run)
+    main(JOB, __doc__, SETTINGS, run, check=check)

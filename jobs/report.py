@@ -32,26 +32,29 @@ import time
 from jobs.cli import init_ray, main
 from jobs.settings.report import Settings
 from pipeline import report_page, report_sections, storage
+from pipeline.errors import JobError
 
 log = logging.getLogger("stbatch.report")
 
 JOB = "report"
 
-_D = report_sections.DEFAULTS  # the page builder's defaults, also used when it is called directly
-
-
 SETTINGS = Settings
+NO_INPUT = "input: set input=URI (a dataset root written by the project's jobs)"
 
 
-def run(cfg: dict) -> dict:
-    if not cfg.get("input"):
-        raise SystemExit("report: set input=URI (a dataset root written by the project's jobs)")
+def check(cfg: Settings) -> list[str]:
+    """Before anything runs: an input root is named (a root that does not exist yet is reported
+    as empty, not refused)."""
+    return [] if cfg.input else [NO_INPUT]
+
+
+def run(cfg: Settings) -> dict:
+    if not cfg.input:
+        raise JobError(NO_INPUT)
     t0 = time.time()
-    root = cfg["input"].rstrip("/") or cfg["input"]
-    rcfg = {**report_sections.DEFAULTS, **(cfg.get("report") or {})}
-    ray_cfg = {"progress": False, **{k: cfg[k] for k in ("ray", "progress", "verbose") if k in cfg}}
-    html_text, info = report_page.build_report(root, rcfg, start_ray=lambda: init_ray(ray_cfg))
-    uri = storage.join(cfg.get("output") or root, "report", "index.html")
+    root = cfg.input.rstrip("/") or cfg.input
+    html_text, info = report_page.build_report(root, cfg.report, start_ray=lambda: init_ray(cfg))
+    uri = storage.join(cfg.output or root, "report", "index.html")
     storage.write_bytes(uri, html_text.encode("utf-8"))
     log.info("report: %d runs, %d sections, %d images embedded, %.1f KiB, %.1fs", info["runs"],
              info["sections"], info["images"], len(html_text) / 1024, time.time() - t0)
@@ -67,4 +70,4 @@ def run(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(JOB, __doc__, SETTINGS, run, use_ray=False)
+    main(JOB, __doc__, SETTINGS, run, use_ray=False, check=check)

@@ -31,10 +31,11 @@ from __future__ import annotations
 import logging
 from functools import partial
 
-from jobs.cli import main
+from jobs.cli import input_errors, main
 from jobs.settings.score import Settings
 from pipeline import model_registry
-from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
+from pipeline.compute import actor_stage
+from pipeline.errors import JobError
 from pipeline.fit_data import code_shape, latent_counts, read_latents
 from pipeline.runner import JobRun, TableSpec, WriteResult, run_summary
 from pipeline.schemas import scores_schema
@@ -53,59 +54,61 @@ def scores_table(columns: list[str]) -> TableSpec:
     return TableSpec(TABLE, scores_schema(columns), SCORE_KEY)
 
 
-def run(cfg: dict, before_commit=None) -> dict:
+def check(cfg: Settings) -> list[str]:
+    """Before Ray starts: the latents root exists."""
+    return input_errors("latents", cfg.latents)
+
+
+def run(cfg: Settings, before_commit=None) -> dict:
     """The job body (also callable from Python; `before_commit(run)` is a test hook)."""
     import ray
 
     from stmodel.classifier import load_classifier
 
-    if not cfg.get("latents"):
-        raise SystemExit("score: set latents=URI (a dataset root with a latents table)")
-    output = cfg.get("output") or cfg["latents"]
+    latents = cfg.latents
+    if not latents:
+        raise JobError("latents: set latents=URI (a dataset root with a latents table)")
+    output = cfg.output or latents
     try:
-        clf_row = model_registry.pick(cfg.get("classifier") or cfg["latents"], "classifier",
-                                      run_id=cfg.get("classifier_run"), sha256=cfg.get("classifier_sha256"))
+        clf_row = model_registry.pick(cfg.classifier or latents, "classifier", run_id=cfg.classifier_run,
+                                      sha256=cfg.classifier_sha256)
     except LookupError as e:
-        raise SystemExit(f"score: {e}") from None
+        raise JobError(str(e)) from None
     clf = load_classifier(clf_row["uri"], sha256=clf_row["sha256"])
-    shape = code_shape(cfg["latents"])
+    shape = code_shape(latents)
     if (clf.n_latent, clf.style_dim) != tuple(shape):
-        raise SystemExit(f"score: the classifier takes [{clf.n_latent}, {clf.style_dim}] codes, the latents table "
-                         f"holds {list(shape)}")
+        raise JobError(f"the classifier takes [{clf.n_latent}, {clf.style_dim}] codes, the latents table holds "
+                       f"{list(shape)}")
     try:
         names = safe_columns(list(clf.attributes))
     except ValueError as e:
-        raise SystemExit(f"score: {e}") from None
+        raise JobError(str(e)) from None
     del clf
     columns = list(names.values())
     spec = scores_table(columns)
-    c = cfg["score"]
-    r = JobRun(output, JOB, cfg, rows_per_file=int(c["rows_per_part"]), log_every_s=float(c["log_every_s"]))
-    n_in = latent_counts(cfg["latents"], 0.0, 0)["ok"]
-    log.info("score %s -> %s: %d ok codes, classifier %s (run %s), run %s", cfg["latents"], output, n_in,
+    c = cfg.score
+    r = JobRun(output, JOB, cfg, rows_per_file=c.rows_per_part, log_every_s=c.log_every_s)
+    n_in = latent_counts(latents, 0.0, 0)["ok"]
+    log.info("score %s -> %s: %d ok codes, classifier %s (run %s), run %s", latents, output, n_in,
              clf_row["sha256"][:12], clf_row.get("run_id"), r.run_id)
-    work = read_latents(cfg["latents"], WORK_COLUMNS).map_batches(
+    work = read_latents(latents, WORK_COLUMNS).map_batches(
         work_batch, batch_format="pyarrow", fn_kwargs={"classifier_sha256": clf_row["sha256"]})
-    work = r.mark_done(work, spec, retry_failed=bool(cfg.get("retry_failed")), key=SCORE_DONE_KEY)
-    num_gpus = gpus_per_actor(c["num_gpus"])
-    kw = {"num_gpus": num_gpus} if num_gpus > 0 else {}
+    work = r.mark_done(work, spec, retry_failed=cfg.retry_failed, key=SCORE_DONE_KEY)
 
     def stages(rows, batch_size: int | None = None):
-        return rows.map_batches(ScoreBatch, batch_size=int(batch_size or c["batch_size"]), batch_format="pyarrow",
-                                compute=actor_pool(c["concurrency"], isolating=batch_size is not None),
-                                num_cpus=float(c["num_cpus"]), **kw, **retry_args(c, n_in),
+        kw, device = actor_stage(c, n_in, isolating=batch_size is not None)
+        return rows.map_batches(ScoreBatch, batch_size=batch_size or c.batch_size, batch_format="pyarrow", **kw,
                                 fn_constructor_kwargs={
-                                    "classifier": clf_row["uri"], "classifier_sha256": clf_row["sha256"],
+                                    "section": c, "classifier": clf_row["uri"], "classifier_sha256": clf_row["sha256"],
                                     "classifier_run_id": clf_row.get("run_id"), "columns": columns,
-                                    "run_id": r.run_id, "device": device_for(c["device"], num_gpus), "amp": c["amp"],
-                                    "torch_threads": max(1, int(float(c["num_cpus"])))})
+                                    "run_id": r.run_id, "device": device})
 
     res = WriteResult()
     if n_in:
         res = r.write(None, spec, expected=n_in, inputs=work,
                       lost_rows=partial(lost_rows, columns=columns, classifier_run_id=clf_row.get("run_id"),
                                         run_id=r.run_id),
-                      rerun=stages, batch_size=int(c["batch_size"]))
+                      rerun=stages, batch_size=c.batch_size)
     counts = {"in": n_in, **res.counts}
     seconds = r.seconds()
     extra = {"classifier": {k: clf_row.get(k) for k in ("uri", "sha256", "run_id")}, "columns": names,
@@ -115,9 +118,9 @@ def run(cfg: dict, before_commit=None) -> dict:
     if before_commit is not None:
         before_commit(r)
     r.commit({spec: res}, {**counts, "seconds": seconds, **extra},
-             extra={"inputs": {"latents": cfg["latents"]}, "ray": {"version": ray.__version__}})
+             extra={"inputs": {"latents": latents}, "ray": {"version": ray.__version__}})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 
 
 if __name__ == "__main__":
-    main(JOB, __doc__, SETTINGS, run)
+    main(JOB, __doc__, SETTINGS, run, check=check)

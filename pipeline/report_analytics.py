@@ -52,7 +52,7 @@ def _duplicates(ctx: Context) -> list:
     snap = ctx.snaps.get("duplicate_groups")
     if snap is None:
         return []
-    max_n = int(ctx.cfg["max_images"])
+    max_n = ctx.cfg.max_images
     t = snap.read(["space", "image_id", "group_id", "group_size", "threshold"], pc.field("group_size") > 1)
     out: list = [Heading("Near-duplicate groups (jobs.neighbors)")]
     if not t.num_rows:
@@ -74,7 +74,7 @@ def _outliers(ctx: Context) -> list:
     snap = ctx.snaps.get("quality")
     if snap is None:
         return []
-    max_n = int(ctx.cfg["max_images"])
+    max_n = ctx.cfg.max_images
     t = snap.read(["image_id", "mahalanobis", "psnr", "psnr_z", "lpips_z"], where(snap.names, status="ok"))
     out: list = [Heading("Atypical codes and bad reconstructions (jobs.quality)")]
     if not t.num_rows:

@@ -113,7 +113,7 @@ class Snapshot:
         cols = self.scalar(columns)
         if flt is Nothing or n <= 0:
             return pa.table({c: pa.array([], self.schema.field(c).type) for c in cols})
-        return self.ds.head(int(n), columns=cols, filter=flt)
+        return self.ds.head(n, columns=cols, filter=flt)
 
     def count(self, flt=None) -> int:
         if flt is Nothing:

@@ -1,7 +1,7 @@
 """The dataset report as one self-contained HTML page: the sections' data gathered
 (`pipeline.report_sections`), then rendered with the templates (`pipeline.report_render`).
 
-    html, info = build_report(root, rcfg)
+    html, info = build_report(root, ReportSection())   # the section of jobs.report's settings
 
 Images are embedded as data: URIs, charts are inline SVG and the CSS is one `<style>` block:
 no script and no external reference, so the page opens offline. A section that fails, while
@@ -22,14 +22,15 @@ from pipeline.report_blocks import Banner
 from pipeline.report_data import job_runs, open_snapshot, read_records, uncommitted_runs
 from pipeline.report_images import Images
 from pipeline.report_render import render
-from pipeline.report_sections import DEFAULTS, SECTIONS, Context, section_overview
+from pipeline.report_sections import SECTIONS, Context, section_overview
+from pipeline.sections import ReportSection
 
 log = logging.getLogger("stbatch.report")
 
 ROW_TABLES = ("faces", "latents", "metrics", "edits")
 
 
-def _context(root: str, rcfg: dict, start_ray: Callable[[], None] | None) -> Context:
+def _context(root: str, section: ReportSection, start_ray: Callable[[], None] | None) -> Context:
     notes: list[str] = []
     try:
         tables = delta.list_tables(root)
@@ -39,8 +40,8 @@ def _context(root: str, rcfg: dict, start_ray: Callable[[], None] | None) -> Con
     records = read_records(root, notes)
     runs = job_runs(root, tables, records, notes)
     snaps = {t: s for t in tables if (s := open_snapshot(root, t, notes)) is not None}
-    ctx = Context(root, rcfg, runs, snaps, Images(root, [m.get("output") for m in records], rcfg["thumb_px"],
-                                                   rcfg["thumb_format"]), notes, start_ray=start_ray)
+    ctx = Context(root, section, runs, snaps, Images(root, [m.get("output") for m in records], section.thumb_px,
+                                                      section.thumb_format), notes, start_ray=start_ray)
     for t in ROW_TABLES:
         if t not in snaps:
             continue
@@ -67,12 +68,12 @@ def _failed(anchor: str, title: str, e: Exception) -> Markup:
                                                 "error")])
 
 
-def build_report(root: str, rcfg: dict, start_ray: Callable[[], None] | None = None) -> tuple[str, dict]:
-    """The HTML of the report for dataset `root`, and counts {runs, sections, failed, missing,
-    images, missing_images}. `start_ray` is called before the W+ norms are computed over every
-    code in Ray Data (report.max_wplus_rows null); without it Ray Data starts a default Ray."""
-    rcfg = {**DEFAULTS, **(rcfg or {})}
-    ctx = _context(root, rcfg, start_ray)
+def build_report(root: str, section: ReportSection, start_ray: Callable[[], None] | None = None) -> tuple[str, dict]:
+    """The HTML of the report for dataset `root`, showing what `section` asks (the `report`
+    settings of jobs.report), and counts {runs, sections, failed, missing, images, missing_images}.
+    `start_ray` is called before the W+ norms are computed over every code in Ray Data
+    (report.max_wplus_rows null); without it Ray Data starts a default Ray."""
+    ctx = _context(root, section, start_ray)
     done, absent, failed = [], [], 0
     for anchor, title, fn, why in SECTIONS:
         try:
@@ -87,7 +88,7 @@ def build_report(root: str, rcfg: dict, start_ray: Callable[[], None] | None = N
     shown_root = redact_uri(root)
     overview = _section_html("overview", "Overview", section_overview(ctx, len(done), absent, shown_root))
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    title = rcfg.get("title") or f"Dataset report: {shown_root}"
+    title = section.title or f"Dataset report: {shown_root}"
     page = render("page.html.j2", title=title, subtitle=f"generated {now}",
                   sections=[{"anchor": "overview", "title": "Overview", "html": overview}] + done)
     counted = sum(1 for r in ctx.runs if r.counted)

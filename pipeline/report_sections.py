@@ -25,32 +25,19 @@ from pipeline.report_charts import PALETTE, BarChart, Histogram, LineChart
 from pipeline.report_data import JobRunInfo, Snapshot, where, wplus_norms_ray, wplus_norms_sample
 from pipeline.report_format import finite, fmt, to_float
 from pipeline.report_images import Images, Thumb
+from pipeline.sections import ReportSection
 
 METRICS = ("psnr", "lpips", "id_similarity", "mse")
 TRAIN_KEYS = ("loss", "l2", "lpips", "id", "wnorm")
 
-DEFAULTS = {
-    "title": None,            # page title (default: "Dataset report: <input>")
-    "max_images": 16,         # crops / input|reconstruction pairs / edited faces shown
-    "max_edits_per_image": 8,
-    "thumb_px": 128,          # longer side of embedded thumbnails
-    "thumb_format": "png",    # png | jpeg (smaller)
-    "max_failed": 50,         # failed inputs listed with their error text
-    "max_wplus_rows": 2000,   # ok W+ codes streamed for the per-layer norm plot; null or 0: every
-                              # committed code, in Ray Data
-    "bins": 20,
-    "max_train_grids": 3,     # newest train/grids/*.png embedded
-    "grid_px": 768,
-}
-
 
 @dataclass
 class Context:
-    """What every section may read: the dataset root, the settings, the committed snapshots and
+    """What every section may read: the dataset root, the report settings, the committed snapshots and
     runs, the image cache, the notes the overview lists, and how to start Ray when a section
     needs it (the caller's: the report job knows the job's Ray settings)."""
     root: str
-    cfg: dict
+    cfg: ReportSection
     runs: list[JobRunInfo]
     snaps: dict[str, Snapshot]
     images: Images
@@ -151,7 +138,7 @@ def _pairs(ctx: Context, snap: Snapshot, with_metrics: bool) -> list:
     n = snap.count(flt)
     if not n:
         return []
-    shown = snap.head(ctx.cfg["max_images"], ["image_id", "face_index", "aligned_uri", "reconstruction_uri",
+    shown = snap.head(ctx.cfg.max_images, ["image_id", "face_index", "aligned_uri", "reconstruction_uri",
                                               *METRICS], flt).to_pylist()
     out: list = [Heading(f"Input | reconstruction (first {len(shown)} of {n})")]
     for r in shown:
@@ -171,11 +158,11 @@ def _photo_pairs(ctx: Context, snap: Snapshot, crops: tuple[tuple[str, str], ...
     n = snap.count(flt)
     if not n:
         return []
-    shown = snap.head(ctx.cfg["max_images"], ["image_id", "face_index", "source_uri", "composite_uri", "psnr_box",
+    shown = snap.head(ctx.cfg.max_images, ["image_id", "face_index", "source_uri", "composite_uri", "psnr_box",
                                               "psnr_outside", *(c for c, _ in crops)], flt).to_pylist()
     photos = _known(ctx, sorted({r["image_id"] for r in shown if r.get("image_id") and not r.get("source_uri")}),
                     "source_uri")
-    px = 2 * int(ctx.cfg["thumb_px"])
+    px = 2 * ctx.cfg.thumb_px
     out: list = [Heading(f"Whole photos: before | after (first {len(shown)} of {n} composites)")]
     for r in shown:
         tip = _metrics_tip(r, ("psnr_box", "psnr_outside"), 4)
@@ -283,7 +270,7 @@ def section_faces(ctx: Context) -> list | None:
     flt = where(snap.names, status="ok", nonnull=("aligned_uri",))
     n_ok = snap.count(flt)
     if n_ok:
-        shown = snap.head(cfg["max_images"], ["image_id", "det_score", "aligned_uri", "source_uri"], flt).to_pylist()
+        shown = snap.head(cfg.max_images, ["image_id", "det_score", "aligned_uri", "source_uri"], flt).to_pylist()
         thumbs = []
         for r in shown:
             cap = str(r.get("image_id") or "")[:10]
@@ -295,17 +282,17 @@ def section_faces(ctx: Context) -> list | None:
         out.append(Note("no aligned crops (no row with status ok)"))
     det = _floats(snap.read(["det_score"]), "det_score")
     if det.size:
-        out.append(Charts([Histogram(det, "det_score", bins=cfg["bins"])]))
-    return out + _failed_list(snap, cfg["max_failed"], "source_uri")
+        out.append(Charts([Histogram(det, "det_score", bins=cfg.bins)]))
+    return out + _failed_list(snap, cfg.max_failed, "source_uri")
 
 
 def _wplus_norms(ctx: Context, snap: Snapshot) -> list:
     """Mean +- std of ||w_l|| per W+ layer over the ok codes (a bounded sample, or all in Ray)."""
     if not snap.has("w_plus"):
         return [Note("the latents table has no w_plus column")]
-    cap = ctx.cfg.get("max_wplus_rows")
+    cap = ctx.cfg.max_wplus_rows
     if cap:
-        sums = wplus_norms_sample(snap, int(cap))
+        sums = wplus_norms_sample(snap, cap)
     else:
         if ctx.start_ray is not None:
             ctx.start_ray()
@@ -341,9 +328,9 @@ def section_latents(ctx: Context) -> list | None:
         Note("no reconstructions (run jobs.invert with metrics=true, or jobs.evaluate)")]
     out += _photo_pairs(ctx, snap, (("aligned_uri", "input"), ("reconstruction_uri", "reconstruction")))
     metrics = snap.read(METRICS)
-    out += [Heading("Reconstruction metrics"), _metric_summary_table(metrics), _histograms(metrics, ctx.cfg["bins"]),
+    out += [Heading("Reconstruction metrics"), _metric_summary_table(metrics), _histograms(metrics, ctx.cfg.bins),
             Heading("W+ codes"), *_wplus_norms(ctx, snap)]
-    return out + _failed_list(snap, ctx.cfg["max_failed"], "aligned_uri")
+    return out + _failed_list(snap, ctx.cfg.max_failed, "aligned_uri")
 
 
 def section_metrics(ctx: Context) -> list | None:
@@ -353,11 +340,11 @@ def section_metrics(ctx: Context) -> list | None:
     metrics = snap.read(METRICS)
     out: list = [_rows_line(snap), *_backbones(ctx.labels.get("metrics", [])),
                  _status_table(snap.value_counts("status")), _metric_summary_table(metrics),
-                 _histograms(metrics, ctx.cfg["bins"])]
+                 _histograms(metrics, ctx.cfg.bins)]
     lat = ctx.snaps.get("latents")
     if lat is None or not lat.count(where(lat.names, nonnull=("reconstruction_uri",))):
         out += _pairs(ctx, snap, with_metrics=False)
-    return out + _failed_list(snap, ctx.cfg["max_failed"], "image_id")
+    return out + _failed_list(snap, ctx.cfg.max_failed, "image_id")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +407,7 @@ def _edit_thumb(ctx: Context, r: dict) -> Thumb:
         f"ref={r.get('reference_image_id')}" if r.get("reference_image_id") else "",
         f"{r.get('status')}: {r.get('error')}" if r.get("status") not in (None, "ok") else "") if s)
     if r.get("status") not in (None, "ok") and not r.get("output_uri"):
-        return Thumb(None, cap or "edit", tip, int(ctx.cfg["thumb_px"]), str(r.get("status")))
+        return Thumb(None, cap or "edit", tip, ctx.cfg.thumb_px, str(r.get("status")))
     return ctx.images.thumb(r.get("output_uri"), cap or "edit", title=tip)
 
 
@@ -443,14 +430,14 @@ def _edit_photos(ctx: Context, snap: Snapshot) -> list:
     n = snap.count(flt)
     if not n:
         return []
-    shown = snap.head(ctx.cfg["max_images"], ["image_id", "face_index", "source_uri", "composite_uri", "psnr_box",
+    shown = snap.head(ctx.cfg.max_images, ["image_id", "face_index", "source_uri", "composite_uri", "psnr_box",
                                               "psnr_outside", "attribute", "kind", "strength", "target"],
                       flt).to_pylist()
     groups: OrderedDict = OrderedDict()
     for r in shown:
         groups.setdefault((r.get("image_id"), r.get("face_index")), []).append(r)
     photos = _known(ctx, sorted({k[0] for k in groups if k[0]}), "source_uri")
-    px = 3 * int(ctx.cfg["thumb_px"]) // 2  # a photo and four edits side by side on a laptop's width
+    px = 3 * ctx.cfg.thumb_px // 2  # a photo and four edits side by side on a laptop's width
     out: list = [Heading(f"Whole photos: before | after (first {len(shown)} of {n} edits pasted back)")]
     for (iid, face), rows in groups.items():
         src = next((r["source_uri"] for r in rows if r.get("source_uri")), None) or photos.get(iid)
@@ -477,10 +464,10 @@ def section_edits(ctx: Context) -> list | None:
     out += _backbones(ctx.labels.get("edits", []))
     if snap.has("output_uri"):
         if snap.has("image_id"):
-            ids, n_faces = _first_groups(snap, "image_id", int(cfg["max_images"]))
+            ids, n_faces = _first_groups(snap, "image_id", cfg.max_images)
             rows = snap.read(EDIT_COLUMNS, pc.field("image_id").isin(ids)).to_pylist() if ids else []
         else:
-            rows = snap.head(int(cfg["max_images"]), EDIT_COLUMNS).to_pylist()
+            rows = snap.head(cfg.max_images, EDIT_COLUMNS).to_pylist()
             ids, n_faces = [None], 1
         groups: OrderedDict = OrderedDict((i, []) for i in ids)
         for r in rows:
@@ -491,19 +478,19 @@ def section_edits(ctx: Context) -> list | None:
         for iid, grp in groups.items():
             src = next((r.get(c) for r in grp for c in ("source_uri", "aligned_uri", "input_uri") if r.get(c)), None)
             thumbs = [ctx.images.thumb(src or known.get(iid), "input")]
-            thumbs += [_edit_thumb(ctx, r) for r in grp[: cfg["max_edits_per_image"]]]
-            more = len(grp) - cfg["max_edits_per_image"]
+            thumbs += [_edit_thumb(ctx, r) for r in grp[: cfg.max_edits_per_image]]
+            more = len(grp) - cfg.max_edits_per_image
             out.append(ImageRow(str(iid or "")[:10], thumbs, title=str(iid), more=f"+{more} more" if more > 0 else ""))
     else:
         out.append(Note("the edits table has no output_uri column: no images to show"))
     out += _edit_photos(ctx, snap)
     out += _edit_summary(snap)
     scores = snap.read(["id_similarity", "lpips"])
-    hist = [Histogram(_floats(scores, c), c, bins=cfg["bins"]) for c in ("id_similarity", "lpips")
+    hist = [Histogram(_floats(scores, c), c, bins=cfg.bins) for c in ("id_similarity", "lpips")
             if _floats(scores, c).size]
     if hist:
         out.append(Charts(hist))
-    return out + _failed_list(snap, cfg["max_failed"], "edit_id" if snap.has("edit_id") else "image_id")
+    return out + _failed_list(snap, cfg.max_failed, "edit_id" if snap.has("edit_id") else "image_id")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,9 +605,9 @@ def section_training(ctx: Context) -> list | None:
     grids = _train_grids(root, ctx.notes)
     if grids:
         found = True
-        shown = grids[: int(cfg["max_train_grids"])]
+        shown = grids[: cfg.max_train_grids]
         out += [Heading(f"Training grids (newest {len(shown)} of {len(grids)})"),
-                Grid([ctx.images.thumb(u, u.rsplit("/", 1)[-1], px=int(cfg["grid_px"])) for u in shown])]
+                Grid([ctx.images.thumb(u, u.rsplit("/", 1)[-1], px=cfg.grid_px) for u in shown])]
     eval_uri = storage.join(root, "train", "eval.json")
     if _exists(eval_uri):
         found = True

@@ -12,6 +12,7 @@ so a query never needs quotes.
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 import numpy as np
@@ -23,6 +24,7 @@ from pipeline.fit_data import codes_to_numpy
 from pipeline.models import ModelActor
 from pipeline.runner import STATUS_LOST
 from pipeline.schemas import make_table, scores_schema, unsliced
+from pipeline.sections import ScoreSection
 
 log = logging.getLogger("stbatch.score")
 
@@ -81,11 +83,13 @@ def lost_rows(batch: pa.Table, columns: list[str], classifier_run_id: str | None
 
 class ScoreBatch(ModelActor):
     """Actor: the classifier loaded once (verified against its sha256); a batch of work rows ->
-    `scores` rows. Rows that are not ok (skipped) pass through with their status."""
+    `scores` rows. Rows that are not ok (skipped) pass through with their status. `device`: the
+    one pipeline.compute.actor_stage resolved from `section.device`."""
 
-    def __init__(self, classifier: str, classifier_sha256: str, classifier_run_id: str | None, columns: list[str],
-                 run_id: str, device: str = "auto", amp: str = "auto", torch_threads: int = 0):
-        super().__init__(None, device, amp, torch_threads)
+    def __init__(self, section: ScoreSection, classifier: str, classifier_sha256: str, classifier_run_id: str | None,
+                 columns: list[str], run_id: str, device: str):
+        # one torch thread per CPU the actor is granted (at least one: num_cpus may be fractional)
+        super().__init__(None, device, section.amp, max(1, math.floor(section.num_cpus)))
         self.clf = self.on_model_thread(self._load_classifier, classifier, classifier_sha256)
         self.columns, self.classifier_run_id, self.run_id = list(columns), classifier_run_id, run_id
 

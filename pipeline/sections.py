@@ -139,3 +139,25 @@ class PasteBackSection(Section):
                                  ge=1)
     num_cpus: float = setting(1, "CPUs per paste task", ge=0)
     max_pixels: int = setting(64_000_000, "refuse photos declaring more pixels", ge=1)
+
+
+@dataclass
+class ScoreSection(ModelActorSection):
+    """The scoring actors of jobs.score (pipeline.score_stage.ScoreBatch)."""
+    batch_size: int = setting(1024, "codes per classifier call", ge=1)
+
+
+@dataclass
+class ReportSection(Section):
+    """What the dataset report shows (jobs.report; pipeline.report_page builds the page from it)."""
+    title: str | None = setting(None, "page title (default: \"Dataset report: <input>\")")
+    max_images: int = setting(16, "crops / input|reconstruction pairs / edited faces shown", ge=0)
+    max_edits_per_image: int = setting(8, "edits shown per source face", ge=0)
+    thumb_px: int = setting(128, "longer side of embedded thumbnails", ge=1)
+    thumb_format: Literal["png", "jpeg"] = setting("png", "thumbnail format (jpeg: smaller)")
+    max_failed: int = setting(50, "failed inputs listed with their error text", ge=0)
+    max_wplus_rows: int | None = setting(2000, "ok W+ codes streamed for the per-layer norm plot; null or 0: every "
+                                               "committed code, in Ray Data", ge=0)
+    bins: int = setting(20, "histogram bins", ge=1)
+    max_train_grids: int = setting(3, "newest train/grids/*.png embedded", ge=0)
+    grid_px: int = setting(768, "longer side of an embedded training grid", ge=1)

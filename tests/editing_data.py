@@ -13,6 +13,8 @@ from pipeline.model_registry import MODELS, model_key, model_rows
 from pipeline.runner import JobRun, TableSpec
 from pipeline.schemas import latents_schema, make_table
 
+# the settings a run record holds, for the runs these tests make by hand
+
 NL, D = 8, 64                      # tiny-32 W+
 N_IMG = 800                        # ok codes in the latents table
 ATTRS = ["Smiling", "Male", "Young"]

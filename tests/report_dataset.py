@@ -33,11 +33,12 @@ from pipeline import delta, storage
 from pipeline.decode import image_id
 from pipeline.images import encode_png
 from pipeline.runner import JobRun, TableSpec, WriteResult
-from pipeline.schemas import (FACES_SCHEMA, edits_schema, faces_table, latents_schema, make_table,
-                              metrics_schema)
+from pipeline.schemas import FACES_SCHEMA, edits_schema, faces_table, latents_schema, make_table, metrics_schema
 from pipeline.scoring import to_uint8
 from stmodel.align import crop_from_quad, paste_back
 from tests.conftest import seeded_tiny_model
+
+# the settings a run record holds, for the runs these tests make by hand
 
 # A presigned URL's query, as a file name may carry it; the values must never reach the page.
 SIGNED_QUERY = "?X-Amz-Signature=SIGSECRET0&X-Amz-Credential=CREDSECRET0"

@@ -10,6 +10,7 @@ import torch
 from jobs import score
 from jobs.cli import load_config
 from pipeline import delta
+from pipeline.errors import JobError
 from pipeline.score_stage import safe_columns
 from tests.editing_data import commit_model, rule, train_classifier, write_latents
 
@@ -42,6 +43,23 @@ def test_safe_columns():
         safe_columns(["a b", "a-b"])
     with pytest.raises(ValueError, match="another column"):
         safe_columns(["status"])
+
+
+def test_score_and_quality_settings(tmp_path):
+    from jobs import quality
+    from pipeline.config import SettingsError, parse
+    from pipeline.sections import ScoreSection
+
+    cfg = parse(score.SETTINGS, {"latents": str(tmp_path), "score": {"batch_size": 64, "concurrency": [1, 2]}})
+    assert isinstance(cfg.score, ScoreSection) and cfg.score.batch_size == 64 and cfg.score.concurrency == (1, 2)
+    assert score.check(cfg) == [] and quality.check(parse(quality.SETTINGS, {"input": str(tmp_path)})) == []
+    assert "does not exist" in score.check(parse(score.SETTINGS, {"latents": str(tmp_path / "typo")}))[0]
+    assert quality.check(parse(quality.SETTINGS, {})) == ["input: set input=URI"]
+    with pytest.raises(SettingsError) as e:
+        parse(score.SETTINGS, {"score": {"batch_size": 0, "concurrency": [3, 1]}})
+    assert sorted(m.split(":")[0] for m in e.value.errors) == ["score.batch_size"]  # a section's rules wait for its values
+    with pytest.raises(SettingsError, match="rows_per_part: must be >= 1"):
+        parse(quality.SETTINGS, {"rows_per_part": 0})
 
 
 def test_score_job(ray_local, scored_data, tmp_path):
@@ -88,7 +106,7 @@ def test_score_job(ray_local, scored_data, tmp_path):
     out = str(tmp_path / "pinned")
     r3 = score.run(_cfg(score.SETTINGS, latents=root, output=out, classifier_run=scored_data["classifier"]["run_id"]))
     assert r3["counts"]["ok"] == n and r3["extra"]["classifier"]["sha256"] == scored_data["classifier"]["sha256"]
-    with pytest.raises(SystemExit, match="no committed classifier"):
+    with pytest.raises(JobError, match="no committed classifier"):
         score.run(_cfg(score.SETTINGS, latents=root, classifier_run="no-such-run"))
     failed = delta.read_snapshot_arrow(root, "scores", filter_expr=pc.field("status") != "ok")
     assert failed.num_rows == 0
@@ -230,7 +248,7 @@ def test_quality_job(ray_local, tmp_path):
     from jobs import quality
     from pipeline.runner import JobRun, TableSpec
     from pipeline.schemas import latents_schema, make_table
-    from tests.editing_data import D, NL, codes, iid
+    from tests.editing_data import NL, D, codes, iid
 
     root = str(tmp_path / "ds")
     n = 300

@@ -30,6 +30,30 @@ MARGIN_DB = 1.5
 MAX_LINES = 80  # issue 20: `make demo` printed 455 lines, 22 of them its own
 
 
+def test_demo_builds_every_jobs_settings_before_it_runs(tmp_path):
+    """The demo runs each job with that job's typed settings, all built (and checked against the
+    jobs' ranges) before the first job runs; the later jobs get the encoder once it is trained."""
+    from jobs import demo
+    from pipeline.config import SettingsError, parse
+
+    root = str(tmp_path / "demo")
+    cfg = parse(demo.SETTINGS, {"output": root, "train_encoder": {"steps": 10}, "align_size": 64})
+    plan = demo.plan(cfg, root)
+    assert plan["train_encoder"].train_encoder.steps == 10 and plan["align"].align.size == 64
+    assert plan["invert_faces"].paste_back.enabled and not plan["invert_synthetic"].paste_back.enabled
+    assert plan["fit_editor"].fit_editor.steps == cfg.fit.editor_steps
+    assert all(s.progress is False for s in plan.values()) and not os.path.exists(root)
+    trained = demo.with_checkpoint(plan["evaluate"], "/ckpt.pt")
+    assert trained.model.checkpoint == "/ckpt.pt" and plan["evaluate"].model.checkpoint == demo.TRAINED
+    assert demo.with_checkpoint(plan["train_encoder"], "/ckpt.pt") is plan["train_encoder"]
+    assert demo.check(cfg) == []
+    bad = parse(demo.SETTINGS, {"output": root, "train_encoder": {"batch_size": 0, "lr": 0}})
+    assert demo.check(bad) == ["the demo's train_encoder run: train_encoder.batch_size: must be >= 1, got 0",
+                               "the demo's train_encoder run: train_encoder.lr: must be > 0, got 0.0"]
+    with pytest.raises(SettingsError, match="n_val: must be >= 1"):
+        parse(demo.SETTINGS, {"n_val": 0})
+
+
 @pytest.mark.slow
 def test_short_demo_end_to_end(tmp_path):
     root = str(tmp_path / "demo")

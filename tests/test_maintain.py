@@ -16,6 +16,8 @@ from pipeline import delta, storage
 from pipeline.report_data import job_runs, read_records
 from pipeline.runner import JobRun, TableSpec
 
+# the settings a run record holds, for the runs these tests make by hand
+
 SPEC = TableSpec("latents", pa.schema([
     pa.field("image_id", pa.string(), nullable=False), pa.field("face_index", pa.int32(), nullable=False),
     pa.field("status", pa.string(), nullable=False), pa.field("psnr", pa.float32()),
@@ -125,6 +127,19 @@ def test_a_short_window_is_refused_unless_asked(tmp_path):
     res = _run(root, compact="false", retention_hours=0)
     assert res["counts"]["failed"] == 1 and "retention" in res["extra"]["tables"]["latents"]["error"].lower()
     assert _files(root) == files
+
+
+def test_settings_ranges_and_check(tmp_path):
+    from pipeline.config import SettingsError, parse
+
+    cfg = parse(maintain.SETTINGS, {"output": str(tmp_path), "tables": "latents", "target_size": 1024})
+    assert cfg.tables == "latents" and cfg.target_size == 1024 and cfg.retention_hours == 168
+    assert maintain.check(cfg) == []
+    with pytest.raises(SettingsError) as e:
+        parse(maintain.SETTINGS, {"retention_hours": -1, "target_size": 0})
+    assert sorted(m.split(":")[0] for m in e.value.errors) == ["retention_hours", "target_size"]
+    assert "does not exist" in maintain.check(parse(maintain.SETTINGS, {"output": str(tmp_path / "typo")}))[0]
+    assert maintain.check(parse(maintain.SETTINGS, {})) == ["output: set output=URI"]
 
 
 if __name__ == "__main__":

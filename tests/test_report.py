@@ -13,14 +13,16 @@ from PIL import Image
 
 from jobs import report
 from jobs.cli import load_config
-from pipeline import delta, report_charts, report_data, report_page
+from pipeline import delta, report_charts, report_data, report_page, storage
 from pipeline.report_blocks import Banner, Grid
 from pipeline.report_images import Thumb
 from pipeline.report_render import render
 from pipeline.report_sections import random_init_banner
-from pipeline import storage
 from pipeline.runner import JobRun, TableSpec
 from pipeline.schemas import FACES_SCHEMA, faces_table, latents_schema, make_table, metrics_schema
+from pipeline.sections import ReportSection
+
+# the settings a run record holds, for the runs these tests make by hand
 
 REAL = "lpips-alex (torchvision AlexNet); facenet-vggface2"
 RANDOM = "lpips-alex-RANDOM-INIT (not a real LPIPS); facenet-RANDOM-INIT (not a real ID metric)"
@@ -287,8 +289,28 @@ def test_sections_read_only_scalar_columns(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(report_data.Snapshot, "scalar", spy)
-    html, info = report_page.build_report(root, {})
+    html, info = report_page.build_report(root, ReportSection())
     assert asked and "w_plus" not in asked and info["failed"] == 0
+
+
+def test_report_settings_ranges_and_check():
+    """The page's settings are typed and ranged once (pipeline.sections.ReportSection): the
+    report job's settings and a direct build_report call share them."""
+    import pytest
+
+    from pipeline.config import SettingsError, parse
+
+    cfg = parse(report.SETTINGS, {"input": "x", "report": {"max_images": 2, "max_wplus_rows": None}})
+    assert isinstance(cfg.report, ReportSection) and cfg.report.max_images == 2 and cfg.report.max_wplus_rows is None
+    assert cfg.report.thumb_px == ReportSection().thumb_px == 128
+    with pytest.raises(SettingsError) as e:
+        parse(report.SETTINGS, {"report": {"max_images": -1, "thumb_px": 0, "bins": 0, "max_wplus_rows": -5,
+                                           "thumb_format": "gif"}})
+    assert sorted(m.split(":")[0] for m in e.value.errors) == ["report.bins", "report.max_images",
+                                                               "report.max_wplus_rows", "report.thumb_format",
+                                                               "report.thumb_px"]
+    assert report.check(parse(report.SETTINGS, {})) == [report.NO_INPUT]
+    assert report.check(parse(report.SETTINGS, {"input": "/no/such/root"})) == []  # reported as empty
 
 
 def test_pipeline_never_imports_jobs():

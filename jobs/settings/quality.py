@@ -11,4 +11,4 @@ from pipeline.sections import JobSettings
 class Settings(JobSettings):
     input: str | None = setting(None, "dataset root with a committed latents table")
     output: str | None = setting(None, "where the quality/ table and _runs/ go (default: input)")
-    rows_per_part: int = setting(200_000, "table rows per Parquet data file")
+    rows_per_part: int = setting(200_000, "table rows per Parquet data file", ge=1)

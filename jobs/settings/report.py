@@ -2,28 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-from pipeline import report_sections
-from pipeline.config import Section, setting
-from pipeline.sections import JobSettings
+from pipeline.config import setting
+from pipeline.sections import JobSettings, ReportSection
 
-_D = report_sections.DEFAULTS  # the page builder's defaults, also used when it is called directly
-
-
-@dataclass
-class ReportSection(Section):
-    title: str | None = setting(_D["title"], "page title (default: \"Dataset report: <input>\")")
-    max_images: int = setting(_D["max_images"], "crops / input|reconstruction pairs / edited faces shown")
-    max_edits_per_image: int = setting(_D["max_edits_per_image"], "edits shown per source face")
-    thumb_px: int = setting(_D["thumb_px"], "longer side of embedded thumbnails")
-    thumb_format: Literal["png", "jpeg"] = setting(_D["thumb_format"], "thumbnail format (jpeg: smaller)")
-    max_failed: int = setting(_D["max_failed"], "failed inputs listed with their error text")
-    max_wplus_rows: int | None = setting(_D["max_wplus_rows"], "ok W+ codes streamed for the per-layer norm plot; "
-                                                               "null or 0: every committed code, in Ray Data")
-    bins: int = setting(_D["bins"], "histogram bins")
-    max_train_grids: int = setting(_D["max_train_grids"], "newest train/grids/*.png embedded")
-    grid_px: int = setting(_D["grid_px"], "longer side of an embedded training grid")
+__all__ = ["ReportSection", "Settings"]
 
 
 @dataclass

@@ -4,12 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import setting
-from pipeline.sections import JobSettings, ModelActorSection
+from pipeline.sections import JobSettings, ScoreSection
 
-
-@dataclass
-class ScoreSection(ModelActorSection):
-    batch_size: int = setting(1024, "codes per classifier call")
+__all__ = ["ScoreSection", "Settings"]
 
 
 @dataclass
