@@ -267,6 +267,27 @@ def test_edit_sweep_on_s3(ray_local, s3_bucket, data, tmp_path):
     assert res2["counts"] == {"in": 20, "ok": 0, "failed": 0, "skipped": 20}
 
 
+def test_edit_settings_ranges_rules_and_preflight(tmp_path):
+    """No Ray: what stops the job before it starts (exit 2), and the checks of `check`."""
+    from pipeline.config import SettingsError
+
+    with pytest.raises(SettingsError) as e:
+        _cfg(**{"sweep.targets": "[1,2]", "direction_max_bytes": 0, "edit.join_partitions": 0})
+    assert sorted(m.split(":")[0] for m in e.value.errors) == ["direction_max_bytes", "edit.join_partitions",
+                                                                 "sweep.targets"]
+    with pytest.raises(SettingsError, match="direction: direction=NAME makes a sweep"):
+        _cfg(direction="pca_0", requests="r.csv")
+    assert _cfg(**{"edit.join_partitions": "null"}).edit.join_partitions is None
+    errs = edit.check(_cfg(latents=str(tmp_path / "none")))
+    assert [m.split(":")[0] for m in errs] == ["latents", "output", "model.checkpoint", "metrics", "requests"]
+    ok = {"latents": str(tmp_path), "output": str(tmp_path / "out"), "model.preset": "tiny-32",
+          "metric_weights.skip_missing": "true"}
+    assert edit.check(_cfg(**ok, requests="r.csv")) == []
+    assert edit.check(_cfg(**ok, direction="pca_0")) == []
+    assert edit.check(_cfg(**{**ok, "sweep.attributes": "[Smiling]", "metrics": "false",
+                              "metric_weights.skip_missing": "false"})) == []
+
+
 def test_cli_help():
     h = subprocess.run([sys.executable, "-m", "jobs.edit", "--help"], capture_output=True, text=True, check=True,
                        timeout=120)
