@@ -12,6 +12,7 @@ from pipeline import storage
 from pipeline.model_registry import MODELS, model_key, model_rows
 from pipeline.runner import JobRun, TableSpec
 from pipeline.schemas import latents_schema, make_table
+from pipeline.sections import JobSettings
 
 NL, D = 8, 64                      # tiny-32 W+
 N_IMG = 800                        # ok codes in the latents table
@@ -47,7 +48,7 @@ def write_latents(root: str, ckpt_sha: str, n: int = N_IMG) -> dict:
             "error": [None if o else "not an image" for o in ok],
             "model": ["tiny32.pt"] * total, "checkpoint_sha256": [ckpt_sha] * total}
     spec = TableSpec("latents", latents_schema(NL, D), ("image_id", "face_index"))
-    r = JobRun(root, "invert", {})
+    r = JobRun(root, "invert", JobSettings())
     r.commit({spec: r.write_small(spec, make_table(cols, spec.schema, r.run_id, w_plus=w, ok=ok))}, {"in": total})
     return {"w": w[:n], "ids": cols["image_id"][:n]}
 
@@ -55,7 +56,7 @@ def write_latents(root: str, ckpt_sha: str, n: int = N_IMG) -> dict:
 def commit_model(root: str, kind: str, state: dict, filename: str, attribute: str | None = None) -> dict:
     """A model published like a fit job publishes it: file under the run's key, `models` row in
     the run's commit."""
-    r = JobRun(root, f"fit_{kind}", {})
+    r = JobRun(root, f"fit_{kind}", JobSettings())
     uri = storage.join(root, model_key(kind, r.run_id, filename))
     from stmodel.checkpoint import save_obj
 

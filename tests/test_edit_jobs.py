@@ -18,6 +18,7 @@ from jobs.cli import load_config
 from pipeline import delta, model_registry, storage
 from pipeline.errors import JobError
 from pipeline.runner import JobRun
+from pipeline.sections import JobSettings
 from tests.editing_data import (
     ATTRS,
     NL,
@@ -203,7 +204,7 @@ def test_latest_committed_model_and_retrained_model(ray_local, data, tmp_path):
     req = str(tmp_path / "requests.csv")
     pd.DataFrame(rows).to_csv(req, index=False)
     # a fit run that wrote its file after v1 and died before committing: not a model
-    dead = JobRun(models, "fit_classifier", {})
+    dead = JobRun(models, "fit_classifier", JobSettings())
     from stmodel.checkpoint import save_obj
 
     save_obj(train_classifier(data["w"][:64], data["labels"][:64], steps=5, seed=9),
