@@ -204,7 +204,9 @@ def build_requests(cfg: Settings, sweep: SweepSection, ctx: EditContext):
 
 def join_partitions(c: EditSection, n_todo: int) -> int:
     parts = c.join_partitions
-    return max(1, min(64, math.ceil(n_todo / 2000))) if parts in (None, "auto") else parts
+    if parts is None or parts == "auto":
+        return max(1, min(64, math.ceil(n_todo / 2000)))
+    return parts
 
 
 def paste_settings(cfg: Settings) -> tuple[paste_stage.PasteSettings | None, str | None]:
