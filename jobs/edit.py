@@ -79,14 +79,29 @@ from functools import partial
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.cli import main
-from jobs.settings.edit import Settings
+from jobs.cli import input_errors, main, model_errors
+from jobs.settings.edit import EditSection, Settings, SweepSection
 from pipeline import delta, model_registry, paste_stage, storage
+from pipeline.compute import actor_stage
 from pipeline.directions import named_direction_sweep
-from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
-from pipeline.edit_requests import (DIRECTION_MAX_BYTES, REQUEST_FIELDS, STATUS_OK, EditContext, expand_sweep,
-                                    prepare_requests, read_requests, request_keys, sweep_batch)
-from pipeline.edit_stage import EditBatch, as_role, codes_for_join, request_rows, with_status
+from pipeline.edit_requests import (
+    REQUEST_FIELDS,
+    STATUS_OK,
+    EditContext,
+    expand_sweep,
+    prepare_requests,
+    read_requests,
+    request_keys,
+    sweep_batch,
+)
+from pipeline.edit_stage import (
+    EditBatch,
+    as_role,
+    codes_for_join,
+    request_rows,
+    with_status,
+)
+from pipeline.errors import JobError
 from pipeline.fit_data import read_latents
 from pipeline.runner import STATUS_LOST, JobRun, TableSpec, WriteResult, run_summary
 from pipeline.schemas import edits_schema
@@ -101,31 +116,45 @@ EDITS = TableSpec(TABLE, edits_schema(), ("edit_id",))
 SETTINGS = Settings
 
 
-def resolve_models(cfg: dict) -> tuple[dict | None, dict[str, dict]]:
+def check(cfg: Settings) -> list[str]:
+    """What main checks before Ray starts: the latents root exists, an output, a model, weights
+    for the metrics, and something to edit."""
+    errors = [*input_errors("latents", cfg.latents), *([] if cfg.output else ["output: set output=URI"]),
+              *model_errors("model", cfg.model)]
+    w = cfg.metric_weights
+    if cfg.metrics and not (w.allow_random_init or w.skip_missing or (w.lpips_alexnet and w.facenet)):
+        errors.append("metrics: need metric_weights.lpips_alexnet and metric_weights.facenet (weights URIs), "
+                      "metric_weights.skip_missing=true, or metrics=false")
+    if not (cfg.requests or cfg.direction or cfg.sweep.attributes or cfg.sweep.direction_uris):
+        errors.append("requests: set requests=URI, direction=NAME, or a sweep (sweep.attributes=[...] / "
+                      "sweep.direction_uris=[...])")
+    return errors
+
+
+def resolve_models(cfg: Settings) -> tuple[dict | None, dict[str, dict]]:
     """(classifier row or None, {attribute: editor row}) from committed `models` rows, or from
     files given with their sha256."""
     try:
         clf = None
-        if cfg.get("classifier"):
-            clf = model_registry.pick(cfg["classifier"], "classifier", run_id=cfg.get("classifier_run"),
-                                      sha256=cfg.get("classifier_sha256"))
-        spec, shas = cfg.get("editors"), cfg.get("editors_sha256") or {}
+        if cfg.classifier:
+            clf = model_registry.pick(cfg.classifier, "classifier", run_id=cfg.classifier_run,
+                                      sha256=cfg.classifier_sha256)
         editors: dict[str, dict] = {}
-        if isinstance(spec, dict):
-            for a, src in spec.items():
+        if isinstance(cfg.editors, dict):
+            for a, src in cfg.editors.items():
                 if src:
-                    editors[str(a)] = model_registry.pick(str(src), "editor", str(a), run_id=cfg.get("editors_run"),
-                                                          sha256=shas.get(a))
-        elif spec:
-            for m in model_registry.committed_models(str(spec), "editor"):
-                if cfg.get("editors_run") and m["run_id"] != cfg["editors_run"]:
+                    editors[a] = model_registry.pick(src, "editor", a, run_id=cfg.editors_run,
+                                                     sha256=cfg.editors_sha256.get(a))
+        elif cfg.editors:
+            for m in model_registry.committed_models(cfg.editors, "editor"):
+                if cfg.editors_run and m["run_id"] != cfg.editors_run:
                     continue
                 editors.setdefault(m["attribute"], m)  # newest first
             if not editors:
-                raise LookupError(f"no committed editor under {spec}"
-                                  + (f" from run {cfg['editors_run']}" if cfg.get("editors_run") else ""))
+                raise LookupError(f"no committed editor under {cfg.editors}"
+                                  + (f" from run {cfg.editors_run}" if cfg.editors_run else ""))
     except LookupError as e:
-        raise SystemExit(f"edit: {e}") from None
+        raise JobError(str(e)) from None
     return clf, editors
 
 
@@ -148,64 +177,62 @@ def check_editors(editors: dict[str, dict], style_dim: int) -> tuple[dict, dict]
     return good, bad
 
 
-def build_requests(cfg: dict, ctx: EditContext):
+def build_requests(cfg: Settings, sweep: SweepSection, ctx: EditContext):
     """(requests dataset of REQUEST_SCHEMA rows, the keys of the codes they need as object refs
     or None when every code may be needed, whether any reference edit is asked for). A user
     table (or a sweep over listed images) is user-sized: prepared here, then a Ray Dataset. A
     sweep over all faces is expanded in Ray tasks from the latents snapshot."""
     import ray
 
-    sw = cfg["sweep"]
-    if cfg.get("requests"):
-        rows = read_requests(cfg["requests"])
+    if cfg.requests:
+        rows = read_requests(cfg.requests)
     else:
-        if not (sw.get("attributes") or sw.get("direction_uris")):
-            raise SystemExit("edit: set requests=URI, or a sweep (sweep.attributes=[...] / sweep.direction_uris=[...])")
-        ids = sw.get("image_ids", "all")
-        if ids in (None, "all"):
-            for u in sw.get("direction_uris") or []:
+        ids = sweep.image_ids
+        if ids == "all":
+            for u in sweep.direction_uris:
                 ctx.direction_error(u)  # checked once here, not in every task
-            faces = read_latents(cfg["latents"], ["image_id", "face_index", "status"])
+            faces = read_latents(cfg.latents, ["image_id", "face_index", "status"])
             ds = faces.map_batches(sweep_batch, batch_format="pyarrow", batch_size=1024,
-                                   fn_kwargs={"sweep": sw, "ctx": ctx})
-            return ds, None, "reference" in (sw.get("kinds") or [])
-        rows = expand_sweep(sw, [(str(i), 0) for i in ([ids] if isinstance(ids, str) else ids)])
+                                   fn_kwargs={"sweep": sweep, "ctx": ctx})
+            return ds, None, "reference" in sweep.kinds
+        rows = expand_sweep(sweep, [(i, 0) for i in ([ids] if isinstance(ids, str) else ids)])
     table = prepare_requests(rows, ctx)
     keys = [ray.put(request_keys(table))]
     has_ref = bool(pc.any(pc.equal(table["kind"], "reference")).as_py())
     return ray.data.from_arrow(table), keys, has_ref
 
 
-def join_partitions(c: dict, n_todo: int) -> int:
-    parts = c.get("join_partitions", "auto")
-    return max(1, min(64, math.ceil(n_todo / 2000))) if parts in (None, "auto") else int(parts)
+def join_partitions(c: EditSection, n_todo: int) -> int:
+    parts = c.join_partitions
+    if parts is None or parts == "auto":
+        return max(1, min(64, math.ceil(n_todo / 2000)))
+    return parts
 
 
-def paste_settings(cfg: dict) -> tuple[paste_stage.PasteSettings | None, str | None]:
+def paste_settings(cfg: Settings) -> tuple[paste_stage.PasteSettings | None, str | None]:
     """(the paste stage's settings, the root of the faces table), or (None, None) without
-    paste_back; a bad setting or a missing faces table stops the job before it starts."""
+    paste_back; a missing faces table stops the job before it starts."""
+    if not cfg.paste_back.enabled:
+        return None, None
+    root = cfg.paste_back.faces or cfg.latents
+    if not paste_stage.faces_table_exists(root):
+        raise JobError(f"paste_back needs the photos' faces table (quads, photo URIs) and {root} has no committed "
+                       f"one: set paste_back.faces=ROOT (the jobs.align output the latents came from)")
     # group=photo: the faces of a photo whose requests are the same but for face_index
     same_request = tuple(f for f in REQUEST_FIELDS if f not in ("image_id", "face_index"))
-    ps = paste_stage.settings_from(cfg.get("paste_back"), JOB, output=cfg["output"], folder="edits",
+    ps = paste_stage.settings_from(cfg.paste_back, JOB, output=cfg.output, folder="edits",
                                    member_columns=("edit_id",), crop_uri_column="output_uri", schema=EDITS.schema,
                                    group_columns=same_request)
-    if ps is None:
-        return None, None
-    pb = cfg["paste_back"] if isinstance(cfg["paste_back"], dict) else {}
-    root = pb.get("faces") or cfg["latents"]
-    if not paste_stage.faces_table_exists(root):
-        raise SystemExit(f"edit: paste_back needs the photos' faces table (quads, photo URIs) and {root} has no "
-                         f"committed one: set paste_back.faces=ROOT (the jobs.align output the latents came from)")
     return ps, root
 
 
-def join_codes(todo, cfg: dict, keys: list | None, has_ref: bool, n_todo: int):
+def join_codes(todo, cfg: Settings, keys: list | None, has_ref: bool, n_todo: int):
     """The requests to edit joined with their source codes (and reference codes): hash joins
     in Ray Data, left outer (a request without a code is failed by the edit stage). The codes
     are read once; with reference edits they are materialised (in the object store) for the
     two joins."""
-    parts = join_partitions(cfg["edit"], n_todo)
-    latents = read_latents(cfg["latents"], ["image_id", "face_index", "status", "w_plus", "checkpoint_sha256"])
+    parts = join_partitions(cfg.edit, n_todo)
+    latents = read_latents(cfg.latents, ["image_id", "face_index", "status", "w_plus", "checkpoint_sha256"])
     codes = latents.map_batches(codes_for_join, batch_format="pyarrow", fn_kwargs={"keys_refs": keys})
     if has_ref:
         codes = codes.materialize()
@@ -252,67 +279,59 @@ def edit_summary(output: str, files: list) -> dict:
     return out
 
 
-def run(cfg: dict, before_commit=None, actor: type[EditBatch] = EditBatch) -> dict:
-    """The job body (also callable from Python; `before_commit(run)` and `actor`, the edit
-    stage's class, are for tests)."""
+def direction_sweep(cfg: Settings) -> tuple[SweepSection, list[str]]:
+    """(the sweep to run, the roots a direction_uri may point under): `direction=NAME` makes the
+    sweep one of the committed direction of that name (pipeline.directions.named_direction_sweep),
+    and allows its root."""
+    roots = [cfg.output, *cfg.direction_prefixes]
+    if not cfg.direction:
+        return cfg.sweep, roots
+    root = cfg.directions or cfg.latents
+    try:
+        return named_direction_sweep(cfg.direction, root, cfg.sweep, cfg.directions_run), [*roots, root]
+    except LookupError as e:
+        raise JobError(str(e)) from None
+
+
+def run(cfg: Settings, before_commit=None, actor: type[EditBatch] = EditBatch) -> dict:
+    """The job body (also callable from Python, after `check`; `before_commit(run)` and `actor`,
+    the edit stage's class, are for tests)."""
     import ray
 
     from pipeline.models import describe_model
     from stmodel.classifier import load_classifier
 
-    for k in ("latents", "output"):
-        if not cfg.get(k):
-            raise SystemExit(f"edit: set {k}=URI")
-    if cfg["metrics"]:
-        w = cfg["metric_weights"]
-        if not (w.get("allow_random_init") or w.get("skip_missing")) and not (w.get("lpips_alexnet") and w.get("facenet")):
-            raise SystemExit("edit: metrics need metric_weights.lpips_alexnet and metric_weights.facenet "
-                             "(weights URIs), metric_weights.skip_missing=true, or metrics=false")
     paste, faces_root = paste_settings(cfg)
-    c = cfg["edit"]
-    r = JobRun(cfg["output"], JOB, cfg, rows_per_file=int(c["rows_per_part"]), log_every_s=float(c["log_every_s"]))
-    mc, info = describe_model(cfg["model"])
+    c = cfg.edit
+    r = JobRun(cfg.output, JOB, cfg, rows_per_file=c.rows_per_part, log_every_s=c.log_every_s)
+    mc, info = describe_model(cfg.model)
     n_latent, style_dim = mc.n_latent, mc.style_dim
     clf_row, editor_rows = resolve_models(cfg)
-    try:
-        cfg = named_direction_sweep(cfg)
-    except (ValueError, LookupError) as e:
-        raise SystemExit(f"edit: {e}") from None
+    sweep, direction_roots = direction_sweep(cfg)
     attributes = None
     if clf_row is not None:
         clf = load_classifier(clf_row["uri"], sha256=clf_row["sha256"])
         if (clf.n_latent, clf.style_dim) != (n_latent, style_dim):
-            raise SystemExit(f"edit: the classifier takes [{clf.n_latent}, {clf.style_dim}] codes, the model "
-                             f"makes [{n_latent}, {style_dim}]")
+            raise JobError(f"the classifier takes [{clf.n_latent}, {clf.style_dim}] codes, the model makes "
+                           f"[{n_latent}, {style_dim}]")
         attributes = list(clf.attributes)
         del clf
     editors, editor_errors = check_editors(editor_rows, style_dim)
     ctx = EditContext(info["sha256"], clf_row["sha256"] if clf_row else None, attributes,
                       {a: m["sha256"] for a, m in editors.items()}, editor_errors, n_latent, style_dim,
-                      [cfg["output"], *(cfg.get("direction_prefixes") or [])],
-                      int(cfg.get("direction_max_bytes") or DIRECTION_MAX_BYTES))
-    requests, keys, has_ref = build_requests(cfg, ctx)
+                      direction_roots, cfg.direction_max_bytes)
+    requests, keys, has_ref = build_requests(cfg, sweep, ctx)
     # requests already done never enter the plan (their codes are not even joined)
-    marked, skipped = r.skip_done(requests, EDITS, retry_failed=bool(cfg.get("retry_failed")))
+    marked, skipped = r.skip_done(requests, EDITS, retry_failed=cfg.retry_failed)
     n_in = marked.count() + skipped
     n_todo = marked.map_batches(with_status, batch_format="pyarrow", fn_kwargs={"todo": True}).count()
-    log.info("edit %s -> %s: %d requests, %d to edit (the rest skipped or invalid), run %s", cfg["latents"],
-             cfg["output"], n_in, n_todo, r.run_id)
+    log.info("edit %s -> %s: %d requests, %d to edit (the rest skipped or invalid), run %s", cfg.latents,
+             cfg.output, n_in, n_todo, r.run_id)
     rows_fn = partial(request_rows, run_id=r.run_id, model=info["name"], checkpoint_sha256=info["sha256"])
-    num_gpus = gpus_per_actor(c["num_gpus"])
-    actor_kw = {
-        "batch_format": "pyarrow", "num_cpus": float(c["num_cpus"]),
-        **({"num_gpus": num_gpus} if num_gpus > 0 else {}), **retry_args(c, n_todo),
-        "fn_constructor_kwargs": {
-            "model": cfg["model"], "run_id": r.run_id, "output": cfg["output"],
-            "classifier": clf_row["uri"] if clf_row else None,
-            "classifier_sha256": clf_row["sha256"] if clf_row else None,
-            "editors": {a: {"uri": m["uri"], "sha256": m["sha256"]} for a, m in editors.items()},
-            "metrics": cfg["metric_weights"] if cfg["metrics"] else None,
-            "device": device_for(c["device"], num_gpus), "amp": c["amp"],
-            "torch_threads": max(1, int(float(c["num_cpus"]))),
-            "keep_crops": paste is not None,
-        }}
+    actor_args = {"model": cfg.model, "run_id": r.run_id, "output": cfg.output,
+                  "classifier": {k: clf_row[k] for k in ("uri", "sha256")} if clf_row else None,
+                  "editors": {a: {k: m[k] for k in ("uri", "sha256")} for a, m in editors.items()},
+                  "metrics": cfg.metric_weights if cfg.metrics else None, "keep_crops": paste is not None}
 
     def stages(rows, batch_size: int | None = None):
         """The edit's plan over request rows (the runner's `rerun`): rows not to be edited become
@@ -335,9 +354,10 @@ def run(cfg: dict, before_commit=None, actor: type[EditBatch] = EditBatch) -> di
             return passed
         joined = join_codes(todo, cfg, need, has_ref, n)
         if batch_size is not None:
-            joined = joined.repartition(target_num_rows_per_block=int(batch_size))
-        pool = actor_pool(c["concurrency"], isolating=batch_size is not None)
-        edited = joined.map_batches(actor, batch_size=int(batch_size or c["batch_size"]), compute=pool, **actor_kw)
+            joined = joined.repartition(target_num_rows_per_block=batch_size)
+        stage_kw, device = actor_stage(c, n_todo, isolating=batch_size is not None)
+        edited = joined.map_batches(actor, batch_size=batch_size or c.batch_size, batch_format="pyarrow",
+                                    fn_constructor_kwargs={"section": c, "device": device, **actor_args}, **stage_kw)
         if paste is not None:
             edited = paste_stage.paste(paste_stage.attach_faces(edited, faces_root, join_partitions(c, n)), paste)
         return edited.union(passed)
@@ -346,21 +366,21 @@ def run(cfg: dict, before_commit=None, actor: type[EditBatch] = EditBatch) -> di
     if n_in - skipped:
         res = r.write(None, EDITS, expected=n_in - skipped, inputs=marked,
                       lost_rows=partial(rows_fn, status=STATUS_LOST, error="row lost by the pipeline (worker crash)"),
-                      rerun=stages, batch_size=int(c["batch_size"]))
+                      rerun=stages, batch_size=c.batch_size)
     res.add_skipped(skipped)
     counts = {"in": n_in, **res.counts}
     seconds = r.seconds()
     models = {"checkpoint_sha256": info["sha256"],
               "classifier": {k: clf_row[k] for k in ("uri", "sha256", "run_id")} if clf_row else None,
               "editors": {a: {k: m[k] for k in ("uri", "sha256", "run_id")} for a, m in editors.items()}}
-    extra: dict = {"model": info["name"], **models, "statuses": res.statuses, "by_status": res.statuses,
+    extra: dict = {"model": info["name"], **models, "statuses": res.statuses,
                    "edits_per_s": round((counts["ok"] + counts["failed"]) / max(seconds, 1e-9), 3)}
-    extra.update(run_summary(cfg["output"], TABLE, res.files, ("id_similarity", "lpips")))
-    extra.update(edit_summary(cfg["output"], res.files))
+    extra.update(run_summary(cfg.output, TABLE, res.files, ("id_similarity", "lpips")))
+    extra.update(edit_summary(cfg.output, res.files))
     if before_commit is not None:
         before_commit(r)
     r.commit({EDITS: res}, {**counts, "seconds": seconds, **extra},
-             extra={"inputs": {"latents": cfg["latents"], "requests": cfg.get("requests")},
+             extra={"inputs": {"latents": cfg.latents, "requests": cfg.requests},
                     "ray": {"version": ray.__version__}})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 
@@ -369,4 +389,4 @@ DESCRIPTION = __doc__
 
 
 if __name__ == "__main__":
-    main(JOB, DESCRIPTION, SETTINGS, run)
+    main(JOB, DESCRIPTION, SETTINGS, run, check=check)

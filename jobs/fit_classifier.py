@@ -41,10 +41,11 @@ import sys
 import numpy as np
 import pyarrow as pa
 
-from jobs.cli import main
+from jobs.cli import input_errors, main
 from jobs.settings.fit_classifier import Settings
 from pipeline import model_registry, storage
 from pipeline.compute import fit
+from pipeline.errors import JobError
 from pipeline.fit_data import code_shape, read_latents
 from pipeline.fit_loops import classifier_loop
 from pipeline.labels import label_counts, labelled_codes_batch, load_labels
@@ -72,41 +73,46 @@ def format_eval(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: dict, before_commit=None) -> dict:
+def check(cfg: Settings) -> list[str]:
+    """What main checks before Ray starts: the latents root and the attributes table exist, and
+    an output."""
+    return [*input_errors("latents", cfg.latents), *input_errors("attributes", cfg.attributes),
+            *([] if cfg.output else ["output: set output=URI"])]
+
+
+def run(cfg: Settings, before_commit=None) -> dict:
+    """The job body (also callable from Python, after `check`; `before_commit(run)` is a test hook)."""
     import ray
 
-    for k in ("latents", "attributes", "output"):
-        if not cfg.get(k):
-            raise SystemExit(f"fit_classifier: set {k}=URI")
-    t = cfg["fit_classifier"]
-    r = JobRun(cfg["output"], JOB, cfg)
-    vf, seed = float(cfg["val_fraction"]), int(cfg["split_seed"])
-    labels = load_labels(cfg["attributes"], cfg.get("attributes_list"))
+    t = cfg.fit_classifier
+    r = JobRun(cfg.output, JOB, cfg)
+    vf, seed = cfg.val_fraction, cfg.split_seed
+    labels = load_labels(cfg.attributes, cfg.attributes_list)
     names = labels.names
     refs = labels.broadcast()
-    latents = read_latents(cfg["latents"], ["image_id", "face_index", "status", "source_uri", "w_plus"])
-    keys = read_latents(cfg["latents"], ["image_id", "face_index", "status", "source_uri"])
+    latents = read_latents(cfg.latents, ["image_id", "face_index", "status", "source_uri", "w_plus"])
+    keys = read_latents(cfg.latents, ["image_id", "face_index", "status", "source_uri"])
     c = label_counts(keys, labels, refs, vf, seed)
     counts = {k: c[k] for k in ("in", "ok", "failed", "skipped")}
     notes = {"errors": c["errors"], "labels_without_latents": c["labels_without_latents"]}
     for reason, n in notes["errors"].items():
         log.warning("%d latents rows not used: %s", n, reason)
     if c["train"] == 0:
-        raise SystemExit(f"fit_classifier: no labelled codes to train on ({counts}, {notes})")
+        raise JobError(f"no labelled codes to train on ({counts}, {notes})")
     if c["val"] == 0:
-        raise SystemExit("fit_classifier: the held-out split is empty; raise val_fraction or add data")
-    shape = code_shape(cfg["latents"])
+        raise JobError("the held-out split is empty; raise val_fraction or add data")
+    shape = code_shape(cfg.latents)
     datasets = {}
     for split in ("train", "val"):
         ds = latents.map_batches(labelled_codes_batch, batch_format="pyarrow", batch_size=1024, fn_kwargs={
             "labels_refs": refs, "join_on": labels.join_on, "val_fraction": vf, "seed": seed, "keep": split,
             "shape": shape})
-        datasets[split] = ds.materialize() if t.get("materialize", True) else ds
-    uri = storage.join(cfg["output"], model_registry.model_key("classifier", r.run_id, MODEL_FILE))
+        datasets[split] = ds.materialize() if t.materialize else ds
+    uri = storage.join(cfg.output, model_registry.model_key("classifier", r.run_id, MODEL_FILE))
     log.info("fit_classifier: %d attributes, %d train / %d held-out codes of shape %s, %d epochs -> %s (run %s)",
-             len(names), c["train"], c["val"], list(shape), int(t["epochs"]), uri, r.run_id)
+             len(names), c["train"], c["val"], list(shape), t.epochs, uri, r.run_id)
     out = fit(classifier_loop, {"attributes": names, "n_latent": shape[0], "style_dim": shape[1],
-                                "classifier": cfg["classifier"], "train": t, "classifier_uri": uri,
+                                "classifier": cfg.classifier, "train": t, "classifier_uri": uri,
                                 "run_id": r.run_id},
               datasets, t, f"{JOB}-{r.run_id}")
     ev = out["eval"]
@@ -131,7 +137,7 @@ def run(cfg: dict, before_commit=None) -> dict:
         before_commit(r)
     # `models` last: the row that publishes the file is committed after its figures
     r.commit(results, {**counts, "seconds": r.seconds(), **extra},
-             extra={"inputs": {"latents": cfg["latents"], "attributes": cfg["attributes"]},
+             extra={"inputs": {"latents": cfg.latents, "attributes": cfg.attributes},
                     "history": out["history"], "eval": ev, "ray": {"version": ray.__version__}})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 
@@ -140,4 +146,4 @@ DESCRIPTION = __doc__
 
 
 if __name__ == "__main__":
-    main(JOB, DESCRIPTION, SETTINGS, run, trains=True)
+    main(JOB, DESCRIPTION, SETTINGS, run, trains=True, check=check)

@@ -31,10 +31,17 @@ from __future__ import annotations
 
 import logging
 
-from jobs.cli import main
+from jobs.cli import input_errors, main
 from jobs.settings.fit_directions import Settings
 from pipeline import directions
-from pipeline.code_stats import COLUMNS, first_moments, reduce_first, reduce_second, second_moments
+from pipeline.code_stats import (
+    COLUMNS,
+    first_moments,
+    reduce_first,
+    reduce_second,
+    second_moments,
+)
+from pipeline.errors import JobError
 from pipeline.fit_data import code_shape, latent_counts, read_latents
 from pipeline.labels import load_labels
 from pipeline.model_registry import MODELS, model_rows
@@ -48,22 +55,24 @@ JOB = "fit_directions"
 SETTINGS = Settings
 
 
-def run(cfg: dict, before_commit=None) -> dict:
-    """The job body (also callable from Python; `before_commit(run)` is a test hook)."""
+def check(cfg: Settings) -> list[str]:
+    """What main checks before Ray starts: the latents root (and the labels table) exist."""
+    return [*input_errors("latents", cfg.latents),
+            *(input_errors("attributes", cfg.attributes) if cfg.attributes else [])]
+
+
+def run(cfg: Settings, before_commit=None) -> dict:
+    """The job body (also callable from Python, after `check`; `before_commit(run)` is a test hook)."""
     import ray
 
-    if not cfg.get("latents"):
-        raise SystemExit("fit_directions: set latents=URI")
-    if int(cfg["components"]) < 0:
-        raise SystemExit("fit_directions: components must be >= 0")
-    output = cfg.get("output") or cfg["latents"]
+    output = cfg.output or cfg.latents
     r = JobRun(output, JOB, cfg)
-    c = latent_counts(cfg["latents"], 0.0, 0)
+    c = latent_counts(cfg.latents, 0.0, 0)
     if not c["ok"]:
-        raise SystemExit(f"fit_directions: no ok codes under {cfg['latents']}")
-    shape = code_shape(cfg["latents"])
-    labels = load_labels(cfg["attributes"], cfg.get("attributes_list")) if cfg.get("attributes") else None
-    codes = read_latents(cfg["latents"], COLUMNS + (["source_uri"] if labels else [])).materialize()
+        raise JobError(f"no ok codes under {cfg.latents}")
+    shape = code_shape(cfg.latents)
+    labels = load_labels(cfg.attributes, cfg.attributes_list) if cfg.attributes else None
+    codes = read_latents(cfg.latents, COLUMNS + (["source_uri"] if labels else [])).materialize()
     first = ray.remote(reduce_first).remote(list(codes.map_batches(first_moments, batch_format="pyarrow")
                                                   .materialize().to_arrow_refs()))
     second = codes.map_batches(second_moments, batch_format="pyarrow", fn_kwargs={"first": [first]})
@@ -72,12 +81,11 @@ def run(cfg: dict, before_commit=None) -> dict:
     if labels is not None:
         sums = list(codes.map_batches(directions.class_sums, batch_format="pyarrow", fn_kwargs={
             "labels_refs": labels.broadcast(), "join_on": labels.join_on, "shape": shape}).materialize().to_arrow_refs())
-    log.info("fit_directions %s -> %s: %d ok codes of shape %s, %d PCA directions, %s, run %s", cfg["latents"], output,
-             c["ok"], list(shape), int(cfg["components"]),
+    log.info("fit_directions %s -> %s: %d ok codes of shape %s, %d PCA directions, %s, run %s", cfg.latents, output,
+             c["ok"], list(shape), cfg.components,
              f"boundaries for {len(labels.names)} attributes" if labels else "no labels", r.run_id)
     out = ray.get(ray.remote(directions.publish).remote(stats, sums, labels.names if labels else [],
-                                                        int(cfg["components"]), int(cfg["min_class"]), output,
-                                                        r.run_id))
+                                                        cfg.components, cfg.min_class, output, r.run_id))
     for name, why in out["skipped"].items():
         log.warning("no direction for %s: %s", name, why)
     counts = {"in": c["in"], "ok": c["ok"], "failed": 0, "skipped": c["in"] - c["ok"]}
@@ -87,10 +95,10 @@ def run(cfg: dict, before_commit=None) -> dict:
         before_commit(r)
     r.commit({MODELS: r.write_small(MODELS, model_rows(out["rows"], r.run_id))},
              {**counts, "seconds": r.seconds(), **extra},
-             extra={"inputs": {"latents": cfg["latents"], "attributes": cfg.get("attributes")},
+             extra={"inputs": {"latents": cfg.latents, "attributes": cfg.attributes},
                     "ray": {"version": ray.__version__}})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 
 
 if __name__ == "__main__":
-    main(JOB, __doc__, SETTINGS, run)
+    main(JOB, __doc__, SETTINGS, run, check=check)

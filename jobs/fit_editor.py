@@ -38,15 +38,23 @@ from __future__ import annotations
 import logging
 import sys
 
-from jobs.cli import main
+from jobs.cli import input_errors, main
 from jobs.settings.fit_editor import Settings
 from pipeline import model_registry, storage
 from pipeline.compute import actor_pool, device_for, fit, gpus_per_actor, retry_args
-from pipeline.sections import ActorSection
-from pipeline.fit_data import SampleCodes, code_shape, codes_batch, id_split_batch, latent_counts, read_latents
+from pipeline.errors import JobError
+from pipeline.fit_data import (
+    SampleCodes,
+    code_shape,
+    codes_batch,
+    id_split_batch,
+    latent_counts,
+    read_latents,
+)
 from pipeline.fit_loops import editor_loop
 from pipeline.model_registry import MODELS
 from pipeline.runner import JobRun
+from pipeline.sections import ActorSection
 
 log = logging.getLogger("stbatch.fit_editor")
 
@@ -63,51 +71,45 @@ def model_file_keys(attrs: list[str], run_id: str) -> dict[str, str]:
         try:
             keys[a] = model_registry.model_key("editor", run_id, f"editor_{a}.pt")
         except ValueError:
-            raise SystemExit(f"fit_editor: attribute name {a!r} cannot be part of a file name") from None
+            raise JobError(f"attribute name {a!r} cannot be part of a file name") from None
     return keys
 
 
-def build_datasets(cfg: dict) -> tuple[dict, dict, dict]:
+def build_datasets(cfg: Settings) -> tuple[dict, dict, dict]:
     """(datasets, counts, source description)."""
     import ray
 
-    t = cfg["fit_editor"]
-    if cfg.get("latents"):
-        vf, seed = float(cfg["val_fraction"]), int(cfg["split_seed"])
-        c = latent_counts(cfg["latents"], vf, seed)
+    if cfg.latents:
+        vf, seed = cfg.val_fraction, cfg.split_seed
+        c = latent_counts(cfg.latents, vf, seed)
         n_ok, n_val = c["ok"], c["val"]
         if n_ok - n_val < 2:
-            raise SystemExit(f"fit_editor: {n_ok - n_val} training codes in {cfg['latents']}; need at least 2")
-        shape = code_shape(cfg["latents"])
-        base = read_latents(cfg["latents"], ["image_id", "face_index", "status", "w_plus"])
+            raise JobError(f"{n_ok - n_val} training codes in {cfg.latents}; need at least 2")
+        shape = code_shape(cfg.latents)
+        base = read_latents(cfg.latents, ["image_id", "face_index", "status", "w_plus"])
         ds = {s: base.map_batches(codes_batch, batch_format="pyarrow", batch_size=1024,
                                   fn_kwargs={"val_fraction": vf, "seed": seed, "keep": s, "shape": shape})
               for s in ("train", "val")}
         counts = {"in": c["in"], "ok": n_ok, "failed": 0, "skipped": c["in"] - n_ok}
-        source = {"latents": cfg["latents"], "n_train": n_ok - n_val, "n_val": n_val}
+        source = {"latents": cfg.latents, "n_train": n_ok - n_val, "n_val": n_val}
     else:
-        s = cfg["sample"]
-        n, n_val = int(s["n"] or 0), int(s["n_val"] or 0)
-        if n < 2:
-            raise SystemExit("fit_editor: set latents=URI, or model.checkpoint=URI with sample.n=N (N >= 2)")
-        if not (cfg["model"].get("checkpoint") or cfg["model"].get("preset")):
-            raise SystemExit("fit_editor: sampling codes needs model.checkpoint=URI (the inversion model)")
-        num_gpus = gpus_per_actor(s.get("num_gpus", "auto"))
+        s = cfg.sample
+        n, n_val = s.n, s.n_val
+        num_gpus = gpus_per_actor(s.num_gpus)
         kw = {"num_gpus": num_gpus} if num_gpus > 0 else {}
-        ctor = {"model": cfg["model"], "truncation": float(s["truncation"]), "seed": int(s["seed"]),
-                "mean_n": int(s["mean_n"]), "device": device_for("auto", num_gpus)}
         # the actor is started once: the train and held-out codes are drawn in one pass (ids
         # [0, n) and [n, n + n_val)), then split by id
         codes = ray.data.range(n + n_val).map_batches(
-            SampleCodes, batch_size=int(s["batch_size"]), batch_format="numpy", compute=actor_pool(1),
-            fn_constructor_kwargs=ctor, **kw, **retry_args(ActorSection(), n + n_val)).materialize()
+            SampleCodes, batch_size=s.batch_size, batch_format="numpy", compute=actor_pool(1),
+            fn_constructor_kwargs={"model": cfg.model, "sample": s, "device": device_for("auto", num_gpus)},
+            **kw, **retry_args(ActorSection(), n + n_val)).materialize()
         ds = {sp: codes.map_batches(id_split_batch, batch_format="numpy", batch_size=1024,
                                     fn_kwargs={"n_train": n, "keep": sp}) for sp in ("train", "val")}
         counts = {"in": n + n_val, "ok": n + n_val, "failed": 0, "skipped": 0}
-        source = {"sampled_from": cfg["model"].get("checkpoint") or cfg["model"].get("preset"),
-                  "truncation": float(s["truncation"]), "n_train": n, "n_val": n_val}
+        source = {"sampled_from": cfg.model.checkpoint or cfg.model.preset, "truncation": s.truncation,
+                  "n_train": n, "n_val": n_val}
     ds["train"] = ds["train"].select_columns(["w_plus"])
-    if t.get("materialize", True):
+    if cfg.fit_editor.materialize:
         ds = {k: v.materialize() for k, v in ds.items()}
     return ds, counts, source
 
@@ -124,47 +126,52 @@ def format_figures(res: dict) -> str:
     return "\n".join(lines)
 
 
-def resolve_classifier(cfg: dict) -> dict:
+def resolve_classifier(cfg: Settings) -> dict:
     try:
-        return model_registry.pick(cfg["classifier"], "classifier", run_id=cfg.get("classifier_run"),
-                                   sha256=cfg.get("classifier_sha256"))
+        return model_registry.pick(cfg.classifier, "classifier", run_id=cfg.classifier_run,
+                                   sha256=cfg.classifier_sha256)
     except LookupError as e:
-        raise SystemExit(f"fit_editor: {e}") from None
+        raise JobError(str(e)) from None
 
 
-def run(cfg: dict, before_commit=None) -> dict:
+def check(cfg: Settings) -> list[str]:
+    """What main checks before Ray starts: a classifier, an output, attributes, and codes to train
+    on (a latents root that exists, or codes to sample)."""
+    errors = [f"{k}: set {k}=URI" for k in ("classifier", "output") if not getattr(cfg, k)]
+    if not cfg.attribute_names():
+        errors.append("attributes: set attributes=[Name,...] (one editor per attribute)")
+    if cfg.latents:
+        errors += input_errors("latents", cfg.latents)
+    elif cfg.sample.n < 2:
+        errors.append("latents: set latents=URI, or model.checkpoint=URI with sample.n=N (N >= 2)")
+    return errors
+
+
+def run(cfg: Settings, before_commit=None) -> dict:
+    """The job body (also callable from Python, after `check`; `before_commit(run)` is a test hook)."""
     import ray
 
     from stmodel.classifier import load_classifier
 
-    for k in ("classifier", "output"):
-        if not cfg.get(k):
-            raise SystemExit(f"fit_editor: set {k}=URI")
-    attrs = cfg.get("attributes")
-    if isinstance(attrs, str):
-        attrs = [attrs]
-    if not attrs:
-        raise SystemExit("fit_editor: set attributes=[Name,...] (one editor per attribute)")
-    attrs = [str(a) for a in attrs]
+    attrs = cfg.attribute_names()
     cm = resolve_classifier(cfg)
     clf = load_classifier(cm["uri"], sha256=cm["sha256"])
     unknown = [a for a in attrs if a not in clf.attributes]
     if unknown:
-        raise SystemExit(f"fit_editor: unknown attribute(s) {unknown}; the classifier knows {clf.attributes}")
-    r = JobRun(cfg["output"], JOB, cfg)
+        raise JobError(f"unknown attribute(s) {unknown}; the classifier knows {clf.attributes}")
+    r = JobRun(cfg.output, JOB, cfg)
     keys = model_file_keys(attrs, r.run_id)
     datasets, counts, source = build_datasets(cfg)
     shape = datasets["train"].take_batch(1, batch_format="numpy")["w_plus"].shape[1:]
     if tuple(shape) != (clf.n_latent, clf.style_dim):
-        raise SystemExit(f"fit_editor: codes of shape {list(shape)} but the classifier takes "
-                         f"[{clf.n_latent}, {clf.style_dim}]")
+        raise JobError(f"codes of shape {list(shape)} but the classifier takes [{clf.n_latent}, {clf.style_dim}]")
     del clf
-    uris = {a: storage.join(cfg["output"], keys[a]) for a in attrs}
-    t = cfg["fit_editor"]
+    uris = {a: storage.join(cfg.output, keys[a]) for a in attrs}
+    t = cfg.fit_editor
     log.info("fit_editor: %d attribute(s) %s, %s, %d steps each, classifier %s (%s) -> %s (run %s)", len(attrs),
-             attrs, source, int(t["steps"]), cm["uri"], cm["sha256"][:12], cfg["output"], r.run_id)
+             attrs, source, t.steps, cm["uri"], cm["sha256"][:12], cfg.output, r.run_id)
     res = fit(editor_loop, {"attributes": attrs, "classifier_uri": cm["uri"], "classifier_sha256": cm["sha256"],
-                            "editor": cfg["editor"], "loss": cfg["loss"], "train": t, "eval": cfg["eval"],
+                            "editor": cfg.editor, "loss": cfg.loss, "train": t, "eval": cfg.eval,
                             "editor_uris": uris, "run_id": r.run_id},
               datasets, t, f"{JOB}-{r.run_id}")
     print(format_figures(res), file=sys.stderr, flush=True)
@@ -192,4 +199,4 @@ DESCRIPTION = __doc__
 
 
 if __name__ == "__main__":
-    main(JOB, DESCRIPTION, SETTINGS, run, trains=True)
+    main(JOB, DESCRIPTION, SETTINGS, run, trains=True, check=check)

@@ -28,12 +28,18 @@ import time
 import numpy as np
 import torch
 
-from jobs.cli import main
+from jobs.cli import input_errors, main
 from jobs.settings.train_encoder import Settings
 from pipeline import storage
 from pipeline.compute import fit, use_gpu
+from pipeline.errors import JobError
 from pipeline.runner import JobRun
-from pipeline.train_loop import build_model, checkpoint_steps, decode_for_training, train_loop_per_worker
+from pipeline.train_loop import (
+    build_model,
+    checkpoint_steps,
+    decode_for_training,
+    train_loop_per_worker,
+)
 
 log = logging.getLogger("stbatch.train")
 
@@ -89,21 +95,26 @@ def _true_codes(uri: str | None, names: list[str]) -> np.ndarray | None:
     return np.stack([by_name[n] for n in names])
 
 
-def run(cfg: dict) -> dict:
+def check(cfg: Settings) -> list[str]:
+    """What main checks before Ray starts: the training (and validation) images exist, and an output."""
+    return [*input_errors("input", cfg.input), *([] if cfg.output else ["output: set output=URI"]),
+            *(input_errors("val_input", cfg.val_input) if cfg.val_input else [])]
+
+
+def run(cfg: Settings) -> dict:
+    """The job body (also callable from Python, after `check`)."""
     import ray
 
     from stmodel.checkpoint import load_inversion
 
-    if not cfg.get("input") or not cfg.get("output"):
-        raise SystemExit("train_encoder: set input=URI (training images) and output=URI")
-    t = cfg["train_encoder"]
+    t = cfg.train_encoder
     t0 = time.time()
-    files = storage.list_files(cfg["input"])
+    files = storage.list_files(cfg.input)
     if not files:
-        raise SystemExit(f"train_encoder: no images under {cfg['input']}")
-    initial = build_model(cfg["model"])
+        raise JobError(f"no images under {cfg.input}")
+    initial = build_model(cfg.model)
     mc = initial.cfg
-    paths, fs = storage.ray_paths(cfg["input"], files)
+    paths, fs = storage.ray_paths(cfg.input, files)
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
     ds = ds.map_batches(decode_for_training, batch_format="numpy", batch_size=32,
                         fn_kwargs={"input_size": mc.input_size, "target_size": mc.pool_size})
@@ -114,31 +125,32 @@ def run(cfg: dict) -> dict:
         log.warning("not trainable: %s: %s", p, e)
     counts = {"in": len(files), "ok": len(checked) - len(bad), "failed": len(files) - (len(checked) - len(bad)),
               "skipped": 0}
-    val_files = storage.list_files(cfg["val_input"]) if cfg.get("val_input") else files
-    val = _decode_all(val_files[: int(t["val_images"])], mc.input_size, mc.pool_size)
-    done = checkpoint_steps(cfg["output"])
+    val_files = storage.list_files(cfg.val_input) if cfg.val_input else files
+    val = _decode_all(val_files[:t.val_images], mc.input_size, mc.pool_size)
+    done = checkpoint_steps(cfg.output)
     log.info("train_encoder: %d images (%d not trainable), %s, steps %d (resuming from %d), %d worker(s)%s",
-             len(files), len(bad), mc.name, int(t["steps"]), done[-1] if done else 0, int(t["num_workers"]),
-             " on GPU" if use_gpu(t["use_gpu"]) else "")
-    loop_cfg = {**cfg, "_val": {"image": val["image"], "target": val["target"]}}
+             len(files), len(bad), mc.name, t.steps, done[-1] if done else 0, t.num_workers,
+             " on GPU" if use_gpu(t.use_gpu) else "")
+    loop_cfg = {"output": cfg.output, "model": cfg.model, "metric_weights": cfg.metric_weights, "train": t,
+                "val": {"image": val["image"], "target": val["target"]}}
     fit(train_loop_per_worker, loop_cfg,
         {"train": ds.filter(lambda r: bool(r["ok"])).select_columns(["image", "target"])}, t,
-        f"train_encoder-{abs(hash(cfg['output'])) % 10**8}")
-    steps = checkpoint_steps(cfg["output"])
+        f"train_encoder-{abs(hash(cfg.output)) % 10**8}")
+    steps = checkpoint_steps(cfg.output)
     last = steps[-1] if steps else 0
-    extra = {"steps": last, "checkpoint": storage.join(cfg["output"], "checkpoints", f"step_{last:06d}.pt")}
-    if last >= int(t["steps"]):
+    extra = {"steps": last, "checkpoint": storage.join(cfg.output, "checkpoints", f"step_{last:06d}.pt")}
+    if last >= t.steps:
         trained, _ = load_inversion(extra["checkpoint"])
-        ev = evaluate_encoder(trained, initial, val, _true_codes(cfg.get("val_codes"), val["names"]))
-        storage.write_bytes(storage.join(cfg["output"], "train", "eval.json"), json.dumps(ev, indent=2).encode())
+        ev = evaluate_encoder(trained, initial, val, _true_codes(cfg.val_codes, val["names"]))
+        storage.write_bytes(storage.join(cfg.output, "train", "eval.json"), json.dumps(ev, indent=2).encode())
         extra["eval"] = ev
         log.info("eval: trained PSNR %.2f dB, untrained %.2f dB, mean latent %.2f dB",
                  ev["trained"]["psnr"], ev["untrained"]["psnr"], ev["mean_latent"]["psnr"])
     # The run record only (`_runs/<run_id>.json`): training writes no table, so no Delta commit.
-    r = JobRun(cfg["output"], JOB, {k: v for k, v in cfg.items() if not k.startswith("_")})
+    r = JobRun(cfg.output, JOB, cfg)
     r.commit({}, {**counts, "seconds": round(time.time() - t0, 2), **extra})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 
 
 if __name__ == "__main__":
-    main(JOB, __doc__, SETTINGS, run, trains=True)
+    main(JOB, __doc__, SETTINGS, run, trains=True, check=check)

@@ -15,6 +15,7 @@ whatever the direction; the sign of a supervised direction points to the attribu
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 
@@ -23,6 +24,7 @@ import pyarrow as pa
 
 from pipeline import model_registry, storage
 from pipeline.code_stats import ok_codes
+from pipeline.edit_sections import SweepSection
 from pipeline.labels import labelled_codes_batch
 
 KIND = "direction"
@@ -118,23 +120,12 @@ def resolve(root: str, name: str, run_id: str | None = None) -> dict:
                           + f"; committed: {', '.join(have) or 'none'} (jobs.fit_directions makes them)") from None
 
 
-def named_direction_sweep(cfg: dict) -> dict:
-    """jobs.edit's `direction=NAME`: the committed direction of that name (under `directions`,
-    default the `latents` root) becomes the sweep's one direction file, its root an allowed
-    direction prefix, the sweep's kinds [direction]; a direction named after an attribute also
-    becomes the sweep's attribute (its classifier logits are recorded) unless the sweep names
-    some. Returns `cfg` unchanged without `direction`; raises ValueError when it cannot be used
-    (with requests) and LookupError when no such direction is committed."""
-    name = cfg.get("direction")
-    if not name:
-        return cfg
-    if cfg.get("requests"):
-        raise ValueError("direction=NAME makes a sweep over the faces: set requests=null (or give "
-                         "direction_uri in the requests)")
-    root = cfg.get("directions") or cfg["latents"]
-    m = resolve(root, str(name), run_id=cfg.get("directions_run"))
-    sw = dict(cfg["sweep"])
-    sw.update(kinds=["direction"], direction_uris=[m["uri"]])
-    if not str(name).startswith(PCA_PREFIX) and not sw.get("attributes"):
-        sw["attributes"] = [str(name)]
-    return {**cfg, "sweep": sw, "direction_prefixes": [*(cfg.get("direction_prefixes") or []), root]}
+def named_direction_sweep(name: str, root: str, sweep: SweepSection, run_id: str | None = None) -> SweepSection:
+    """jobs.edit's `direction=NAME`: `sweep` with the committed direction of that name under
+    `root` (the newest, or that of `run_id`) as its one direction file and [direction] as its
+    kinds; a direction named after an attribute also becomes the sweep's attribute (its
+    classifier logits are recorded) unless the sweep names some. The job allows `root` as a
+    direction prefix. Raises LookupError when no such direction is committed."""
+    m = resolve(root, name, run_id=run_id)
+    attributes = sweep.attributes if sweep.attributes or name.startswith(PCA_PREFIX) else [name]
+    return dataclasses.replace(sweep, kinds=["direction"], direction_uris=[m["uri"]], attributes=attributes)

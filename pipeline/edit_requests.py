@@ -24,7 +24,7 @@ of the allowed prefixes (`direction_prefixes`), compared after normalisation: sc
 (host) compared whole, `..` resolved, local paths made absolute with symlinks resolved, and
 whole path components (`/ok` does not hold `/okay/x.npy`, `s3://bucket` does not hold
 `s3://bucket-evil/x.npy`). A chained fsspec URL (`a::b`) is refused. The file's size (from its
-listing, before it is read) must be at most `direction_max_bytes`.
+listing, before it is read) must be at most jobs.edit's `direction_max_bytes`.
 """
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline import storage
+from pipeline.edit_sections import SweepSection
+from pipeline.errors import JobError
 from pipeline.redact import redact_uri
 from pipeline.schemas import EDIT_KINDS
 
@@ -48,7 +50,6 @@ REQUEST_FIELDS = ("image_id", "face_index", "kind", "attribute", "strength", "ta
                   "reference_face_index", "direction_uri", "order")
 STRING_FIELDS = ("image_id", "kind", "attribute", "reference_image_id", "direction_uri")
 STATUS_OK, STATUS_BAD, STATUS_SKIPPED = "ok", "bad_request", "skipped"
-DIRECTION_MAX_BYTES = 1 << 20   # a direction is [D] or [n_latent, D] floats: 36 KiB at 18 x 512
 REQUEST_TYPES = {"face_index": pa.int32(), "reference_face_index": pa.int32(), "strength": pa.float64(),
                  "target": pa.int8(), "order": pa.int8()}
 REQUEST_SCHEMA = pa.schema([pa.field("edit_id", pa.string()),
@@ -61,13 +62,13 @@ _DECODED_PATHS = ("http", "https")   # servers percent-decode paths: `%2e%2e` is
 # ---------------------------------------------------------------------------- reading
 
 def check_columns(columns: list[str]) -> None:
-    """Stop the job (SystemExit) on a column that is not a request field, naming the nearest one."""
+    """Stop the job (JobError) on a column that is not a request field, naming the nearest one."""
     for c in columns:
         if c in REQUEST_FIELDS:
             continue
         near = difflib.get_close_matches(str(c).strip().lower(), REQUEST_FIELDS, n=1, cutoff=0.6)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise SystemExit(f"edit: requests column {c!r} is not a request field{hint} "
+        raise JobError(f"requests column {c!r} is not a request field{hint} "
                          f"(request fields: {', '.join(REQUEST_FIELDS)})")
 
 
@@ -267,15 +268,15 @@ class EditContext:
 
     def __init__(self, checkpoint_sha256: str, classifier_sha256: str | None, attributes: list[str] | None,
                  editors: dict[str, str], editor_errors: dict[str, str], n_latent: int, style_dim: int,
-                 direction_roots: list[str] | None = None, direction_max_bytes: int = DIRECTION_MAX_BYTES):
+                 direction_roots: list[str], direction_max_bytes: int):
         self.checkpoint_sha256 = checkpoint_sha256
         self.classifier_sha256 = classifier_sha256
         self.attributes = attributes      # the classifier's, or None without a classifier
         self.editors = dict(editors)      # attribute -> sha256 of its loadable editor
         self.editor_errors = dict(editor_errors)
-        self.n_latent, self.style_dim = int(n_latent), int(style_dim)
-        self.direction_roots = [str(r) for r in (direction_roots or []) if r]
-        self.direction_max_bytes = int(direction_max_bytes)
+        self.n_latent, self.style_dim = n_latent, style_dim
+        self.direction_roots = [r for r in direction_roots if r]
+        self.direction_max_bytes = direction_max_bytes
         self.directions: dict[str, str | None] = {}
 
     def direction_error(self, uri: str) -> str | None:
@@ -347,34 +348,32 @@ def prepare_requests(rows, ctx: EditContext) -> pa.Table:
 
 # ---------------------------------------------------------------------------- sweeps and keys
 
-def expand_sweep(sw: dict, faces: list[tuple[str, int]]) -> list[dict]:
-    """The request rows of a sweep for the given faces (its cross product)."""
-    attrs = list(dict.fromkeys(sw.get("attributes") or [])) or [None]
+def expand_sweep(sw: SweepSection, faces: list[tuple[str, int]]) -> list[dict]:
+    """The request rows of a sweep for the given faces (its cross product; a value listed twice
+    counts once)."""
+    attrs = list(dict.fromkeys(sw.attributes)) or [None]
     uniq = (lambda xs: list(dict.fromkeys(xs)))
-    out = []
+    out: list[dict] = []
     for iid, fi in faces:
-        for kind in uniq(sw.get("kinds") or ["label"]):
+        for kind in uniq(sw.kinds):
             for attr in attrs:
-                for s in uniq(sw.get("strengths") or [1.0]):
+                for s in uniq(sw.strengths):
                     base = {"image_id": iid, "face_index": fi, "kind": kind, "attribute": attr, "strength": s}
                     if kind == "label":
-                        out += [{**base, "target": t, "order": sw.get("order", 1)}
-                                for t in uniq(sw.get("targets") or [1])]
+                        out += [{**base, "target": t, "order": sw.order} for t in uniq(sw.targets)]
                     elif kind == "reference":
-                        out += [{**base, "reference_image_id": ref} for ref in uniq(sw.get("reference_image_ids") or [])
-                                if str(ref) != iid]
-                    elif kind == "direction":
-                        out += [{**base, "direction_uri": u} for u in uniq(sw.get("direction_uris") or [])]
+                        out += [{**base, "reference_image_id": ref} for ref in uniq(sw.reference_image_ids)
+                                if ref != iid]
                     else:
-                        out.append(base)  # becomes a failed row: bad kind
+                        out += [{**base, "direction_uri": u} for u in uniq(sw.direction_uris)]
     return out
 
 
-def sweep_batch(batch: pa.Table, sweep: dict, ctx: EditContext) -> pa.Table:
+def sweep_batch(batch: pa.Table, sweep: SweepSection, ctx: EditContext) -> pa.Table:
     """Ray task: latents rows (image_id, face_index, status) -> the sweep's requests for their ok
     faces, prepared (a sweep over every face never passes through the driver)."""
     ok = batch.filter(pc.equal(batch["status"], STATUS_OK))
-    faces = list(zip(ok["image_id"].to_pylist(), [int(f) for f in ok["face_index"].to_pylist()]))
+    faces = list(zip(ok["image_id"].to_pylist(), ok["face_index"].to_pylist()))
     return prepare_requests(expand_sweep(sweep, faces), ctx)
 
 
@@ -390,7 +389,7 @@ def request_keys(t: pa.Table) -> pa.Table:
     return keys.group_by(["image_id", "face_index"]).aggregate([])
 
 
-__all__ = ["REQUEST_FIELDS", "REQUEST_SCHEMA", "STATUS_OK", "STATUS_BAD", "STATUS_SKIPPED", "DIRECTION_MAX_BYTES",
+__all__ = ["REQUEST_FIELDS", "REQUEST_SCHEMA", "STATUS_OK", "STATUS_BAD", "STATUS_SKIPPED",
            "check_columns", "read_requests", "normalize_request", "edit_id", "is_under", "direction_refusal",
            "check_direction", "EditContext", "edit_models", "validate", "prepare_requests", "expand_sweep",
            "sweep_batch", "request_keys"]

@@ -17,6 +17,7 @@ the source reconstructions, scores them and writes PNGs. Its output rows follow
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 import numpy as np
@@ -25,13 +26,20 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline import delta, storage
-from pipeline.edit_requests import REQUEST_FIELDS, STATUS_BAD, STATUS_OK, check_direction
+from pipeline.edit_requests import (
+    REQUEST_FIELDS,
+    STATUS_BAD,
+    STATUS_OK,
+    check_direction,
+)
+from pipeline.edit_sections import EditSection
 from pipeline.fit_data import codes_to_numpy
 from pipeline.images import encode_png
 from pipeline.models import ModelActor, build_metrics, metric_label
 from pipeline.paste_stage import CROP_PNG
 from pipeline.schemas import edits_schema, make_table, unsliced
 from pipeline.scoring import to_uint8
+from pipeline.sections import MetricWeights, ModelSection
 from pipeline.storage import image_key
 
 log = logging.getLogger("stbatch.edit")
@@ -131,38 +139,42 @@ def check_codes(meta: list[dict], has_source: np.ndarray, has_ref: np.ndarray, m
 class EditBatch(ModelActor):
     """Actor: model, classifier, editors and metric backbones loaded once; a batch of requests
     joined with their codes -> `edits` rows (edited PNG under `<output>/edit_images/<edit_id>.png`,
-    source reconstruction under `<output>/edit_sources/<image_id>_<face>.png`). `editors` maps an
-    attribute to {uri, sha256}; every file is verified against its committed sha256.
-    `keep_crops`: each row also carries its edited PNG's bytes (pipeline.paste_stage.CROP_PNG)
-    for the paste-back stage after it, so that stage does not read the file back."""
+    source reconstruction under `<output>/edit_sources/<image_id>_<face>.png`). `section`: the
+    job's `edit` settings (autocast; its CPUs are the actor's torch threads); `device`: the one
+    its resources resolved to (pipeline.compute.actor_stage). `classifier` and each of `editors`
+    (by attribute) are {uri, sha256}; every file is verified against its committed sha256.
+    `metrics`: the metric backbones, or None for no metrics. `keep_crops`: each row also carries
+    its edited PNG's bytes (pipeline.paste_stage.CROP_PNG) for the paste-back stage after it, so
+    that stage does not read the file back."""
 
-    def __init__(self, model: dict, run_id: str, output: str, classifier: str | None = None,
-                 classifier_sha256: str | None = None, editors: dict | None = None, metrics: dict | None = None,
-                 device: str = "auto", amp: str = "auto", torch_threads: int = 0, keep_crops: bool = False):
-        super().__init__(model, device, amp, torch_threads)
+    def __init__(self, section: EditSection, model: ModelSection, run_id: str, output: str, device: str,
+                 classifier: dict | None = None, editors: dict[str, dict] | None = None,
+                 metrics: MetricWeights | None = None, keep_crops: bool = False):
+        super().__init__(model, device, section.amp, max(1, math.floor(section.num_cpus)))
         self.n_latent, self.style_dim = self.model.cfg.n_latent, self.model.cfg.style_dim
-        self.on_model_thread(self._load_edit_models, classifier, classifier_sha256, editors, metrics)
+        self.on_model_thread(self._load_edit_models, classifier, editors or {}, metrics)
         self.run_id, self.output = run_id, output
         self.schema = edits_schema()
         self.directions: dict[str, torch.Tensor] = {}
         self.sources_written: set = set()
-        self.keep_crops = bool(keep_crops)
+        self.keep_crops = keep_crops
 
-    def _load_edit_models(self, classifier: str | None, classifier_sha256: str | None, editors: dict | None,
-                          metrics: dict | None) -> None:
+    def _load_edit_models(self, classifier: dict | None, editors: dict[str, dict], metrics: MetricWeights | None
+                          ) -> None:
         from stmodel.classifier import load_classifier
         from stmodel.editor import load_editor
 
         self.clf = None
         if classifier:
-            self.clf = load_classifier(classifier, sha256=classifier_sha256).to(self.device).requires_grad_(False)
+            self.clf = load_classifier(classifier["uri"], sha256=classifier["sha256"]).to(self.device)
+            self.clf.requires_grad_(False)
         self.editors = {}
-        for attr, m in (editors or {}).items():
-            ed, _, _ = load_editor(m["uri"], sha256=m.get("sha256"))
+        for attr, m in editors.items():
+            ed, _, _ = load_editor(m["uri"], sha256=m["sha256"])
             self.editors[attr] = ed.to(self.device).requires_grad_(False)
         self.lpips = self.ident = None
         self.label = None
-        if metrics:
+        if metrics is not None:
             self.lpips, self.ident = build_metrics(metrics, self.device)
             self.label = metric_label(self.lpips, self.ident)
 

@@ -19,7 +19,10 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import delta, storage
+from pipeline.errors import JobError
 from pipeline.schemas import nested_list_to_numpy, unsliced
+from pipeline.sections import ModelSection
+from pipeline.train_sections import SampleSection
 
 log = logging.getLogger("stbatch.fit")
 
@@ -59,7 +62,7 @@ def read_table_uri(uri: str, string_columns: tuple[str, ...] = (), null_values: 
     pyarrow's list of null spellings (`[""]`: "NA" and "NaN" stay values)."""
     fs, path = storage.url_to_fs(uri)
     if not fs.exists(path):
-        raise SystemExit(f"table not found: {uri}")
+        raise JobError(f"table not found: {uri}")
     low = path.lower()
     if low.endswith((".csv", ".csv.gz", ".tsv")):
         import pyarrow.csv as pacsv
@@ -76,14 +79,14 @@ def read_table_uri(uri: str, string_columns: tuple[str, ...] = (), null_values: 
     try:
         return pq.read_table(path, filesystem=fs)
     except Exception as e:  # noqa: BLE001 - a config error, said clearly
-        raise SystemExit(f"cannot read {uri} as Parquet (or name it .csv): {type(e).__name__}: {e}") from None
+        raise JobError(f"cannot read {uri} as Parquet (or name it .csv): {type(e).__name__}: {e}") from None
 
 
 def read_latents(root: str, columns: list[str]):
     """The committed `latents` snapshot under a dataset root as a Ray Dataset (`columns` only)."""
     ds = delta.read_snapshot(root, LATENTS_TABLE, columns=columns)
     if ds is None:
-        raise SystemExit(f"no committed latents table under {root} (run jobs.invert first)")
+        raise JobError(f"no committed latents table under {root} (run jobs.invert first)")
     return ds
 
 
@@ -149,7 +152,7 @@ def code_shape(root: str) -> tuple[int, int]:
     """(n_latent, D) of the committed codes, from the first ok row (Delta keeps no fixed shape)."""
     rows = read_latents(root, ["status", "w_plus"]).map_batches(_first_ok, batch_format="pyarrow").take(1)
     if not rows:
-        raise SystemExit(f"no ok codes in the latents table under {root}")
+        raise JobError(f"no ok codes in the latents table under {root}")
     w = np.asarray([np.asarray(x, np.float32) for x in rows[0]["w_plus"]])
     return int(w.shape[0]), int(w.shape[1])
 
@@ -176,21 +179,21 @@ def latent_counts(root: str, val_fraction: float, seed: int) -> dict:
 class SampleCodes:
     """Actor: codes sampled through the inversion model's own mapping network.
 
-    Row id i -> z_i ~ N(0, I) from a generator seeded with (seed, i), so a code depends on its
-    id only (not on batching); w = mean + psi * (mapping(z) - mean), broadcast to every W+
-    layer. `mean` is the mapping net's average over `mean_n` seeded samples."""
+    Row id i -> z_i ~ N(0, I) from a generator seeded with (`sample.seed`, i), so a code depends
+    on its id only (not on batching); w = mean + psi * (mapping(z) - mean) with psi
+    `sample.truncation`, broadcast to every W+ layer. `mean` is the mapping net's average over
+    `sample.mean_n` seeded samples."""
 
-    def __init__(self, model: dict, truncation: float = 0.7, seed: int = 0, mean_n: int = 4096,
-                 device: str = "cpu"):
+    def __init__(self, model: ModelSection, sample: SampleSection, device: str):
         from pipeline.models import load_model, pick_device
 
         self.device = pick_device(device)
         m, _ = load_model(model)
         self.style = m.decoder.style.to(self.device).eval().requires_grad_(False)
         self.n_latent, self.dim = m.cfg.n_latent, m.cfg.style_dim
-        self.psi, self.seed = float(truncation), int(seed)
+        self.psi, self.seed = sample.truncation, sample.seed
         with torch.no_grad():
-            self.mean = m.decoder.to(self.device).mean_latent(int(mean_n), seed=self.seed + 1)
+            self.mean = m.decoder.to(self.device).mean_latent(sample.mean_n, seed=self.seed + 1)
         del m
 
     @torch.no_grad()

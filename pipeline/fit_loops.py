@@ -22,6 +22,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.sections import CodeTrainSection, TrainSection
+from pipeline.train_sections import (
+    ClassifierSection,
+    EditorSection,
+    EvalSection,
+    FitClassifierSection,
+    FitEditorSection,
+    LossSection,
+)
+
 log = logging.getLogger("stbatch.fit")
 
 EVAL_BATCH = 1024
@@ -30,23 +40,16 @@ EVAL_BATCH = 1024
 # ---------------------------------------------------------------------------- evaluation maths
 
 def auc_score(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC by the rank (Mann-Whitney) formula with average ranks for ties; NaN when one
-    class is absent."""
+    """ROC AUC by the rank (Mann-Whitney) formula, tied scores sharing their average rank; NaN
+    when one class is absent."""
     s = np.asarray(scores, np.float64).ravel()
     y = np.asarray(labels).ravel() > 0.5
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return math.nan
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), np.float64)
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average ranks of tied groups (1-based)
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+    _, group, size = np.unique(s, return_inverse=True, return_counts=True)
+    last = np.cumsum(size)                      # 1-based rank of each group's last member
+    ranks = (last - (size - 1) / 2.0)[group.ravel()]
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
@@ -75,15 +78,15 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- worker helpers
 
-def _setup(t: dict):
+def _setup(t: TrainSection):
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(int(t.get("seed", 0)) + rank)
-    if t.get("torch_threads"):
-        torch.set_num_threads(int(t["torch_threads"]))
+    torch.manual_seed(t.seed + rank)
+    if t.torch_threads:
+        torch.set_num_threads(t.torch_threads)
     return rank, world, ray.train.torch.get_device()
 
 
@@ -94,10 +97,10 @@ def _wrap(model: torch.nn.Module, world: int, device):
     return ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
 
 
-def _epoch(shard, t: dict, epoch: int, device):
-    return shard.iter_torch_batches(batch_size=int(t["batch_size"]), dtypes=torch.float32, device=str(device),
-                                    local_shuffle_buffer_size=int(t.get("shuffle_buffer") or 0) or None,
-                                    local_shuffle_seed=int(t.get("seed", 0)) * 100_003 + epoch)
+def _epoch(shard, t: CodeTrainSection, epoch: int, device):
+    return shard.iter_torch_batches(batch_size=t.batch_size, dtypes=torch.float32, device=str(device),
+                                    local_shuffle_buffer_size=t.shuffle_buffer or None,
+                                    local_shuffle_seed=t.seed * 100_003 + epoch)
 
 
 def first_keys(ds, limit: int) -> dict:
@@ -112,7 +115,7 @@ def first_keys(ds, limit: int) -> dict:
         keys = np.concatenate([keys, np.asarray(b["key"], dtype=object)])
         w = np.asarray(b["w_plus"], np.float32)
         codes = w if codes is None else np.concatenate([codes, w])
-        order = np.argsort(keys.astype(str), kind="mergesort")[:int(limit)]
+        order = np.argsort(keys.astype(str), kind="mergesort")[:limit]
         keys, codes = keys[order], codes[order]
     return {"key": keys, "w_plus": codes if codes is not None else np.zeros((0, 0, 0), np.float32)}
 
@@ -146,28 +149,27 @@ def _evaluate(model, shard, device, k: int, keep_rows: bool) -> tuple[float, np.
 
 def classifier_loop(config: dict) -> dict | None:
     """Train a LatentClassifier on (w_plus, labels) batches. Config: `attributes`, `n_latent`,
-    `style_dim`, `classifier` {hidden, emb_dim}, `train` {epochs, batch_size, lr,
-    weight_decay, seed, ...}, `classifier_uri` (where rank 0 saves it). Rank 0 returns the
-    per-epoch history, the held-out metrics and the saved file's sha256."""
+    `style_dim`, `classifier` (a ClassifierSection: its shape), `train` (a FitClassifierSection),
+    `classifier_uri` (where rank 0 saves it), `run_id`. Rank 0 returns the per-epoch history,
+    the held-out metrics and the saved file's sha256."""
     import ray.train
 
     from stmodel.checkpoint import save_obj
     from stmodel.classifier import LatentClassifier, classifier_state
 
-    t = config["train"]
+    t: FitClassifierSection = config["train"]
     rank, world, device = _setup(t)
     names = list(config["attributes"])
-    c = config["classifier"]
-    torch.manual_seed(int(t.get("seed", 0)))  # the same initial weights on every rank
-    model = LatentClassifier(int(config["n_latent"]), int(config["style_dim"]), len(names),
-                             hidden=tuple(int(h) for h in c["hidden"]), emb_dim=int(c["emb_dim"]),
-                             attributes=names)
+    c: ClassifierSection = config["classifier"]
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    model = LatentClassifier(config["n_latent"], config["style_dim"], len(names), hidden=tuple(c.hidden),
+                             emb_dim=c.emb_dim, attributes=names)
     net = _wrap(model, world, device)
-    opt = torch.optim.Adam(model.parameters(), lr=float(t["lr"]), weight_decay=float(t.get("weight_decay", 0.0)))
+    opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     train = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("val") if rank == 0 else None
     history, t0 = [], time.time()
-    epochs = int(t["epochs"])
+    epochs = t.epochs
     logits = labels = None
     for epoch in range(epochs):
         model.train()
@@ -183,7 +185,7 @@ def classifier_loop(config: dict) -> dict | None:
             val_loss, logits, labels = _evaluate(model, val, device, len(names), keep_rows=last)
             history.append({"epoch": epoch + 1, "train_loss": round(tot / max(nb, 1), 6),
                             "val_loss": round(val_loss, 6), "seconds": round(time.time() - t0, 2)})
-            if (epoch + 1) % int(t.get("log_every", 1) or 1) == 0 or last:
+            if (epoch + 1) % t.log_every == 0 or last:
                 log.info("classifier epoch %d/%d: train BCE %.4f, val BCE %.4f", epoch + 1, epochs,
                          history[-1]["train_loss"], val_loss)
     if rank != 0:
@@ -192,7 +194,7 @@ def classifier_loop(config: dict) -> dict | None:
         _, logits, labels = _evaluate(model, val, device, len(names), keep_rows=True)
     model.eval()
     state = classifier_state(model.cpu())
-    state["opts"].update({"trained_by": "jobs.fit_classifier", "epochs": epochs, "run_id": config.get("run_id")})
+    state["opts"].update({"trained_by": "jobs.fit_classifier", "epochs": epochs, "run_id": config["run_id"]})
     sha = save_obj(state, config["classifier_uri"])
     return {"history": history, "eval": classifier_metrics(logits, labels, names), "sha256": sha}
 
@@ -228,41 +230,41 @@ def _editor_figures(editor, classifier, ws, wr, k, weights) -> dict:
 def editor_loop(config: dict) -> dict | None:
     """Train one EditTransformer per attribute against the frozen classifier (official loss,
     each batch split in halves: sources, references). Config: `attributes`, `classifier_uri`
-    (+ `classifier_sha256`), `editor` {n_heads, ff_dim, dropout, query_norm}, `loss` {l2, ref,
-    src}, `train` {steps, batch_size, lr, weight_decay, seed, ...}, `eval` {max_pairs},
-    `editor_uris` {attribute: URI}. Rank 0 returns per-attribute figures before/after."""
+    (+ `classifier_sha256`), `editor` (an EditorSection), `loss` (a LossSection), `train` (a
+    FitEditorSection), `eval` (an EvalSection), `editor_uris` {attribute: URI}, `run_id`. Rank 0
+    returns per-attribute figures before/after."""
     import ray.train
 
     from stmodel.checkpoint import save_obj
     from stmodel.classifier import load_classifier
     from stmodel.editor import EditTransformer, editor_loss, editor_state
 
-    t = config["train"]
+    t: FitEditorSection = config["train"]
     rank, world, device = _setup(t)
-    clf = load_classifier(config["classifier_uri"], sha256=config.get("classifier_sha256"))
+    clf = load_classifier(config["classifier_uri"], sha256=config["classifier_sha256"])
     clf.to(device).eval().requires_grad_(False)
-    lw = config["loss"]
-    weights = (float(lw["l2"]), float(lw["ref"]), float(lw["src"]))
-    e = config["editor"]
+    lw: LossSection = config["loss"]
+    weights = (lw.l2, lw.ref, lw.src)
+    e: EditorSection = config["editor"]
+    ev: EvalSection = config["eval"]
     train = ray.train.get_dataset_shard("train")
     pairs = None
     if rank == 0:
-        v = first_keys(ray.train.get_dataset_shard("val"), 2 * int(config["eval"]["max_pairs"]))
+        v = first_keys(ray.train.get_dataset_shard("val"), 2 * ev.max_pairs)
         w = torch.from_numpy(v["w_plus"]).float().to(device)
         h = len(w) // 2
         pairs = (w[:h], w[h:2 * h])
     results = {}
     for a_i, attr in enumerate(config["attributes"]):
         k = clf.attribute_index(attr)
-        torch.manual_seed(int(t.get("seed", 0)) + 7919 * a_i)
-        editor = EditTransformer(clf.style_dim, int(e["n_heads"]), int(e["ff_dim"]), float(e["dropout"]),
-                                 bool(e["query_norm"]))
+        torch.manual_seed(t.seed + 7919 * a_i)
+        editor = EditTransformer(clf.style_dim, e.n_heads, e.ff_dim, e.dropout, e.query_norm)
         net = _wrap(editor, world, device)
-        opt = torch.optim.Adam(editor.parameters(), lr=float(t["lr"]), weight_decay=float(t["weight_decay"]))
+        opt = torch.optim.Adam(editor.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         before = _editor_figures(editor, clf, *pairs, k, weights) if rank == 0 and len(pairs[0]) else None
         editor.train()
         step, epoch, t0, history = 0, 0, time.time(), []
-        total_steps = int(t["steps"])
+        total_steps = t.steps
         while step < total_steps:
             seen = 0
             for batch in _epoch(train, t, epoch, device):
@@ -276,7 +278,7 @@ def editor_loop(config: dict) -> dict | None:
                 loss.backward()
                 opt.step()
                 step, seen = step + 1, seen + 1
-                if rank == 0 and (step % int(t.get("log_every", 100)) == 0 or step == total_steps):
+                if rank == 0 and (step % t.log_every == 0 or step == total_steps):
                     history.append({"step": step, **{p: round(float(x), 6) for p, x in parts.items()},
                                     "seconds": round(time.time() - t0, 2)})
                     log.info("editor %s step %d/%d: %s", attr, step, total_steps,
@@ -292,7 +294,7 @@ def editor_loop(config: dict) -> dict | None:
         state = editor_state(editor, clf, None, {
             "attribute": attr, "attribute_index": k, "trained_by": "jobs.fit_editor", "steps": step,
             "loss_weights": list(weights), "eval_before": before, "eval_after": after,
-            "run_id": config.get("run_id")})
+            "run_id": config["run_id"]})
         uri = config["editor_uris"][attr]
         sha = save_obj(state, uri)
         results[attr] = {"uri": uri, "sha256": sha, "steps": step, "before": before, "after": after,

@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import delta
-from pipeline.schemas import unsliced
+from pipeline.errors import JobError
 from pipeline.fit_data import STATUS_OK, codes_or_empty, is_val, read_table_uri
+from pipeline.schemas import unsliced
 
 log = logging.getLogger("stbatch.fit")
 
@@ -80,16 +81,16 @@ def label_value(v) -> float | None:
     return None
 
 
-def attribute_columns(table: pa.Table, attributes_list=None) -> list[str]:
+def attribute_columns(table: pa.Table, attributes_list: list[str] | None = None) -> list[str]:
     """The attribute names: `attributes_list` when given (each must be a column), else every
     numeric/bool column other than the keys, in CelebA's order when they are all CelebA names."""
     from stmodel.classifier import CELEBA_ATTRIBUTES
 
     if attributes_list:
-        names = [str(a) for a in attributes_list]
+        names = list(attributes_list)
         missing = [a for a in names if a not in table.column_names]
         if missing:
-            raise SystemExit(f"attributes table has no column(s) {missing}; it has {table.column_names}")
+            raise JobError(f"attributes table has no column(s) {missing}; it has {table.column_names}")
         return names
     names = []
     for f in table.schema:
@@ -101,7 +102,7 @@ def attribute_columns(table: pa.Table, attributes_list=None) -> list[str]:
         else:
             log.warning("attributes table: column %s (%s) is not numeric, ignored", f.name, t)
     if not names:
-        raise SystemExit(f"attributes table has no numeric attribute columns: {table.column_names}")
+        raise JobError(f"attributes table has no numeric attribute columns: {table.column_names}")
     if set(names) <= set(CELEBA_ATTRIBUTES):
         names = [a for a in CELEBA_ATTRIBUTES if a in names]
     return names
@@ -117,7 +118,7 @@ def _user_keys(t: pa.Table) -> tuple[str, pa.Array]:
     if "file" in t.column_names or "filename" in t.column_names:
         col = pc.cast(t["file" if "file" in t.column_names else "filename"], pa.string())
         return "file", base_names(col)
-    raise SystemExit(f"attributes table needs an image_id column (or file/filename); it has {t.column_names}")
+    raise JobError(f"attributes table needs an image_id column (or file/filename); it has {t.column_names}")
 
 
 def base_names(col) -> pa.Array:
@@ -125,7 +126,7 @@ def base_names(col) -> pa.Array:
     return pc.replace_substring_regex(col, pattern=r"^.*/", replacement="")
 
 
-def load_labels(uri: str, attributes_list=None) -> Labels:
+def load_labels(uri: str, attributes_list: list[str] | None = None) -> Labels:
     """Read and normalise the user's attribute table (one pass over its cells)."""
     t = read_table_uri(uri, string_columns=("image_id", "file", "filename"))
     names = attribute_columns(t, attributes_list)

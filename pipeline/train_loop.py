@@ -23,6 +23,8 @@ import torch
 from pipeline import storage
 from pipeline.decode import STATUS_OK, decode_image
 from pipeline.images import to_model_input
+from pipeline.sections import MetricWeights
+from pipeline.train_sections import EncoderModelSection, TrainEncoderSection
 
 log = logging.getLogger("stbatch.train")
 
@@ -106,36 +108,37 @@ def image_grid(rows: list[torch.Tensor]) -> np.ndarray:
     return np.concatenate([np.concatenate(list(to_uint8(r)), axis=1) for r in rows], axis=0)
 
 
-def build_model(spec: dict):
+def build_model(spec: EncoderModelSection):
     """The model training starts from: an inversion checkpoint, or a pretrained StyleGAN2 file
     (`generator` + `preset`) around a fresh seeded encoder, or (demo/tests) a seeded preset."""
+    from pipeline.models import load_model
     from stmodel.checkpoint import inversion_from_generator, load_generator
 
-    from pipeline.models import load_model
-
-    if spec.get("checkpoint") or not spec.get("generator"):
+    if spec.checkpoint or not spec.generator:
         model, _ = load_model(spec)
         return model
-    gen, avg, _ = load_generator(spec["generator"], spec["preset"], sha256=spec.get("generator_sha256"))
-    return inversion_from_generator(gen, avg, seed=int(spec.get("seed", 0)))
+    gen, avg, _ = load_generator(spec.generator, spec.preset, sha256=spec.generator_sha256)
+    return inversion_from_generator(gen, avg, seed=spec.seed)
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker: DDP across workers; rank 0 logs, writes grids and checkpoints."""
+    """Ray Train worker: DDP across workers; rank 0 logs, writes grids and checkpoints. Config:
+    `output`, `model` (an EncoderModelSection), `metric_weights` (a MetricWeights), `train` (a
+    TrainEncoderSection), `val` (validation images and targets, or None)."""
     import ray.train
     import ray.train.torch
 
     from stmodel.losses import LossWeights, PSPLoss
 
-    t = config["train_encoder"]
-    output = config["output"]
+    t: TrainEncoderSection = config["train"]
+    output: str = config["output"]
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(int(t["seed"]) + rank)
-    if t.get("torch_threads"):
-        torch.set_num_threads(int(t["torch_threads"]))
+    torch.manual_seed(t.seed + rank)
+    if t.torch_threads:
+        torch.set_num_threads(t.torch_threads)
     device = ray.train.torch.get_device()
     model = build_model(config["model"])
-    steps_done = checkpoint_steps(output) if t.get("resume", True) else []
+    steps_done = checkpoint_steps(output) if t.resume else []
     start = steps_done[-1] if steps_done else 0
     if start:
         from stmodel.checkpoint import load_inversion
@@ -146,7 +149,7 @@ def train_loop_per_worker(config: dict) -> None:
     model.encoder.requires_grad_(True)
     model.decoder.style.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=float(t["lr"]))
+    optimizer = torch.optim.Adam(params, lr=t.lr)
     if start:
         optimizer.load_state_dict(load_state(output, start)["optimizer"])
     model.to(device)
@@ -154,21 +157,21 @@ def train_loop_per_worker(config: dict) -> None:
     model.decoder.eval()  # no train-mode behaviour there, and keep it frozen
     ddp = ray.train.torch.prepare_model(model, move_to_device=False) if ray.train.get_context().get_world_size() > 1 else model
     lpips_net = id_embed = None
-    if float(t["lpips"]) > 0 or float(t["id"]) > 0:
+    if t.lpips > 0 or t.id > 0:
         from pipeline.models import build_metrics
 
-        lp, ident = build_metrics(config["metric_weights"], device)
-        lpips_net = (lambda a, b: lp.net(a, b, normalize=False).flatten()) if float(t["lpips"]) > 0 else None
-        id_embed = (lambda x: ident.net(ident.preprocess(x))) if float(t["id"]) > 0 else None
-    loss_fn = PSPLoss(LossWeights(float(t["l2"]), float(t["lpips"]), float(t["id"]), float(t["w_norm"])),
-                      lpips_net, id_embed)
-    val = config.get("_val")
+        weights: MetricWeights = config["metric_weights"]
+        lp, ident = build_metrics(weights, device)
+        lpips_net = (lambda a, b: lp.net(a, b, normalize=False).flatten()) if t.lpips > 0 else None
+        id_embed = (lambda x: ident.net(ident.preprocess(x))) if t.id > 0 else None
+    loss_fn = PSPLoss(LossWeights(t.l2, t.lpips, t.id, t.w_norm), lpips_net, id_embed)
+    val = config["val"]
     logs = read_log(output, upto=start) if rank == 0 else []
     shard = ray.train.get_dataset_shard("train")
     step, t0 = start, time.time()
-    total = int(t["steps"])
+    total = t.steps
     while step < total:
-        for batch in shard.iter_torch_batches(batch_size=int(t["batch_size"]), dtypes=torch.float32,
+        for batch in shard.iter_torch_batches(batch_size=t.batch_size, dtypes=torch.float32,
                                               device=str(device)):
             x, y = batch["image"], batch["target"]
             y_hat, w = ddp(x)
@@ -177,15 +180,15 @@ def train_loop_per_worker(config: dict) -> None:
             loss.backward()
             optimizer.step()
             step += 1
-            logged = step % int(t["log_every"]) == 0 or step == total
+            logged = step % t.log_every == 0 or step == total
             if rank == 0 and logged:
                 logs.append({"step": step, **{k: round(v, 6) for k, v in parts.items()},
                              "seconds": round(time.time() - t0, 2)})
                 write_log(output, logs)
                 log.info("step %d/%d %s", step, total, " ".join(f"{k}={v:.4f}" for k, v in parts.items()))
-            if rank == 0 and val is not None and (step % int(t["val_every"]) == 0 or step == total):
+            if rank == 0 and val is not None and (step % t.val_every == 0 or step == total):
                 _write_grid(model, val, output, step)
-            if rank == 0 and (step % int(t["checkpoint_every"]) == 0 or step == total):
+            if rank == 0 and (step % t.checkpoint_every == 0 or step == total):
                 save_checkpoint(output, model, optimizer, step, {"trained_by": "jobs.train_encoder"})
             if logged:  # a report is a sync point with the controller: not every step
                 ray.train.report({"step": step, **parts})

@@ -348,7 +348,9 @@ def test_fit_directions_and_edit_by_name(ray_local, scored_data, tiny_checkpoint
                                                  < np.array(t2["logit_before"].to_pylist()))
     pca = edit.run(_cfg(edit.SETTINGS, output=str(tmp_path / "e3"), direction="pca_0", **common))
     assert pca["counts"] == {"in": 16, "ok": 16, "failed": 0, "skipped": 0}
-    with pytest.raises(SystemExit, match="no committed direction 'Bald'"):
+    from pipeline.errors import JobError
+
+    with pytest.raises(JobError, match="no committed direction 'Bald'"):
         edit.run(_cfg(edit.SETTINGS, output=str(tmp_path / "e4"), direction="Bald", **common))
 
 

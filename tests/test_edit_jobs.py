@@ -16,9 +16,18 @@ import torch
 from jobs import edit
 from jobs.cli import load_config
 from pipeline import delta, model_registry, storage
+from pipeline.errors import JobError
 from pipeline.runner import JobRun
-from tests.editing_data import (ATTRS, D, NL, commit_model, editor_state_for, rule, train_classifier,
-                                write_latents)
+from tests.editing_data import (
+    ATTRS,
+    NL,
+    D,
+    commit_model,
+    editor_state_for,
+    rule,
+    train_classifier,
+    write_latents,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +66,12 @@ def _balanced(c: dict) -> bool:
 
 
 def test_requests_are_normalised_and_keyed():
-    from pipeline.edit_requests import EditContext, edit_id, edit_models, normalize_request
+    from pipeline.edit_requests import (
+        EditContext,
+        edit_id,
+        edit_models,
+        normalize_request,
+    )
 
     a, err = normalize_request({"image_id": "AB" * 32, "kind": "Label", "attribute": "Smiling", "strength": "2",
                                 "reference_image_id": "ignored for a label edit"})
@@ -68,11 +82,11 @@ def test_requests_are_normalised_and_keyed():
     assert edit_id(a) == edit_id(b) and len(edit_id(a)) == 64
     assert edit_id(a) != edit_id({**b, "strength": 2.5})
     # the models that make the edit are part of its id
-    ctx = EditContext("ckpt", "clf1", ATTRS, {"Smiling": "ed1"}, {}, NL, D)
-    ctx2 = EditContext("ckpt", "clf2", ATTRS, {"Smiling": "ed1"}, {}, NL, D)
+    ctx = EditContext("ckpt", "clf1", ATTRS, {"Smiling": "ed1"}, {}, NL, D, [], 1024)
+    ctx2 = EditContext("ckpt", "clf2", ATTRS, {"Smiling": "ed1"}, {}, NL, D, [], 1024)
     assert edit_id(a, edit_models(a, ctx)) != edit_id(a, edit_models(a, ctx2))
     assert edit_id(a, edit_models(a, ctx)) != edit_id(a, edit_models(a, EditContext("ckpt2", "clf1", ATTRS, {}, {},
-                                                                                    NL, D)))
+                                                                                    NL, D, [], 1024)))
     r, _ = normalize_request({"image_id": "ab" * 32, "kind": "reference", "attribute": "Smiling",
                               "reference_image_id": "cd" * 32})
     assert edit_id(r, edit_models(r, ctx)) == edit_id(r, edit_models(r, ctx2))  # no classifier in a reference edit
@@ -239,7 +253,7 @@ def test_edit_sweep_on_s3(ray_local, s3_bucket, data, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         edit.run(_cfg(**sets), before_commit=die)
     assert delta.open_table(out, "edits") is None  # data files written, no commit: invisible
-    with pytest.raises(SystemExit, match="give its sha256"):
+    with pytest.raises(JobError, match="give its sha256"):
         edit.run(_cfg(**{**sets, "classifier": clf["uri"]}))
     res = edit.run(_cfg(**{**sets, "classifier": clf["uri"], "classifier_sha256": clf["sha256"]}))
     assert res["counts"] == {"in": 20, "ok": 20, "failed": 0, "skipped": 0}
@@ -251,6 +265,27 @@ def test_edit_sweep_on_s3(ray_local, s3_bucket, data, tmp_path):
     assert len(fs.ls(f"{out[5:]}/_runs")) == 1
     res2 = edit.run(_cfg(**sets))  # the committed row of the same file: the same edits, all done
     assert res2["counts"] == {"in": 20, "ok": 0, "failed": 0, "skipped": 20}
+
+
+def test_edit_settings_ranges_rules_and_preflight(tmp_path):
+    """No Ray: what stops the job before it starts (exit 2), and the checks of `check`."""
+    from pipeline.config import SettingsError
+
+    with pytest.raises(SettingsError) as e:
+        _cfg(**{"sweep.targets": "[1,2]", "direction_max_bytes": 0, "edit.join_partitions": 0})
+    assert sorted(m.split(":")[0] for m in e.value.errors) == ["direction_max_bytes", "edit.join_partitions",
+                                                                 "sweep.targets"]
+    with pytest.raises(SettingsError, match="direction: direction=NAME makes a sweep"):
+        _cfg(direction="pca_0", requests="r.csv")
+    assert _cfg(**{"edit.join_partitions": "null"}).edit.join_partitions is None
+    errs = edit.check(_cfg(latents=str(tmp_path / "none")))
+    assert [m.split(":")[0] for m in errs] == ["latents", "output", "model.checkpoint", "metrics", "requests"]
+    ok = {"latents": str(tmp_path), "output": str(tmp_path / "out"), "model.preset": "tiny-32",
+          "metric_weights.skip_missing": "true"}
+    assert edit.check(_cfg(**ok, requests="r.csv")) == []
+    assert edit.check(_cfg(**ok, direction="pca_0")) == []
+    assert edit.check(_cfg(**{**ok, "sweep.attributes": "[Smiling]", "metrics": "false",
+                              "metric_weights.skip_missing": "false"})) == []
 
 
 def test_cli_help():

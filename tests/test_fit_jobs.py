@@ -13,6 +13,8 @@ import pytest
 from jobs import edit, fit_classifier, fit_editor
 from jobs.cli import load_config
 from pipeline import delta, model_registry, storage
+from pipeline.config import SettingsError
+from pipeline.errors import JobError
 from pipeline.fit_loops import auc_score
 from tests.editing_data import ATTRS, D, N_IMG, NL, NO_LABELS, iid, rule, write_latents
 
@@ -58,6 +60,48 @@ def test_auc_rank_formula():
     assert auc_score(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
     assert auc_score(np.array([1.0, 1.0, 1.0]), np.array([0, 1, 1])) == 0.5  # ties: average ranks
     assert np.isnan(auc_score(np.array([0.2, 0.3]), np.array([1, 1])))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_matches_the_pairwise_definition(seed):
+    """AUC = P(score of a positive > score of a negative) + P(equal) / 2, over every pair; scores
+    rounded so that many are tied."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.standard_normal(300) + y, 1)
+    pos, neg = s[y == 1][:, None], s[y == 0][None, :]
+    reference = float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+    assert auc_score(s, y) == pytest.approx(reference, abs=1e-12)
+
+
+def _errors(job, sets: list[str]) -> list[str]:
+    with pytest.raises(SettingsError) as e:
+        load_config(job.SETTINGS, None, sets)
+    return e.value.errors
+
+
+def test_fit_settings_ranges_and_rules():
+    """No Ray: values out of range and sampling without a model stop before anything runs."""
+    errs = _errors(fit_classifier, ["val_fraction=0", "classifier.hidden=[256,0]", "fit_classifier.epochs=-1"])
+    assert len(errs) == 3 and errs[0].startswith("val_fraction: must be > 0, < 1")
+    assert any(e.startswith("classifier.hidden: must be >= 1") for e in errs)
+    errs = _errors(fit_editor, ["editor.dropout=1", "fit_editor.batch_size=1", "loss.ref=-1", "sample.n=1"])
+    assert sorted(e.split(":")[0] for e in errs) == ["editor.dropout", "fit_editor.batch_size", "loss.ref", "sample.n"]
+    assert _errors(fit_editor, ["sample.n=100"]) == [
+        "model.checkpoint: sampling codes (sample.n, without latents) needs the inversion model: set "
+        "model.checkpoint=URI"]
+    assert load_config(fit_editor.SETTINGS, None, ["sample.n=100", "latents=/x"]).sample.n == 100  # unused
+    assert load_config(fit_editor.SETTINGS, None, ["attributes=Smiling"]).attribute_names() == ["Smiling"]
+
+
+def test_fit_checks_before_ray(tmp_path):
+    """The preflight of each fit job: missing inputs and settings that name nothing to do."""
+    cfg = load_config(fit_editor.SETTINGS, None, [])
+    assert [e.split(":")[0] for e in fit_editor.check(cfg)] == ["classifier", "output", "attributes", "latents"]
+    assert fit_editor.check(load_config(fit_editor.SETTINGS, None, [
+        "classifier=c", "output=o", "attributes=[Smiling]", "sample.n=2", "model.preset=tiny-32"])) == []
+    errs = fit_classifier.check(load_config(fit_classifier.SETTINGS, None, [f"latents={tmp_path}/none"]))
+    assert [e.split(":")[0] for e in errs] == ["latents", "attributes", "output"] and "does not exist" in errs[0]
 
 
 def test_fit_classifier(classifier, data):
@@ -108,10 +152,10 @@ def test_failed_fit_run_publishes_no_model(classifier, data):
         model_registry.resolve(data["root"], "classifier", run_id=failed["run_id"])
     clf, _ = edit.resolve_models(_cfg(edit, latents=data["root"], output="unused", classifier=data["root"]))
     assert (clf["run_id"], clf["uri"]) == (classifier["run_id"], classifier["uri"])
-    with pytest.raises(SystemExit, match="no committed classifier"):
+    with pytest.raises(JobError, match="no committed classifier"):
         edit.resolve_models(_cfg(edit, latents=data["root"], output="unused", classifier=data["root"],
                                  classifier_run=failed["run_id"]))
-    with pytest.raises(SystemExit, match="give its sha256"):  # a file is accepted only with its hash
+    with pytest.raises(JobError, match="give its sha256"):  # a file is accepted only with its hash
         edit.resolve_models(_cfg(edit, latents=data["root"], output="unused", classifier=orphan))
 
 

@@ -184,6 +184,7 @@ def test_report_shows_whole_photos_before_and_after(ds, edit_face):
 
 def test_paste_back_settings_errors_before_anything_runs(tmp_path, tiny_checkpoint):
     from jobs import edit, invert
+    from pipeline.errors import JobError
     from tests.conftest import write_crops
 
     write_crops(tmp_path / "crops", 2)
@@ -194,7 +195,7 @@ def test_paste_back_settings_errors_before_anything_runs(tmp_path, tiny_checkpoi
     with pytest.raises(SystemExit, match="no committed faces table"):
         invert.run(_cfg(invert, input=str(tmp_path / "crops"), output=str(tmp_path / "o"), paste_back="true",
                         metrics="true", **base))
-    with pytest.raises(SystemExit, match="paste_back.faces"):
+    with pytest.raises(JobError, match="paste_back.faces"):
         edit.run(_cfg(edit, latents=str(tmp_path / "crops"), output=str(tmp_path / "o"), paste_back="true",
                       metrics="false", **{"model.checkpoint": tiny_checkpoint[0]}))
     with pytest.raises(SystemExit, match="paste_back.quality"):

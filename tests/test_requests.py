@@ -7,14 +7,26 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.edit_requests import (DIRECTION_MAX_BYTES, EditContext, check_columns, direction_refusal, edit_id,
-                                    is_under, normalize_request, prepare_requests, read_requests)
-from tests.editing_data import ATTRS, D, NL
+from jobs.settings.edit import Settings
+from pipeline.config import defaults
+from pipeline.edit_requests import (
+    EditContext,
+    check_columns,
+    direction_refusal,
+    edit_id,
+    is_under,
+    normalize_request,
+    prepare_requests,
+    read_requests,
+)
+from pipeline.errors import JobError
+from tests.editing_data import ATTRS, NL, D
 
 LABEL = {"image_id": "ab" * 32, "kind": "label", "attribute": "Smiling"}
 
 
-def _ctx(roots=(), max_bytes=DIRECTION_MAX_BYTES) -> EditContext:
+def _ctx(roots=(), max_bytes: int | None = None) -> EditContext:
+    max_bytes = defaults(Settings).direction_max_bytes if max_bytes is None else max_bytes
     return EditContext("ckpt", "clf", ATTRS, {"Smiling": "ed"}, {}, NL, D, list(roots), max_bytes)
 
 
@@ -87,9 +99,9 @@ def test_csv_na_spellings_reach_the_parser(tmp_path):
 def test_unknown_column_stops_the_job_with_the_nearest_name(tmp_path, column, near):
     p = tmp_path / "r.csv"
     p.write_text(f"image_id,kind,attribute,{column}\naa,label,Smiling,2\n")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(JobError) as e:
         read_requests(str(p))
-    msg = str(e.value.code)
+    msg = str(e.value)
     assert repr(column) in msg and (f"did you mean {near!r}" in msg if near else "did you mean" not in msg)
     check_columns(["image_id", "kind", "strength"])  # known columns pass
 

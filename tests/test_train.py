@@ -183,3 +183,19 @@ def test_checkpoint_steps_counts_only_complete_pairs(tmp_path):
                  "step_000012.pt.tmp-1a2b3c4d", "state_000012.pt"]:  # a model write cut short
         (d / name).write_bytes(b"x")
     assert checkpoint_steps(str(tmp_path)) == [3]
+
+
+def test_train_settings_ranges_rules_and_preflight(tmp_path):
+    """No Ray: a generator without its shape, out-of-range settings and a missing input stop the
+    job before it starts."""
+    from jobs import train_encoder
+    from jobs.cli import load_config
+    from pipeline.config import SettingsError
+
+    with pytest.raises(SettingsError) as e:
+        load_config(train_encoder.SETTINGS, None, ["model.generator=g.pt", "train_encoder.lpips=-1",
+                                                   "train_encoder.checkpoint_every=0"])
+    assert sorted(m.split(":")[0] for m in e.value.errors) == ["model.generator", "train_encoder.checkpoint_every",
+                                                               "train_encoder.lpips"]
+    cfg = load_config(train_encoder.SETTINGS, None, [f"input={tmp_path}/none", "val_input=" + str(tmp_path)])
+    assert [m.split(":")[0] for m in train_encoder.check(cfg)] == ["input", "output"]

@@ -2,34 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-from pipeline.config import Section, setting
+from pipeline.config import setting
+from pipeline.edit_sections import EditSection, SweepSection
 from pipeline.sections import (
     JobSettings,
     MetricWeights,
-    ModelActorSection,
     NamedModelSection,
     PasteBackSection,
 )
 
-
-@dataclass
-class SweepSection(Section):
-    image_ids: str | list[str] = setting("all", "all ok faces of the latents table, or a list of image ids (face 0)")
-    kinds: list[Literal["label", "reference", "direction"]] = setting(["label"], "edit kinds")
-    attributes: list[str] = setting([], "attributes (label and reference edits)")
-    strengths: list[float] = setting([1.0], "edit strengths")
-    targets: list[int] = setting([1], "label edits: 1 add, 0 remove")
-    order: Literal[1, 2] = setting(1, "label edits: gradient order")
-    reference_image_ids: list[str] = setting([], "reference edits (face 0)")
-    direction_uris: list[str] = setting([], "direction edits (.npy/.pt files)")
-
-
-@dataclass
-class EditSection(ModelActorSection):
-    join_partitions: int | Literal["auto"] | None = setting("auto", "hash partitions of the request/code joins "
-                                                                    "(auto: ~2000 requests each)")
+__all__ = ["EditSection", "Settings", "SweepSection"]
 
 
 @dataclass
@@ -54,11 +37,19 @@ class Settings(JobSettings):
                                                          "below) or the section", switch=True)
     direction_prefixes: list[str] = setting([], "where direction_uri may point besides `output` (URI prefixes, whole "
                                                 "path components)")
+    # a direction is [D] or [n_latent, D] floats: 36 KiB at 18 x 512
     direction_max_bytes: int = setting(1 << 20, "a larger direction file is a bad_request (size checked "
-                                                            "before reading)")
+                                                "before reading)", ge=1)
     direction: str | None = setting(None, "a published direction by name (pca_0, Smiling: jobs.fit_directions): a "
                                           "sweep of it over sweep.image_ids at sweep.strengths (requests=null)")
     directions: str | None = setting(None, "dataset root whose committed directions `direction` names (default: "
                                            "latents)")
     directions_run: str | None = setting(None, "that root's direction of this run (default: the newest committed)")
     edit: EditSection = setting(EditSection, "the edit actors (batch_size: requests per model call)")
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.direction and self.requests:
+            out.append("direction: direction=NAME makes a sweep over the faces: set requests=null (or give "
+                       "direction_uri in the requests)")
+        return out

@@ -3,21 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config import Section, setting
-from pipeline.sections import CodeTrainSection, JobSettings
+from pipeline.config import setting
+from pipeline.sections import JobSettings
+from pipeline.train_sections import ClassifierSection, FitClassifierSection
 
-
-@dataclass
-class ClassifierSection(Section):
-    hidden: list[int] = setting([2048, 512], "hidden layer widths (the official LCNet_40 sizes)")
-    emb_dim: int = setting(32, "per-attribute embedding size")
-
-
-@dataclass
-class FitClassifierSection(CodeTrainSection):
-    epochs: int = setting(20, "passes over the training codes")
-    batch_size: int = setting(256, "codes per step and worker")
-    log_every: int = setting(1, "epochs between log lines")
+__all__ = ["ClassifierSection", "FitClassifierSection", "Settings"]
 
 
 @dataclass
@@ -28,7 +18,7 @@ class Settings(JobSettings):
                                                       "columns)")
     output: str | None = setting(None, "model_files/classifier/<run>/classifier.pt, models/ + classifier_eval/ "
                                        "tables, _runs/")
-    val_fraction: float = setting(0.1, "held-out share of image ids (hash of image_id)")
+    val_fraction: float = setting(0.1, "held-out share of image ids (hash of image_id)", gt=0, lt=1)
     split_seed: int = setting(0, "seed of that hash")
     classifier: ClassifierSection = setting(ClassifierSection, "the classifier's shape")
     fit_classifier: FitClassifierSection = setting(FitClassifierSection, "Ray Train settings")

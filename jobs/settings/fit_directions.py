@@ -11,8 +11,8 @@ from pipeline.sections import JobSettings
 class Settings(JobSettings):
     latents: str | None = setting(None, "dataset root with a committed latents table")
     output: str | None = setting(None, "model_files/direction/<run>/, the models/ table, _runs/ (default: latents)")
-    components: int = setting(10, "PCA directions pca_0 ... (most variance first)")
+    components: int = setting(10, "PCA directions pca_0 ... (most variance first)", ge=0)
     attributes: str | None = setting(None, "Parquet/CSV of labels (as jobs.fit_classifier's): one boundary per "
                                            "attribute; null: PCA only")
     attributes_list: list[str] | None = setting(None, "choose the attributes (default: the table's numeric columns)")
-    min_class: int = setting(10, "an attribute needs this many labelled codes in each class")
+    min_class: int = setting(10, "an attribute needs this many labelled codes in each class", ge=1)
