@@ -35,7 +35,7 @@ from jobs.settings import SETTINGS
 from pipeline.config import SettingsError, describe, known_keys, parse, unknown_message
 from pipeline.errors import JobError
 from pipeline.redact import install_log_redaction, redact_config, redact_text
-from pipeline.sections import JobSettings
+from pipeline.sections import JobSettings, ModelSection
 
 log = logging.getLogger("stbatch")
 S = TypeVar("S", bound=JobSettings)
@@ -238,9 +238,9 @@ def input_errors(key: str, uri: str | None) -> list[str]:
     return [f"{key}: {uri} does not exist (nothing was run; an empty folder would be a run over 0 inputs)"]
 
 
-def model_errors(key: str, spec: dict) -> list[str]:
+def model_errors(key: str, spec: ModelSection) -> list[str]:
     """A model section needs a checkpoint (or, for tests and the demo, a seeded preset)."""
-    if spec.get("checkpoint") or spec.get("preset"):
+    if spec.checkpoint or spec.preset:
         return []
     return [f"{key}.checkpoint: set {key}.checkpoint=URI (the Style Transformer checkpoint), or {key}.preset=NAME "
             f"for a seeded random model"]

@@ -72,9 +72,10 @@ def test_report_text_is_redacted():
 
 def test_model_name_drops_the_query_string():
     from pipeline.models import _name
+    from pipeline.sections import NamedModelSection
 
-    assert _name({"checkpoint": f"https://u:{SECRET}@h/m/ckpt.pt?{SIGNED}"}) == "ckpt.pt"
-    assert SECRET not in _name({"name": f"mine?token={SECRET}", "checkpoint": "/x.pt"})
+    assert _name(NamedModelSection(checkpoint=f"https://u:{SECRET}@h/m/ckpt.pt?{SIGNED}")) == "ckpt.pt"
+    assert SECRET not in _name(NamedModelSection(name=f"mine?token={SECRET}", checkpoint="/x.pt"))
     assert redact_uri(f"https://h/m/ckpt.pt?{SIGNED}").startswith("https://h/m/ckpt.pt?")
 
 
