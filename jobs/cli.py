@@ -33,6 +33,7 @@ import yaml
 
 from jobs import ray_logs
 from jobs.settings import SettingsError, describe, known_keys, parse, unknown_message
+from pipeline.compute import NoRoomForTasks
 from pipeline.redact import install_log_redaction, redact_config, redact_text
 
 log = logging.getLogger("stbatch")
@@ -310,6 +311,9 @@ def main(job: str, description: str, settings: type, run: Callable[[dict], dict]
         result = run(cfg)
     except SystemExit as e:  # a job's stop message may quote a URI
         raise SystemExit(redact_text(e.code) if isinstance(e.code, str) else e.code) from None
+    except NoRoomForTasks as e:  # the cluster cannot run the pipeline as set: say so, never hang
+        print(f"python -m jobs.{job}: stopped: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
     except Exception as e:
         if not is_out_of_disk(e):
             raise

@@ -388,7 +388,8 @@ def run(cfg: dict, before_commit=None, actor: type[EditBatch] = EditBatch) -> di
         joined = join_codes(todo, cfg, need, has_ref, n)
         if batch_size is not None:
             joined = joined.repartition(target_num_rows_per_block=int(batch_size))
-        pool = actor_pool(c["concurrency"], isolating=batch_size is not None)
+        pool = actor_pool(c["concurrency"], isolating=batch_size is not None, num_cpus=float(c["num_cpus"]),
+                          stage="edit")
         edited = joined.map_batches(actor, batch_size=int(batch_size or c["batch_size"]), compute=pool, **actor_kw)
         if paste is not None:
             edited = paste_stage.paste(paste_stage.attach_faces(edited, faces_root, join_partitions(c, n)), paste)

@@ -111,7 +111,8 @@ def run(cfg: dict, before_commit=None) -> dict:
 
     def stages(rows, batch_size: int | None = None):
         return rows.map_batches(ScoreBatch, batch_size=int(batch_size or c["batch_size"]), batch_format="pyarrow",
-                                compute=actor_pool(c["concurrency"], isolating=batch_size is not None),
+                                compute=actor_pool(c["concurrency"], isolating=batch_size is not None,
+                                                   num_cpus=float(c["num_cpus"]), stage="score"),
                                 num_cpus=float(c["num_cpus"]), **kw, **retry_args(c, n_in),
                                 fn_constructor_kwargs={
                                     "classifier": clf_row["uri"], "classifier_sha256": clf_row["sha256"],

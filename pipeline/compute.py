@@ -42,14 +42,45 @@ def fit(loop, loop_config: dict, datasets: dict, t: dict, name: str):
     return result.return_value
 
 
-def actor_pool(concurrency, isolating: bool = False):
+class NoRoomForTasks(RuntimeError):
+    """An actor pool would hold every CPU of the cluster: its stage's read, preprocess and write
+    tasks could never be scheduled, and the run would wait forever."""
+
+
+def check_room_for_tasks(concurrency, num_cpus: float, stage: str) -> None:
+    """Refuse an actor pool whose smallest size holds every CPU the cluster has now.
+
+    Ray Data starts a pool's `min_size` actors before its tasks run, and an actor keeps its CPUs
+    while it waits for input: when the actors take every CPU, the read tasks that would feed
+    them can never be scheduled (ray-project/ray#44687) and the run hangs without a word. Seen
+    on a two-node cluster whose worker node was removed: the next run's actor took the head's
+    only CPU and its first read task waited for ever. A cluster with no CPU at all is left alone
+    (an autoscaler is about to add nodes; Ray waits for them)."""
+    import ray
+
+    size = int(concurrency[0]) if isinstance(concurrency, (list, tuple)) else int(concurrency)
+    held = size * float(num_cpus)
+    total = float(ray.cluster_resources().get("CPU", 0))
+    if total > 0 and held >= total:
+        raise NoRoomForTasks(
+            f"{stage}: {size} actor(s) x {stage}.num_cpus={float(num_cpus):g} would hold {held:g} of the cluster's "
+            f"{total:g} CPU(s), leaving none for the read and write tasks that feed them: the run would wait "
+            f"forever. Lower {stage}.num_cpus or {stage}.concurrency, or add CPUs (a node) to the cluster. "
+            f"Nothing was committed.")
+
+
+def actor_pool(concurrency, isolating: bool = False, num_cpus: float | None = None, stage: str = "actor"):
     """An int is a fixed pool; `[min, max]` autoscales between the two. `isolating` (a poison
     isolation pass of the runner): one task at a time per actor, so an actor that dies takes
     only the batch it was running with it, never the batches queued behind it; otherwise a
     good row queued behind a poison one would fail with it on every attempt and end as a
-    `worker_crash` it did not cause."""
+    `worker_crash` it did not cause. `num_cpus` (each actor's; `stage`: the settings section,
+    for the message): refused with NoRoomForTasks when the pool would hold every CPU of the
+    cluster (see check_room_for_tasks)."""
     import ray
 
+    if num_cpus is not None:
+        check_room_for_tasks(concurrency, num_cpus, stage)
     kw = {"max_tasks_in_flight_per_actor": 1} if isolating else {}
     if isinstance(concurrency, (list, tuple)):
         return ray.data.ActorPoolStrategy(min_size=int(concurrency[0]), max_size=int(concurrency[1]), **kw)

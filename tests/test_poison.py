@@ -15,11 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
 from jobs import edit, invert
 from jobs.cli import load_config
 from pipeline import delta
-from pipeline.compute import retry_args
+from pipeline.compute import NoRoomForTasks, actor_pool, retry_args
 from pipeline.decode import image_id
 from pipeline.edit_stage import EditBatch
 from pipeline.invert_stage import InvertBatch
@@ -66,6 +67,17 @@ def test_retry_args_are_finite():
     assert retry_args({"max_task_retries": 0, "max_restarts": "auto"}, 0) == {"max_restarts": 1,
                                                                              "max_task_retries": 0}
     assert retry_args({"max_task_retries": 2, "max_restarts": 5}, 100) == {"max_restarts": 5, "max_task_retries": 2}
+
+
+def test_a_pool_holding_every_cpu_is_refused(ray_local):
+    """Its read and write tasks could never run (the run would hang): refused with the settings
+    to change. A pool that leaves a CPU free, or an autoscaling pool whose minimum does, is built."""
+    assert ray_local.cluster_resources()["CPU"] == 2
+    for concurrency, cpus in ((2, 1), (1, 2), ([2, 4], 1)):
+        with pytest.raises(NoRoomForTasks, match=r"Lower invert.num_cpus or invert.concurrency"):
+            actor_pool(concurrency, num_cpus=cpus, stage="invert")
+    for concurrency, cpus in ((1, 1), ([1, 4], 1), (2, 0.5)):
+        assert actor_pool(concurrency, num_cpus=cpus, stage="invert") is not None
 
 
 def test_poison_face_ends_as_one_worker_crash_row_and_the_run_completes(ray_local, tmp_path, tiny_checkpoint):
