@@ -53,7 +53,8 @@ def _on_cluster(script: str, s3_bucket: str, tmp_path, ckpt: str, n_crops: int, 
                             f"{s3_bucket}/models/tiny.pt"], capture_output=True, text=True, env=env, timeout=900,
                            cwd=str(tmp_path))
     except subprocess.TimeoutExpired as e:  # the script's own diagnostics say where it waits
-        raise AssertionError(f"the script did not finish: {(e.stderr or b'')[-6000:]!r}") from None
+        tail = (e.stderr or b"").decode(errors="replace")[-6000:]
+        raise AssertionError(f"the script did not finish: {tail}") from None
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
     return json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
 
