@@ -101,7 +101,8 @@ def build_dataset(files: list[dict], cfg: dict, run: JobRun, batch_size: int | N
     bs = int(batch_size or a["batch_size"])
     return ds.map_batches(
         AlignFaces, batch_size=bs, batch_format="numpy",
-        compute=actor_pool(a["concurrency"], isolating=batch_size is not None),
+        compute=actor_pool(a["concurrency"], isolating=batch_size is not None, num_cpus=float(a["num_cpus"]),
+                            stage="align"),
         num_cpus=float(a["num_cpus"]), **kw, **retry_args(a, n_rows or len(files)),
         fn_constructor_kwargs={
             "output": cfg["output"], "run_id": run.run_id, "size": int(a["size"]),

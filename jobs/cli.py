@@ -32,6 +32,7 @@ import yaml
 
 from jobs import ray_logs
 from jobs.settings import SETTINGS
+from pipeline.compute import NoRoomForTasks
 from pipeline.config import SettingsError, describe, known_keys, parse, unknown_message
 from pipeline.errors import JobError
 from pipeline.redact import install_log_redaction, redact_config, redact_text
@@ -306,6 +307,9 @@ def main(job: str, description: str, settings: type[S], run: Callable[[S], dict]
     except JobError as e:
         print(f"python -m jobs.{job}: stopped: {redact_text(str(e))}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    except NoRoomForTasks as e:  # the cluster cannot run the pipeline as set: say so, never hang
+        print(f"python -m jobs.{job}: stopped: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
     except Exception as e:
         if not is_out_of_disk(e):
             raise

@@ -355,7 +355,7 @@ def run(cfg: Settings, before_commit=None, actor: type[EditBatch] = EditBatch) -
         joined = join_codes(todo, cfg, need, has_ref, n)
         if batch_size is not None:
             joined = joined.repartition(target_num_rows_per_block=batch_size)
-        stage_kw, device = actor_stage(c, n_todo, isolating=batch_size is not None)
+        stage_kw, device = actor_stage(c, n_todo, isolating=batch_size is not None, stage="edit")
         edited = joined.map_batches(actor, batch_size=batch_size or c.batch_size, batch_format="pyarrow",
                                     fn_constructor_kwargs={"section": c, "device": device, **actor_args}, **stage_kw)
         if paste is not None:

@@ -66,7 +66,8 @@ def run(cfg: dict, before_commit=None) -> dict:
         ds = rows.map_batches(load_targets, batch_size=load_bs, batch_format="pyarrow",
                               fn_kwargs={"size": int(cfg["crop_size"]), "max_pixels": int(c["max_pixels"])})
         return ds.map_batches(EmbedBatch, batch_size=int(batch_size or c["batch_size"]), batch_format="numpy",
-                              compute=actor_pool(c["concurrency"], isolating=batch_size is not None),
+                              compute=actor_pool(c["concurrency"], isolating=batch_size is not None,
+                                                  num_cpus=float(c["num_cpus"]), stage="embed"),
                               num_cpus=float(c["num_cpus"]), **kw, **retry_args(c, n_in),
                               fn_constructor_kwargs={"weights": cfg["metric_weights"], "backbone": backbone,
                                                      "run_id": r.run_id, "device": device_for(c["device"], num_gpus),

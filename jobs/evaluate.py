@@ -53,7 +53,8 @@ def build_dataset(work, cfg: dict, output: str, run_id: str, target_size: int, n
                           fn_kwargs={"target_size": target_size, "max_pixels": int(c["max_pixels"])})
     kw = {"num_gpus": num_gpus} if num_gpus > 0 else {}
     return ds.map_batches(EvaluateBatch, batch_size=int(batch_size or c["batch_size"]), batch_format="numpy",
-                          compute=actor_pool(c["concurrency"], isolating=batch_size is not None),
+                          compute=actor_pool(c["concurrency"], isolating=batch_size is not None,
+                                              num_cpus=float(c["num_cpus"]), stage="evaluate"),
                           num_cpus=float(c["num_cpus"]), **kw,
                           **retry_args(c, n_rows),
                           fn_constructor_kwargs={

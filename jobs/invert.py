@@ -106,7 +106,8 @@ def build_dataset(work, cfg: dict, run_id: str, target_size: int | None, n_rows:
     kw = {"num_gpus": num_gpus} if num_gpus > 0 else {}
     return ds.map_batches(
         actor, batch_size=int(batch_size or c["batch_size"]), batch_format="numpy",
-        compute=actor_pool(c["concurrency"], isolating=batch_size is not None), num_cpus=float(c["num_cpus"]), **kw,
+        compute=actor_pool(c["concurrency"], isolating=batch_size is not None, num_cpus=float(c["num_cpus"]),
+                            stage="invert"), num_cpus=float(c["num_cpus"]), **kw,
         **retry_args(c, n_rows),
         fn_constructor_kwargs={
             "model": cfg["model"], "run_id": run_id, "output": cfg["output"],

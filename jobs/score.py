@@ -96,7 +96,7 @@ def run(cfg: Settings, before_commit=None) -> dict:
     work = r.mark_done(work, spec, retry_failed=cfg.retry_failed, key=SCORE_DONE_KEY)
 
     def stages(rows, batch_size: int | None = None):
-        kw, device = actor_stage(c, n_in, isolating=batch_size is not None)
+        kw, device = actor_stage(c, n_in, isolating=batch_size is not None, stage="score")
         return rows.map_batches(ScoreBatch, batch_size=batch_size or c.batch_size, batch_format="pyarrow", **kw,
                                 fn_constructor_kwargs={
                                     "section": c, "classifier": clf_row["uri"], "classifier_sha256": clf_row["sha256"],

@@ -45,23 +45,57 @@ def fit(loop, loop_config: dict, datasets: dict, t: TrainSection, name: str):
     return result.return_value
 
 
+class NoRoomForTasks(RuntimeError):
+    """An actor pool would hold the CPUs its stage's read, preprocess and write tasks need: they
+    could never be scheduled, and the run would wait forever."""
+
+
+def check_room_for_tasks(concurrency: int | tuple[int, int], num_cpus: float, stage: str) -> None:
+    """Refuse an actor pool whose smallest size leaves less than one CPU of the cluster free.
+
+    Ray Data starts a pool's `min_size` actors before its tasks run, and an actor keeps its CPUs
+    while it waits for input: when the actors leave no whole CPU, the one-CPU read tasks that
+    would feed them can never be scheduled (ray-project/ray#44687) and the run hangs without a
+    word. Seen on a two-node cluster whose worker node was removed: the next run's actor took
+    the head's only CPU and its first read task waited for ever. A cluster with no CPU at all is
+    left alone (an autoscaler is about to add nodes; Ray waits for them)."""
+    import ray
+
+    size = concurrency[0] if isinstance(concurrency, tuple) else concurrency
+    held = size * num_cpus
+    total = float(ray.cluster_resources().get("CPU", 0))
+    if total > 0 and total - held < 1:
+        raise NoRoomForTasks(
+            f"{stage}: {size} actor(s) x {stage}.num_cpus={num_cpus:g} would hold {held:g} of the cluster's "
+            f"{total:g} CPU(s), leaving no CPU for the read and write tasks that feed them: the run would wait "
+            f"forever. Lower {stage}.num_cpus or {stage}.concurrency, or add CPUs (a node) to the cluster. "
+            f"Nothing was committed.")
+
+
 def actor_pool(concurrency: int | tuple[int, int], isolating: bool = False):
     """An int is a fixed pool; `[min, max]` autoscales between the two. `isolating` (a poison
     isolation pass of the runner): one task at a time per actor, so an actor that dies takes
     only the batch it was running with it, never the batches queued behind it; otherwise a
     good row queued behind a poison one would fail with it on every attempt and end as a
-    `worker_crash` it did not cause."""
+    `worker_crash` it did not cause. `num_cpus` (each actor's; `stage`: the settings section,
+    for the message): refused with NoRoomForTasks when the pool would hold every CPU of the
+    cluster (see check_room_for_tasks)."""
     import ray
 
+    if num_cpus is not None:
+        check_room_for_tasks(concurrency, num_cpus, stage)
     kw = {"max_tasks_in_flight_per_actor": 1} if isolating else {}
     if isinstance(concurrency, tuple):
         return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1], **kw)
     return ray.data.ActorPoolStrategy(size=concurrency, **kw)
 
 
-def actor_stage(section: ActorSection, n_rows: int, isolating: bool = False) -> tuple[dict, str]:
+def actor_stage(section: ActorSection, n_rows: int, isolating: bool = False, stage: str = "actor") -> tuple[dict, str]:
     """(the `map_batches` keywords of an actor stage: pool, CPUs, GPUs, retry bounds; the device
-    its actors run on). Every job's model stage asks for resources this one way."""
+    its actors run on). Every job's model stage asks for resources this one way. `stage`: the
+    settings section's name, for the refusal when the pool would starve its own feeding tasks
+    (check_room_for_tasks)."""
+    check_room_for_tasks(section.concurrency, section.num_cpus, stage)
     num_gpus = gpus_per_actor(section.num_gpus)
     kw: dict[str, Any] = {"compute": actor_pool(section.concurrency, isolating=isolating),
                           "num_cpus": section.num_cpus, **retry_args(section, n_rows)}

@@ -226,6 +226,22 @@ def test_cli_help_and_summary_line(tmp_path, tiny_checkpoint):
     assert summary["seconds"] > 0 and summary["run_id"]
 
 
+def test_cli_refuses_a_pool_that_holds_every_cpu(tmp_path, tiny_checkpoint):
+    """One CPU, one actor of one CPU: the reads that feed the actor could never run (the run
+    would hang, ray-project/ray#44687); the job stops before any work with what to change."""
+    ckpt, _ = tiny_checkpoint
+    write_crops(tmp_path / "c", 2, seed=7)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, "-m", "jobs.invert", "--quiet", "--set", f"input={tmp_path / 'c'}",
+                        "--set", f"output={tmp_path / 'ds'}", "--set", f"model.checkpoint={ckpt}",
+                        "--set", "ray.num_cpus=1"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 3, (p.stdout[-2000:], p.stderr[-3000:])
+    assert "invert.num_cpus=1 would hold 1 of the cluster's 1 CPU(s)" in p.stderr
+    assert "Lower invert.num_cpus or invert.concurrency" in p.stderr
+    assert not (tmp_path / "ds" / "latents" / "_delta_log").exists() and not (tmp_path / "ds" / "_runs").exists()
+
+
 def test_gpu_path_on_cpu_autocast_and_several_actors(ray_local, tmp_path, tiny_checkpoint):
     """The CUDA code path minus the device: autocast (bf16 on the CPU) and a pool of two
     actors; codes stay close to the fp32 ones and every face is written once."""

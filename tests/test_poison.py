@@ -15,15 +15,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
 from jobs import edit, invert
 from jobs.cli import load_config
 from pipeline import delta
-from pipeline.compute import retry_args
-from pipeline.sections import ActorSection
+from pipeline.compute import NoRoomForTasks, actor_stage, retry_args
 from pipeline.decode import image_id
 from pipeline.edit_stage import EditBatch
 from pipeline.invert_stage import InvertBatch
+from pipeline.sections import ActorSection
 from tests.conftest import write_crops
 from tests.editing_data import D, write_latents
 
@@ -68,6 +69,19 @@ def test_retry_args_are_finite():
                                                                              "max_task_retries": 0}
     assert retry_args(ActorSection(max_task_retries=2, max_restarts=5), 100) == {"max_restarts": 5,
                                                                                   "max_task_retries": 2}
+
+
+def test_a_pool_holding_every_cpu_is_refused(ray_local):
+    """Its read and write tasks could never run (the run would hang): refused with the settings
+    to change. A pool that leaves a CPU free, or an autoscaling pool whose minimum does, is built."""
+    assert ray_local.cluster_resources()["CPU"] == 2
+    for concurrency, cpus in ((2, 1.0), (1, 2.0), ((2, 4), 1.0), (1, 1.5)):
+        with pytest.raises(NoRoomForTasks, match=r"Lower invert.num_cpus or invert.concurrency"):
+            actor_stage(ActorSection(concurrency=concurrency, num_cpus=cpus), 1, stage="invert")
+    for concurrency, cpus in ((1, 1.0), ((1, 4), 1.0), (2, 0.5)):
+        kw, device = actor_stage(ActorSection(concurrency=concurrency, num_cpus=cpus, num_gpus=0.0), 1,
+                                 stage="invert")
+        assert kw["compute"] is not None and kw["num_cpus"] == cpus and device == "cpu"
 
 
 def test_poison_face_ends_as_one_worker_crash_row_and_the_run_completes(ray_local, tmp_path, tiny_checkpoint):
