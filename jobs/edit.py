@@ -186,13 +186,12 @@ def paste_settings(cfg: dict) -> tuple[paste_stage.PasteSettings | None, str | N
     paste_back; a bad setting or a missing faces table stops the job before it starts."""
     # group=photo: the faces of a photo whose requests are the same but for face_index
     same_request = tuple(f for f in REQUEST_FIELDS if f not in ("image_id", "face_index"))
-    ps = paste_stage.settings_from(cfg.get("paste_back"), JOB, output=cfg["output"], folder="edits",
+    ps = paste_stage.settings_from(cfg.paste_back, output=cfg["output"], folder="edits",
                                    member_columns=("edit_id",), crop_uri_column="output_uri", schema=EDITS.schema,
                                    group_columns=same_request)
     if ps is None:
         return None, None
-    pb = cfg["paste_back"] if isinstance(cfg["paste_back"], dict) else {}
-    root = pb.get("faces") or cfg["latents"]
+    root = cfg.paste_back.faces or cfg["latents"]
     if not paste_stage.faces_table_exists(root):
         raise SystemExit(f"edit: paste_back needs the photos' faces table (quads, photo URIs) and {root} has no "
                          f"committed one: set paste_back.faces=ROOT (the jobs.align output the latents came from)")

@@ -263,7 +263,8 @@ def test_an_actor_runs_its_model_on_the_thread_that_built_it(tmp_path, tiny_chec
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(models, "load_model", recording_load)
-    actor = InvertBatch({"checkpoint": ckpt}, "run-1", str(tmp_path), device="cpu", amp="none")
+    cfg = _cfg("unused", str(tmp_path), ckpt, **{"invert.amp": "none"})
+    actor = InvertBatch(cfg.model, cfg.invert, "run-1", str(tmp_path))
     real_invert = actor.model.invert
 
     def recording_invert(x):
@@ -280,3 +281,23 @@ def test_an_actor_runs_its_model_on_the_thread_that_built_it(tmp_path, tiny_chec
         out = ray_udf_thread.submit(actor, batch).result()
     assert out["status"].to_pylist() == ["ok", "ok"]
     assert seen["invert"] == seen["load"] != threading.get_ident()
+
+
+def test_invert_settings_rules_and_preflight(tmp_path):
+    """paste_back needs metrics=true (a settings rule); its photos' faces table is checked before
+    Ray starts (check), as the formats and ranges of the invert section are when parsed."""
+    from pipeline.config import SettingsError, parse
+
+    with pytest.raises(SettingsError, match="paste_back: .*set metrics=true"):
+        parse(invert.SETTINGS, {"paste_back": True})
+    with pytest.raises(SettingsError) as e:
+        parse(invert.SETTINGS, {"invert": {"max_bytes": -1, "torch_threads": -1, "load_batch_size": 0}})
+    assert sorted(m.split(":")[0] for m in e.value.errors) == ["invert.load_batch_size", "invert.max_bytes",
+                                                               "invert.torch_threads"]
+    with pytest.raises(SettingsError, match=r"invert.formats: Pillow cannot open \['NOPE'\]"):
+        parse(invert.SETTINGS, {"invert": {"formats": ["NOPE"]}})
+    write_crops(tmp_path / "c", 1)
+    cfg = {"input": str(tmp_path / "c"), "output": str(tmp_path / "o"), "model": {"preset": "tiny-32"}}
+    assert invert.check(parse(invert.SETTINGS, cfg)) == []
+    errors = invert.check(parse(invert.SETTINGS, {**cfg, "metrics": True, "paste_back": {"format": "png"}}))
+    assert len(errors) == 1 and errors[0].startswith("paste_back: ") and "no committed faces table" in errors[0]
