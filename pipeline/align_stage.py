@@ -4,9 +4,11 @@
     ds = ds.map_batches(read_listed).map_batches(hash_files)          # tasks: bytes, image_id = sha256
     ds = run.mark_done(ds, FACES, key=("image_id",))                  # same bytes done under another
                                                                       # name -> skipped, bytes dropped
-    ds = ds.map_batches(decode_batch, fn_kwargs=dict(...))            # tasks: decode (not the skipped)
-    ds = ds.map_batches(AlignFaces, fn_constructor_kwargs=dict(...),  # actors: MTCNN loaded once
-                        compute=ray.data.ActorPoolStrategy(size=N), batch_size=B)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"section": align})  # tasks: decode (not the skipped)
+    ds = ds.map_batches(AlignFaces, fn_constructor_kwargs={"section": align, ...},  # actors: MTCNN
+                        compute=ray.data.ActorPoolStrategy(size=N), batch_size=B)    # loaded once
+
+`align` is the job's AlignSection (pipeline.sections): every limit and policy of the stages.
 
 `hash_files` turns (path, bytes) rows into (image_id, source_uri, status, error, bytes) rows,
 keeping the bytes so that each file is read once; `decode_batch` decodes them into (..., width,
@@ -326,7 +328,7 @@ class AlignFaces:
         from stmodel.detect import FaceDetector
 
         torch.set_num_threads(max(1, math.floor(section.num_cpus)))
-        self.s = section
+        self.section = section
         self.output, self.run_id = output, run_id
         self.need_px = max(section.size, REFINE_SIZE if section.refine_passes > 0 else 0) * source_oversample
         self.detector = FaceDetector(device=device, min_face_size=section.mtcnn_min_face,
@@ -354,28 +356,28 @@ class AlignFaces:
         if isinstance(faces, Exception):
             return [{**base, "status": "align_error",
                      "error": f"face detection failed: {type(faces).__name__}: {faces}"}], [], 0, faces
-        status, error, n_faces, keep = select_faces(faces, self.s.face_policy, self.s.min_score,
-                                                    self.s.min_face_px, self.s.max_faces)
+        status, error, n_faces, keep = select_faces(faces, self.section.face_policy, self.section.min_score,
+                                                    self.section.min_face_px, self.section.max_faces)
         if status != "ok":
             return [{**base, "status": status, "error": error, "n_faces": n_faces}], [], n_faces, faces
-        cand = np.flatnonzero(np.asarray(faces.scores, dtype=np.float64) >= self.s.min_score)
+        cand = np.flatnonzero(np.asarray(faces.scores, dtype=np.float64) >= self.section.min_score)
         return None, keep, n_faces, Faces(faces.boxes[cand], faces.scores[cand], faces.landmarks[cand])
 
     def _refine(self, images: list[np.ndarray], landmarks: list[np.ndarray]) -> list[np.ndarray]:
-        if self.s.refine_passes <= 0 or not images:
+        if self.section.refine_passes <= 0 or not images:
             return landmarks
         try:
-            return self.detector.refine(images, landmarks, passes=self.s.refine_passes)
+            return self.detector.refine(images, landmarks, passes=self.section.refine_passes)
         except Exception:  # noqa: BLE001 - refinement is an improvement, never a failure
             log.warning("landmark refinement failed, keeping first-pass landmarks: %s", traceback.format_exc())
             return landmarks
 
     def _detection_pixels(self, px: Pixels, data: bytes, full_side: int) -> Pixels:
         """The decoded pixels, or finer ones when detect_max_side asks for more than they hold."""
-        want = min(self.s.detect_max_side or full_side, full_side)
+        want = min(self.section.detect_max_side or full_side, full_side)
         if px.a <= 1 or not data or max(px.image.shape[:2]) >= 0.75 * want:
             return px
-        d = decode_image(data, max_pixels=self.s.max_pixels, min_side=1, min_long_side=want)
+        d = decode_image(data, max_pixels=self.section.max_pixels, min_side=1, min_long_side=want)
         return Pixels(d.image, d.pixel_map) if d.status == STATUS_OK else px
 
     def _window_pixels(self, px: Pixels, data: bytes, quads: list[np.ndarray], margin: float = 0.5) -> Pixels:
@@ -386,7 +388,7 @@ class AlignFaces:
         r = min(needed_reduction(float(np.hypot(*(q[3] - q[0]))), self.need_px) for q in quads)
         if r >= px.a:
             return px
-        d = decode_region(data, r, _window(quads, margin), max_pixels=self.s.max_pixels)
+        d = decode_region(data, r, _window(quads, margin), max_pixels=self.section.max_pixels)
         if d.status != STATUS_OK:
             raise ValueError(f"cannot decode the face window again: {d.error}")
         return Pixels(d.image, d.pixel_map)
@@ -414,10 +416,10 @@ class AlignFaces:
                    "bbox": faces.boxes[k], "landmarks": lm}
             try:
                 quad = quads[j] if quads[j] is not None else ffhq_quad(lm)[0]  # (the latter raises the reason)
-                crop = crop_from_quad(work.image, work.to_local(quad), size=self.s.size,
-                                      supersample=self.s.supersample)
+                crop = crop_from_quad(work.image, work.to_local(quad), size=self.section.size,
+                                      supersample=self.section.supersample)
                 uri = storage.join(self.output, aligned_key(base["image_id"], k))
-                storage.write_bytes(uri, encode_crop_png(crop, self.s.png_compress_level))
+                storage.write_bytes(uri, encode_crop_png(crop, self.section.png_compress_level))
                 rows.append({**row, "status": "ok", "quad": quad.astype(np.float32), "aligned_uri": uri})
             except Exception as e:  # noqa: BLE001
                 log.warning("align failed for %s face %d: %s", base["source_uri"], k, traceback.format_exc())

@@ -96,7 +96,7 @@ def attach_faces(ds, faces_root: str, partitions: int):
     if faces is None:
         raise JobError(f"paste_back: no committed faces table under {faces_root}")
     faces = faces.map_batches(_face_rows, batch_format="pyarrow")
-    return ds.join(faces, "left_outer", num_partitions=max(1, int(partitions)), on=("image_id", "face_index"))
+    return ds.join(faces, "left_outer", num_partitions=max(1, partitions), on=("image_id", "face_index"))
 
 
 def paste(ds, settings: PasteSettings):

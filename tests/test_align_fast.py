@@ -102,7 +102,7 @@ def stage(tmp_path_factory):
 
 def run_stage(stage, datas: list[bytes], **decode_kw) -> dict:
     batch = decode_batch({"path": np.array([f"p{i}.jpg" for i in range(len(datas))], dtype=object),
-                          "bytes": np.array(datas, dtype=object)}, stage.s, **decode_kw)
+                          "bytes": np.array(datas, dtype=object)}, stage.section, **decode_kw)
     t = stage(batch)
     return {"batch": batch, "status": t["status"].to_pylist(), "quad": nested_list_to_numpy(t["quad"]),
             "landmarks": nested_list_to_numpy(t["landmarks"]), "uri": t["aligned_uri"].to_pylist(),

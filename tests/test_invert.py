@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs import invert
+from jobs import align, invert
 from jobs.cli import load_config
 from pipeline import delta
+from pipeline.config import defaults
 from pipeline.runner import JobRun, TableSpec
 from pipeline.schemas import FACES_SCHEMA, faces_table, nested_list_to_numpy
 from stmodel.checkpoint import load_inversion
@@ -175,9 +176,9 @@ def test_reads_committed_align_output(ray_local, tmp_path, tiny_checkpoint):
     rows.append({"image_id": "f" * 64, "source_uri": "s3://raw/none.jpg", "status": "no_face",
                  "error": "no face", "n_faces": 0})
     spec = TableSpec("faces", FACES_SCHEMA, ("image_id", "face_index"), ("image_id",))
-    run = JobRun(root, "align", {})
+    run = JobRun(root, "align", defaults(align.SETTINGS))
     run.commit({spec: run.write_small(spec, faces_table(rows, run.run_id))}, {"in": 4})
-    crashed = JobRun(root, "align", {})  # an uncommitted align run: ignored
+    crashed = JobRun(root, "align", defaults(align.SETTINGS))  # an uncommitted align run: ignored
     crashed.write_small(spec, faces_table([{**rows[0], "image_id": "e" * 64}], crashed.run_id))
     r = invert.run(_cfg(root, root, ckpt))
     assert r["counts"] == {"in": 3, "ok": 3, "failed": 0, "skipped": 0}

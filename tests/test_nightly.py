@@ -15,6 +15,7 @@ import pytest
 from jobs import align, invert
 from jobs.cli import load_config
 from pipeline import delta, runner
+from pipeline.config import defaults
 from pipeline.decode import image_id
 from pipeline.runner import DoneSet, JobRun, TableSpec
 from pipeline.schemas import FACES_SCHEMA, faces_table
@@ -31,7 +32,7 @@ def _commit_faces(root, files, statuses=None):
         iid = image_id(open(f, "rb").read())
         rows.append({"image_id": iid, "source_uri": f"s3://raw/{os.path.basename(f)}.jpg",
                      "status": (statuses or {}).get(i, "ok"), "n_faces": 1, "face_index": 0, "aligned_uri": f})
-    run = JobRun(root, "align", {})
+    run = JobRun(root, "align", defaults(align.SETTINGS))
     run.commit({FACES: run.write_small(FACES, faces_table(rows, run.run_id))}, {"in": len(rows)})
     return rows
 

@@ -19,10 +19,10 @@ from PIL import Image, ImageCms, ImageOps
 from jobs.cli import load_config
 from pipeline import delta, paste_stage, storage
 from pipeline.config import SettingsError, defaults, parse
-from pipeline.errors import JobError
-from pipeline.sections import PasteBackSection
 from pipeline.decode import image_id
+from pipeline.errors import JobError
 from pipeline.schemas import edits_schema, nested_list_to_numpy
+from pipeline.sections import PasteBackSection
 from stmodel.config import get_preset
 from tests.test_paste_back import outside_quad
 
