@@ -83,8 +83,8 @@ def jpeg_path(photo: np.ndarray, edit: np.ndarray, quad: np.ndarray, repeats: in
     import tempfile
 
     from pipeline import storage
-    from pipeline.decode import decode_image
     from pipeline.config import defaults
+    from pipeline.decode import decode_image
     from pipeline.paste_stage import PasteSettings, composite_psnr, encode_composite
     from pipeline.sections import PasteBackSection
 
