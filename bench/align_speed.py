@@ -61,6 +61,14 @@ def make_photos(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
+def align_section(size: int, threads: int):
+    """The job's align settings at their defaults but the crop size and the torch threads."""
+    from pipeline.config import parse
+    from pipeline.sections import AlignSection
+
+    return parse(AlignSection, {"size": size, "num_cpus": threads})
+
+
 def bench_stage(photos: list[bytes], size: int, device: str, batch: int, out_dir: str, threads: int) -> dict:
     import torch
 
@@ -68,12 +76,13 @@ def bench_stage(photos: list[bytes], size: int, device: str, batch: int, out_dir
     from pipeline.align_stage import AlignFaces, aligned_key, decode_batch, encode_crop_png, select_faces
     from stmodel.align import align_face
 
+    a = align_section(size, threads)
     paths = np.array([f"mem/{i}.jpg" for i in range(len(photos))], dtype=object)
     t = time.perf_counter()
-    dec = decode_batch({"path": paths, "bytes": np.array(photos, dtype=object)})
+    dec = decode_batch({"path": paths, "bytes": np.array(photos, dtype=object)}, a)
     t_decode = time.perf_counter() - t
 
-    stage = AlignFaces(out_dir, "bench", size=size, device=device, torch_threads=threads)
+    stage = AlignFaces(a, out_dir, "bench", device=device, detect_batch=batch)
     det = stage.detector
     images = [np.asarray(im) for im in dec["image"]]
     stage({k: v[:batch] for k, v in dec.items()})  # warm-up
@@ -88,7 +97,7 @@ def bench_stage(photos: list[bytes], size: int, device: str, batch: int, out_dir
         t = time.perf_counter()
         found = det.detect(chunk)
         parts["detect"] += time.perf_counter() - t
-        keep = [select_faces(f, "largest", 0.9, 32)[3] for f in found]
+        keep = [select_faces(f, a.face_policy, a.min_score, a.min_face_px, a.max_faces)[3] for f in found]
         t = time.perf_counter()
         lms = det.refine(chunk, [f.landmarks[f.scores >= 0.9][k] for f, k in zip(found, keep)])  # k: among those
         parts["refine"] += time.perf_counter() - t
@@ -99,7 +108,7 @@ def bench_stage(photos: list[bytes], size: int, device: str, batch: int, out_dir
                 parts["crop"] += time.perf_counter() - t
                 t = time.perf_counter()
                 iid = str(dec["image_id"][s + j])
-                storage.write_bytes(storage.join(out_dir, aligned_key(iid, k)), encode_crop_png(crop))
+                storage.write_bytes(storage.join(out_dir, aligned_key(iid, k)), encode_crop_png(crop, a.png_compress_level))
                 parts["png_write"] += time.perf_counter() - t
                 n_faces += 1
     total = time.perf_counter() - t_all
@@ -279,17 +288,18 @@ def camera_stage(photos: list[bytes], size: int, out_dir: str) -> dict:
     """The decode stage (reduced, and full for comparison) and AlignFaces in this process."""
     from pipeline.align_stage import AlignFaces, decode_batch
 
+    a = align_section(size, 1)
     n = len(photos)
     paths = np.array([f"mem/{i}.jpg" for i in range(n)], dtype=object)
     raw = {"path": paths, "bytes": np.array(photos, dtype=object)}
     t = time.perf_counter()
     for s in range(0, n, 8):
-        decode_batch({k: v[s:s + 8] for k, v in raw.items()}, draft_side=None)
+        decode_batch({k: v[s:s + 8] for k, v in raw.items()}, a, draft_side=None)
     t_full = time.perf_counter() - t
     t = time.perf_counter()
-    dec = decode_batch(raw)
+    dec = decode_batch(raw, a)
     t_dec = time.perf_counter() - t
-    stage = AlignFaces(out_dir, "bench", size=size, device="cpu", torch_threads=1)
+    stage = AlignFaces(a, out_dir, "bench")
     t = time.perf_counter()
     ok = 0
     for s in range(0, n, 8):
@@ -317,12 +327,13 @@ def camera_accuracy(photos: list[bytes], metas: list[dict], size: int, out_dir: 
     from pipeline.schemas import nested_list_to_numpy
     from stmodel.align import crop_from_quad, ffhq_quad
 
+    section = align_section(size, 1)
     n = len(photos)
     raw = {"path": np.array([f"mem/{i}.jpg" for i in range(n)], dtype=object), "bytes": np.array(photos, dtype=object)}
     res = {}
     for name, kw in (("fast", {}), ("full", {"draft_side": None})):
-        stage = AlignFaces(os.path.join(out_dir, name), "bench", size=size, device="cpu", torch_threads=1)
-        t = stage(decode_batch(raw, **kw))
+        stage = AlignFaces(section, os.path.join(out_dir, name), "bench")
+        t = stage(decode_batch(raw, section, **kw))
         res[name] = {"lm": nested_list_to_numpy(t["landmarks"]), "quad": nested_list_to_numpy(t["quad"]),
                      "uri": t["aligned_uri"].to_pylist(), "status": t["status"].to_pylist()}
     astro = data.astronaut()

@@ -83,8 +83,10 @@ def jpeg_path(photo: np.ndarray, edit: np.ndarray, quad: np.ndarray, repeats: in
     import tempfile
 
     from pipeline import storage
+    from pipeline.config import defaults
     from pipeline.decode import decode_image
     from pipeline.paste_stage import PasteSettings, composite_psnr, encode_composite
+    from pipeline.sections import PasteBackSection
 
     buf = io.BytesIO()
     Image.fromarray(photo).save(buf, format="JPEG", quality=92)
@@ -92,15 +94,16 @@ def jpeg_path(photo: np.ndarray, edit: np.ndarray, quad: np.ndarray, repeats: in
     src = os.path.join(folder, "photo.jpg")
     with open(src, "wb") as f:
         f.write(buf.getvalue())
-    settings = PasteSettings(output=folder, folder="edits", member_columns=("edit_id",), group_columns=(),
-                             crop_uri_column="edited_uri")
+    settings = PasteSettings(defaults(PasteBackSection), output=folder, folder="edits", member_columns=("edit_id",),
+                             group_columns=(), crop_uri_column="edited_uri")
+    pb = settings.section
     times = []
     for _ in range(max(1, repeats)):
         t = time.perf_counter()
         data = storage.read_bytes(src)
         hashlib.sha256(data).hexdigest()
-        d = decode_image(data, max_pixels=settings.max_pixels, min_side=1)
-        comp = paste_back(d.image, edit, quad, feather=settings.feather, radii=settings.radii)
+        d = decode_image(data, max_pixels=pb.max_pixels, min_side=1)
+        comp = paste_back(d.image, edit, quad, feather=pb.feather, radii=pb.radii)
         composite_psnr(d.image, comp, [quad], settings)
         storage.write_bytes(os.path.join(folder, "composite.jpg"), encode_composite(comp, settings, None))
         times.append(time.perf_counter() - t)

@@ -46,14 +46,21 @@ from __future__ import annotations
 import logging
 from functools import partial
 
-from jobs.cli import input_errors, main
-from jobs.settings.align import Settings
 import pyarrow as pa
 
+from jobs.cli import input_errors, main
+from jobs.settings.align import Settings
 from pipeline import delta, storage
-from pipeline.align_stage import AlignFaces, decode_batch, failed_file_rows, hash_files, lost_file_rows, read_listed
-from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
-from pipeline.decode import allowed_formats
+from pipeline.align_stage import (
+    AlignFaces,
+    decode_batch,
+    failed_file_rows,
+    hash_files,
+    lost_file_rows,
+    read_listed,
+)
+from pipeline.compute import actor_stage
+from pipeline.errors import JobError
 from pipeline.inputs import refused_rows, split_by_size
 from pipeline.runner import JobRun, TableSpec, WriteResult
 from pipeline.schemas import FACES_SCHEMA, SOURCE_LISTING_COLUMNS
@@ -71,7 +78,7 @@ SETTINGS = Settings
 MAX_READ_BLOCKS = 1024  # a huge listing: blocks of more files each, not more blocks
 
 
-def build_dataset(files: list[dict], cfg: dict, run: JobRun, batch_size: int | None = None,
+def build_dataset(files: list[dict], cfg: Settings, run: JobRun, batch_size: int | None = None,
                   n_rows: int | None = None):
     """The Ray Data plan: read bytes -> hash (tasks) -> mark images done under another name ->
     decode (tasks) -> detect + align (actors). `files`: listing rows (source_uri, source_size,
@@ -79,11 +86,9 @@ def build_dataset(files: list[dict], cfg: dict, run: JobRun, batch_size: int | N
     `n_rows`: the run's files (the actors' restart budget)."""
     import ray
 
-    a = cfg["align"]
-    num_gpus = gpus_per_actor(a.get("num_gpus", "auto"))
-    device = device_for(a["device"], num_gpus)
+    a = cfg.align
     # an isolation pass (batch_size given): a block per file, no task batch above batch_size
-    dbs = min(int(a["decode_batch_size"]), int(batch_size)) if batch_size else int(a["decode_batch_size"])
+    dbs = min(a.decode_batch_size, batch_size) if batch_size else a.decode_batch_size
     blocks = len(files) if batch_size else max(1, min(-(-len(files) // dbs), MAX_READ_BLOCKS))
     ds = ray.data.from_items([{"source_uri": f["source_uri"], "source_size": -1 if f["source_size"] is None
                                else f["source_size"], "source_etag": f["source_etag"] or ""} for f in files],
@@ -91,28 +96,13 @@ def build_dataset(files: list[dict], cfg: dict, run: JobRun, batch_size: int | N
     ds = ds.map_batches(read_listed, batch_size=dbs, batch_format="numpy")
     ds = ds.map_batches(hash_files, batch_size=dbs, batch_format="numpy")
     # the same bytes under a new name (or every file, with verify=hash): done by content
-    ds = run.mark_done(ds, FACES, retry_failed=bool(cfg.get("retry_failed")), key=("image_id",))
-    ds = ds.map_batches(decode_batch, batch_size=dbs, batch_format="numpy",
-                        fn_kwargs={"max_pixels": int(a["max_pixels"]), "min_side": int(a["min_image_side"]),
-                                   "formats": list(a["formats"]), "multi_frame": a["multi_frame"]})
-    kw = {}
-    if num_gpus > 0:
-        kw["num_gpus"] = num_gpus
-    bs = int(batch_size or a["batch_size"])
-    return ds.map_batches(
-        AlignFaces, batch_size=bs, batch_format="numpy",
-        compute=actor_pool(a["concurrency"], isolating=batch_size is not None, num_cpus=float(a["num_cpus"]),
-                            stage="align"),
-        num_cpus=float(a["num_cpus"]), **kw, **retry_args(a, n_rows or len(files)),
-        fn_constructor_kwargs={
-            "output": cfg["output"], "run_id": run.run_id, "size": int(a["size"]),
-            "supersample": int(a["supersample"]), "face_policy": a["face_policy"],
-            "min_score": float(a["min_score"]), "min_face_px": float(a["min_face_px"]),
-            "max_faces": int(a["max_faces"]), "device": device, "detect_max_side": a["detect_max_side"],
-            "mtcnn_min_face": int(a["mtcnn_min_face"]), "mtcnn_thresholds": list(a["mtcnn_thresholds"]),
-            "detect_batch": bs, "png_compress_level": int(a["png_compress_level"]),
-            "refine_passes": int(a["refine_passes"]), "torch_threads": max(1, int(float(a["num_cpus"]))),
-        })
+    ds = run.mark_done(ds, FACES, retry_failed=cfg.retry_failed, key=("image_id",))
+    ds = ds.map_batches(decode_batch, batch_size=dbs, batch_format="numpy", fn_kwargs={"section": a})
+    bs = batch_size or a.batch_size
+    stage, device = actor_stage(a, n_rows or len(files), isolating=batch_size is not None, stage="align")
+    return ds.map_batches(AlignFaces, batch_size=bs, batch_format="numpy", **stage,
+                          fn_constructor_kwargs={"section": a, "output": cfg.output, "run_id": run.run_id,
+                                                 "device": device, "detect_batch": bs})
 
 
 LISTING_KEY = ("source_uri", *SOURCE_LISTING_COLUMNS)
@@ -140,31 +130,25 @@ def _exists(uri: str) -> bool:
     return fs.exists(path)
 
 
-def run(cfg: dict, before_commit=None) -> dict:
+def run(cfg: Settings, before_commit=None) -> dict:
     """The job body (also callable from Python; `before_commit(run)` is a test hook)."""
     import ray
 
-    if not cfg.get("input") or not cfg.get("output"):
-        raise SystemExit("align: set input=URI and output=URI (--set input=... --set output=...)")
-    a = cfg["align"]
-    if a["face_policy"] not in ("largest", "all"):
-        raise SystemExit(f"align.face_policy must be 'largest' or 'all', got {a['face_policy']!r}")
-    try:
-        allowed_formats(a["formats"])
-    except ValueError as e:
-        raise SystemExit(f"align.{e}") from None
-    r = JobRun(cfg["output"], JOB, cfg, rows_per_file=int(a["rows_per_part"]), log_every_s=float(a["log_every_s"]))
-    listing = storage.list_stat(cfg["input"])
+    if not cfg.input or not cfg.output:
+        raise JobError("align: set input=URI and output=URI (--set input=... --set output=...)")
+    a = cfg.align
+    r = JobRun(cfg.output, JOB, cfg, rows_per_file=a.rows_per_part, log_every_s=a.log_every_s)
+    listing = storage.list_stat(cfg.input)
     sized = [(u, size) for u, size, _ in listing]
     tags = {u: tag for u, _, tag in listing}
-    files, big = split_by_size(sized, int(a["max_bytes"]))
-    log.info("align %s -> %s: %d files (%d over max_bytes), run %s", cfg["input"], cfg["output"], len(sized),
+    files, big = split_by_size(sized, a.max_bytes)
+    log.info("align %s -> %s: %d files (%d over max_bytes), run %s", cfg.input, cfg.output, len(sized),
              len(big), r.run_id)
     res = WriteResult()
-    retry_failed = bool(cfg.get("retry_failed"))
+    retry_failed = cfg.retry_failed
     readable = set(files)
     todo = [{"source_uri": u, "source_size": size, "source_etag": tags[u]} for u, size in sized if u in readable]
-    if cfg["verify"] == "listing":
+    if cfg.verify == "listing":
         todo, skipped = unchanged_skipped(r, todo, retry_failed)
         res.add_skipped(skipped)
     if todo:
@@ -178,11 +162,11 @@ def run(cfg: dict, before_commit=None) -> dict:
 
         inputs = ray.data.from_items([{"source_uri": f["source_uri"], "status": "ok"} for f in todo])
         res.merge(r.write(None, FACES, expected=len(todo), inputs=inputs,
-                          lost_rows=partial(lost_file_rows, output=cfg["output"], run_id=r.run_id,
+                          lost_rows=partial(lost_file_rows, output=cfg.output, run_id=r.run_id,
                                             retry_failed=retry_failed),
-                          lost_key=("source_uri",), rerun=rerun, batch_size=int(a["batch_size"])))
+                          lost_key=("source_uri",), rerun=rerun, batch_size=a.batch_size))
     if big:  # files over max_bytes: a row each, never read
-        refused = refused_rows(big, int(a["max_bytes"]))
+        refused = refused_rows(big, a.max_bytes)
         refused = refused.append_column("source_size", pa.array([size for _, size in big], pa.int64()))
         refused = refused.append_column("source_etag", pa.array([tags[u] for u, _ in big], pa.string()))
         rows = r.mark_done(ray.data.from_arrow(refused), FACES, retry_failed=retry_failed, key=("image_id",))
@@ -197,13 +181,13 @@ def run(cfg: dict, before_commit=None) -> dict:
     if before_commit is not None:
         before_commit(r)
     r.commit({FACES: res}, {**counts, "seconds": seconds, **extra},
-             extra={"inputs": {"input": cfg["input"], "files": len(files)}, "ray": {"version": ray.__version__}})
+             extra={"inputs": {"input": cfg.input, "files": len(files)}, "ray": {"version": ray.__version__}})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 
 
-def check(cfg: dict) -> list[str]:
+def check(cfg: Settings) -> list[str]:
     """Before Ray starts: the input root exists."""
-    return [*input_errors("input", cfg.get("input")), *([] if cfg.get("output") else ["output: set output=URI"])]
+    return [*input_errors("input", cfg.input), *([] if cfg.output else ["output: set output=URI"])]
 
 
 def cli(argv: list[str] | None = None) -> dict:

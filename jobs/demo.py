@@ -80,8 +80,8 @@ def build_generator(preset: str, seed: int):
 def sample_dataset(g, root: str, n_train: int, n_val: int, truncation: float, seed: int) -> dict:
     """PNG images of the generator with their true W+ codes (W broadcast to every layer) and
     attribute labels defined from those codes: sign of the projection on fixed directions."""
-    from pipeline.images import encode_png
     from pipeline.decode import image_id
+    from pipeline.images import encode_png
     from pipeline.scoring import to_uint8
 
     gen = torch.Generator().manual_seed(seed + 1)
@@ -262,8 +262,19 @@ def check(cfg: Settings) -> list[str]:
 
 
 def run(cfg: Settings) -> dict:
-    from jobs import (align, edit, evaluate, fit_classifier, fit_editor, invert, maintain, neighbors, report, score,
-                      train_encoder)
+    from jobs import (
+        align,
+        edit,
+        evaluate,
+        fit_classifier,
+        fit_editor,
+        invert,
+        maintain,
+        neighbors,
+        report,
+        score,
+        train_encoder,
+    )
     from stmodel.checkpoint import save_generator
 
     t_start = time.time()

@@ -220,7 +220,7 @@ def paste_settings(cfg: Settings) -> tuple[paste_stage.PasteSettings | None, str
                        f"one: set paste_back.faces=ROOT (the jobs.align output the latents came from)")
     # group=photo: the faces of a photo whose requests are the same but for face_index
     same_request = tuple(f for f in REQUEST_FIELDS if f not in ("image_id", "face_index"))
-    ps = paste_stage.settings_from(cfg.paste_back, JOB, output=cfg.output, folder="edits",
+    ps = paste_stage.settings_from(cfg.paste_back, output=cfg.output, folder="edits",
                                    member_columns=("edit_id",), crop_uri_column="output_uri", schema=EDITS.schema,
                                    group_columns=same_request)
     return ps, root

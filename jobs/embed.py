@@ -21,11 +21,20 @@ from __future__ import annotations
 import logging
 from functools import partial
 
-from jobs.cli import main
+from jobs.cli import input_errors, main
 from jobs.settings.embed import Settings
-from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
-from pipeline.embed_stage import EMBED_DONE_KEY, EMBED_KEY, WORK_COLUMNS, EmbedBatch, backbone_label, load_targets, \
-    lost_rows, work_batch
+from pipeline.compute import actor_stage
+from pipeline.embed_stage import (
+    EMBED_DONE_KEY,
+    EMBED_KEY,
+    WORK_COLUMNS,
+    EmbedBatch,
+    backbone_label,
+    load_targets,
+    lost_rows,
+    work_batch,
+)
+from pipeline.errors import JobError
 from pipeline.fit_data import latent_counts, read_latents
 from pipeline.runner import JobRun, TableSpec, WriteResult
 from pipeline.schemas import embeddings_schema
@@ -40,43 +49,36 @@ EMBEDDINGS = TableSpec(TABLE, embeddings_schema(), EMBED_KEY)
 SETTINGS = Settings
 
 
-def run(cfg: dict, before_commit=None) -> dict:
+def run(cfg: Settings, before_commit=None) -> dict:
     """The job body (also callable from Python; `before_commit(run)` is a test hook)."""
     import ray
 
-    if not cfg.get("input"):
-        raise SystemExit("embed: set input=URI (a dataset root with a latents table)")
-    output = cfg.get("output") or cfg["input"]
-    try:
-        backbone = backbone_label(cfg["metric_weights"])
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    c = cfg["embed"]
-    r = JobRun(output, JOB, cfg, rows_per_file=int(c["rows_per_part"]), log_every_s=float(c["log_every_s"]))
-    n_in = latent_counts(cfg["input"], 0.0, 0)["ok"]
-    log.info("embed %s -> %s: %d ok faces, backbone %s, run %s", cfg["input"], output, n_in, backbone, r.run_id)
-    work = read_latents(cfg["input"], WORK_COLUMNS).map_batches(work_batch, batch_format="pyarrow",
-                                                               fn_kwargs={"backbone": backbone})
-    work = r.mark_done(work, EMBEDDINGS, retry_failed=bool(cfg.get("retry_failed")), key=EMBED_DONE_KEY)
-    num_gpus = gpus_per_actor(c["num_gpus"])
-    kw = {"num_gpus": num_gpus} if num_gpus > 0 else {}
+    if errors := settings_errors(cfg):
+        raise JobError("embed: " + "; ".join(errors))
+    assert cfg.input is not None  # settings_errors stops a run without one
+    output = cfg.output or cfg.input
+    backbone = backbone_label(cfg.metric_weights)
+    c = cfg.embed
+    r = JobRun(output, JOB, cfg, rows_per_file=c.rows_per_part, log_every_s=c.log_every_s)
+    n_in = latent_counts(cfg.input, 0.0, 0)["ok"]
+    log.info("embed %s -> %s: %d ok faces, backbone %s, run %s", cfg.input, output, n_in, backbone, r.run_id)
+    work = read_latents(cfg.input, WORK_COLUMNS).map_batches(work_batch, batch_format="pyarrow",
+                                                             fn_kwargs={"backbone": backbone})
+    work = r.mark_done(work, EMBEDDINGS, retry_failed=cfg.retry_failed, key=EMBED_DONE_KEY)
 
     def stages(rows, batch_size: int | None = None):
-        load_bs = min(int(c["load_batch_size"]), int(batch_size)) if batch_size else int(c["load_batch_size"])
+        load_bs = min(c.load_batch_size, batch_size) if batch_size else c.load_batch_size
         ds = rows.map_batches(load_targets, batch_size=load_bs, batch_format="pyarrow",
-                              fn_kwargs={"size": int(cfg["crop_size"]), "max_pixels": int(c["max_pixels"])})
-        return ds.map_batches(EmbedBatch, batch_size=int(batch_size or c["batch_size"]), batch_format="numpy",
-                              compute=actor_pool(c["concurrency"], isolating=batch_size is not None,
-                                                  num_cpus=float(c["num_cpus"]), stage="embed"),
-                              num_cpus=float(c["num_cpus"]), **kw, **retry_args(c, n_in),
-                              fn_constructor_kwargs={"weights": cfg["metric_weights"], "backbone": backbone,
-                                                     "run_id": r.run_id, "device": device_for(c["device"], num_gpus),
-                                                     "torch_threads": max(1, int(float(c["num_cpus"])))})
+                              fn_kwargs={"size": cfg.crop_size, "max_pixels": c.max_pixels})
+        stage, device = actor_stage(c, n_in, isolating=batch_size is not None, stage="embed")
+        return ds.map_batches(EmbedBatch, batch_size=batch_size or c.batch_size, batch_format="numpy", **stage,
+                              fn_constructor_kwargs={"weights": cfg.metric_weights, "section": c,
+                                                     "backbone": backbone, "run_id": r.run_id, "device": device})
 
     res = WriteResult()
     if n_in:
         res = r.write(None, EMBEDDINGS, expected=n_in, inputs=work, lost_rows=partial(lost_rows, run_id=r.run_id),
-                      rerun=stages, batch_size=int(c["batch_size"]))
+                      rerun=stages, batch_size=c.batch_size)
     counts = {"in": n_in, **res.counts}
     seconds = r.seconds()
     extra = {"backbone": backbone, "statuses": res.statuses,
@@ -84,9 +86,24 @@ def run(cfg: dict, before_commit=None) -> dict:
     if before_commit is not None:
         before_commit(r)
     r.commit({EMBEDDINGS: res}, {**counts, "seconds": seconds, **extra},
-             extra={"inputs": {"input": cfg["input"]}, "ray": {"version": ray.__version__}})
+             extra={"inputs": {"input": cfg.input}, "ray": {"version": ray.__version__}})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 
 
+def settings_errors(cfg: Settings) -> list[str]:
+    """What the settings must name: a latents root, and a backbone (a seeded random one only in tests)."""
+    out = [] if cfg.input else ["input: set input=URI (a dataset root with a latents table)"]
+    try:
+        backbone_label(cfg.metric_weights)
+    except ValueError as e:
+        out.append(f"metric_weights.facenet: {e}")
+    return out
+
+
+def check(cfg: Settings) -> list[str]:
+    """Before Ray starts: a backbone is named and the input root exists."""
+    return [*settings_errors(cfg), *(input_errors("input", cfg.input) if cfg.input else [])]
+
+
 if __name__ == "__main__":
-    main(JOB, __doc__, SETTINGS, run)
+    main(JOB, __doc__, SETTINGS, run, check=check)

@@ -27,8 +27,15 @@ from functools import partial
 from jobs.cli import input_errors, main, model_errors
 from jobs.settings.evaluate import Settings
 from pipeline import incremental
-from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
-from pipeline.evaluate_stage import LATENT_COLUMNS, EvaluateBatch, load_targets, lost_rows, ok_latents
+from pipeline.compute import actor_stage
+from pipeline.errors import JobError
+from pipeline.evaluate_stage import (
+    LATENT_COLUMNS,
+    EvaluateBatch,
+    load_targets,
+    lost_rows,
+    ok_latents,
+)
 from pipeline.models import model_shapes
 from pipeline.runner import JobRun, TableSpec, WriteResult, run_summary
 from pipeline.schemas import METRIC_COLUMNS, metrics_schema
@@ -43,42 +50,34 @@ METRICS = TableSpec(TABLE, metrics_schema(), ("image_id", "face_index"))
 SETTINGS = Settings
 
 
-def build_dataset(work, cfg: dict, output: str, run_id: str, target_size: int, n_rows: int,
+def build_dataset(work, cfg: Settings, output: str, run_id: str, target_size: int, n_rows: int,
                   batch_size: int | None = None):
     """`batch_size` overrides evaluate.batch_size (the runner's isolation passes)."""
-    c = cfg["evaluate"]
-    num_gpus = gpus_per_actor(c["num_gpus"])
-    load_bs = min(int(c["load_batch_size"]), int(batch_size)) if batch_size else int(c["load_batch_size"])
+    c = cfg.evaluate
+    load_bs = min(c.load_batch_size, batch_size) if batch_size else c.load_batch_size
     ds = work.map_batches(load_targets, batch_size=load_bs, batch_format="pyarrow",
-                          fn_kwargs={"target_size": target_size, "max_pixels": int(c["max_pixels"])})
-    kw = {"num_gpus": num_gpus} if num_gpus > 0 else {}
-    return ds.map_batches(EvaluateBatch, batch_size=int(batch_size or c["batch_size"]), batch_format="numpy",
-                          compute=actor_pool(c["concurrency"], isolating=batch_size is not None,
-                                              num_cpus=float(c["num_cpus"]), stage="evaluate"),
-                          num_cpus=float(c["num_cpus"]), **kw,
-                          **retry_args(c, n_rows),
-                          fn_constructor_kwargs={
-                              "model": cfg["model"], "run_id": run_id, "output": output,
-                              "metrics": cfg["metric_weights"], "device": device_for(c["device"], num_gpus),
-                              "amp": c["amp"], "torch_threads": max(1, int(float(c["num_cpus"])))})
+                          fn_kwargs={"target_size": target_size, "max_pixels": c.max_pixels})
+    stage, device = actor_stage(c, n_rows, isolating=batch_size is not None, stage=JOB)
+    return ds.map_batches(EvaluateBatch, batch_size=batch_size or c.batch_size, batch_format="numpy", **stage,
+                          fn_constructor_kwargs={"model": cfg.model, "section": c, "run_id": run_id, "output": output,
+                                                 "metrics": cfg.metric_weights, "device": device})
 
 
-def run(cfg: dict, before_commit=None) -> dict:
+def run(cfg: Settings, before_commit=None) -> dict:
     """The job body (also callable from Python; `before_commit(run)` is a test hook)."""
     import ray
 
-    if not cfg.get("input"):
-        raise SystemExit("evaluate: set input=URI (a dataset root with a latents table)")
-    output = cfg.get("output") or cfg["input"]
-    c = cfg["evaluate"]
-    shapes = model_shapes(cfg["model"])
-    r = JobRun(output, JOB, cfg, rows_per_file=int(c.get("rows_per_part", 20_000)),
-               log_every_s=float(c["log_every_s"]))
-    src = incremental.read_source(r, cfg["input"], "latents", LATENT_COLUMNS, METRICS,
-                                  retry_failed=bool(cfg.get("retry_failed")), full_scan=bool(cfg["full_scan"]))
+    if not cfg.input:
+        raise JobError("evaluate: set input=URI (a dataset root with a latents table)")
+    output = cfg.output or cfg.input
+    c = cfg.evaluate
+    shapes = model_shapes(cfg.model)
+    r = JobRun(output, JOB, cfg, rows_per_file=c.rows_per_part, log_every_s=c.log_every_s)
+    src = incremental.read_source(r, cfg.input, "latents", LATENT_COLUMNS, METRICS,
+                                  retry_failed=cfg.retry_failed, full_scan=cfg.full_scan)
     if src is None:
-        raise SystemExit(f"evaluate: no committed latents table under {cfg['input']}")
-    log.info("evaluate %s -> %s: %d faces (%d already evaluated), run %s", cfg["input"], output, src.n_in,
+        raise JobError(f"evaluate: no committed latents table under {cfg.input}")
+    log.info("evaluate %s -> %s: %d faces (%d already evaluated), run %s", cfg.input, output, src.n_in,
              src.skipped, r.run_id)
     res = WriteResult()
     if src.rows is not None:
@@ -86,7 +85,7 @@ def run(cfg: dict, before_commit=None) -> dict:
             return build_dataset(rows, cfg, output, r.run_id, shapes["pool_size"], src.todo, batch_size)
 
         res = r.write(None, METRICS, expected=src.todo, inputs=src.rows.map_batches(ok_latents, batch_format="pyarrow"),
-                      lost_rows=partial(lost_rows, run_id=r.run_id), rerun=stages, batch_size=int(c["batch_size"]))
+                      lost_rows=partial(lost_rows, run_id=r.run_id), rerun=stages, batch_size=c.batch_size)
     res.add_skipped(src.skipped)
     n_in = src.n_in
     counts = {"in": n_in, **res.counts}
@@ -98,14 +97,14 @@ def run(cfg: dict, before_commit=None) -> dict:
     if before_commit is not None:
         before_commit(r)
     r.commit({METRICS: res}, {**counts, "seconds": seconds, **extra},
-             extra={"inputs": {"input": cfg["input"]}, "checkpoint_sha256": shapes["sha256"],
+             extra={"inputs": {"input": cfg.input}, "checkpoint_sha256": shapes["sha256"],
                     "ray": {"version": ray.__version__}})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 
 
-def check(cfg: dict) -> list[str]:
+def check(cfg: Settings) -> list[str]:
     """Before Ray starts: the input root exists, and a model is named."""
-    return [*input_errors("input", cfg.get("input")), *model_errors("model", cfg["model"])]
+    return [*input_errors("input", cfg.input), *model_errors("model", cfg.model)]
 
 
 if __name__ == "__main__":

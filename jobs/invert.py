@@ -43,10 +43,10 @@ from functools import partial
 import pyarrow as pa
 
 from jobs.cli import input_errors, main, model_errors
-from jobs.settings.invert import Settings
+from jobs.settings.invert import InvertSection, Settings
 from pipeline import incremental, paste_stage, storage
-from pipeline.compute import actor_pool, device_for, gpus_per_actor, retry_args
-from pipeline.decode import allowed_formats
+from pipeline.compute import actor_stage
+from pipeline.errors import JobError
 from pipeline.images import load_crops, read_crops
 from pipeline.inputs import refused_rows, split_by_size
 from pipeline.invert_stage import InvertBatch, failed_rows, lost_rows
@@ -72,118 +72,109 @@ def _with_error(batch: pa.Table) -> pa.Table:
     return batch.append_column("error", pa.nulls(batch.num_rows, pa.string()))
 
 
-def folder_rows(src: str, max_bytes: int = 0, load_batch_size: int = 16):
+def folder_rows(src: str, section: InvertSection):
     """(work rows, how many files, work rows refused before reading) of a plain folder of aligned
-    crops: every file is read once (image_id = sha256 of the bytes) but those over `max_bytes`,
-    which are never read (pipeline.inputs; None when there are none)."""
+    crops: every file is read once (image_id = sha256 of the bytes) but those over
+    `section.max_bytes`, which are never read (pipeline.inputs; None when there are none)."""
     import ray
 
     sized = storage.list_sized(src)
-    files, big = split_by_size(sized, max_bytes)
-    refused = refused_rows(big, max_bytes) if big else None
+    files, big = split_by_size(sized, section.max_bytes)
+    refused = refused_rows(big, section.max_bytes) if big else None
     log.info("input %s: plain folder of %d crops (%d over max_bytes)", src, len(sized), len(big))
     if not files:
         return None, len(sized), refused
     # Plain tasks over the listing (not read_binary_files, whose planning and one task per few
     # files delay the first batch by seconds): blocks of `load_batch_size` files, so the
     # inversion actor gets its first batch as soon as one block is read and decoded.
-    blocks = max(1, min(-(-len(files) // max(1, int(load_batch_size))), MAX_READ_BLOCKS))
+    lbs = section.load_batch_size
+    blocks = max(1, min(-(-len(files) // lbs), MAX_READ_BLOCKS))
     ds = ray.data.from_items([{"uri": u} for u in files], override_num_blocks=blocks)
-    return ds.map_batches(read_crops, batch_format="numpy", batch_size=int(load_batch_size)), len(sized), refused
+    return ds.map_batches(read_crops, batch_format="numpy", batch_size=lbs), len(sized), refused
 
 
-def build_dataset(work, cfg: dict, run_id: str, target_size: int | None, n_rows: int,
-                  batch_size: int | None = None, actor=InvertBatch):
-    """Decode (tasks) -> invert (actors) over `work`; `batch_size` overrides invert.batch_size
-    (the runner's isolation passes); `actor`: the stage's class (a test may pass a subclass)."""
-    c = cfg["invert"]
-    num_gpus = gpus_per_actor(c["num_gpus"])
-    load_bs = min(int(c["load_batch_size"]), int(batch_size)) if batch_size else int(c["load_batch_size"])
+def build_dataset(work, cfg: Settings, run_id: str, shapes: dict, n_rows: int,
+                  batch_size: int | None = None, actor: type[InvertBatch] = InvertBatch):
+    """Decode (tasks) -> invert (actors) over `work`; `shapes`: the model's (pipeline.models.
+    model_shapes); `batch_size` overrides invert.batch_size (the runner's isolation passes);
+    `actor`: the stage's class (a test may pass a subclass)."""
+    c = cfg.invert
+    load_bs = min(c.load_batch_size, batch_size) if batch_size else c.load_batch_size
     ds = work.map_batches(load_crops, batch_size=load_bs, batch_format="numpy",
-                          fn_kwargs={"input_size": int(cfg["_input_size"]), "target_size": target_size,
-                                     "max_pixels": int(c["max_pixels"]), "formats": list(c["formats"]),
-                                     "multi_frame": c["multi_frame"]})
-    kw = {"num_gpus": num_gpus} if num_gpus > 0 else {}
+                          fn_kwargs={"input_size": shapes["input_size"],
+                                     "target_size": shapes["pool_size"] if cfg.metrics else None,
+                                     "max_pixels": c.max_pixels, "formats": c.formats,
+                                     "multi_frame": c.multi_frame})
+    stage, device = actor_stage(c, n_rows, isolating=batch_size is not None, stage=JOB)
     return ds.map_batches(
-        actor, batch_size=int(batch_size or c["batch_size"]), batch_format="numpy",
-        compute=actor_pool(c["concurrency"], isolating=batch_size is not None, num_cpus=float(c["num_cpus"]),
-                            stage="invert"), num_cpus=float(c["num_cpus"]), **kw,
-        **retry_args(c, n_rows),
-        fn_constructor_kwargs={
-            "model": cfg["model"], "run_id": run_id, "output": cfg["output"],
-            "device": device_for(c["device"], num_gpus), "amp": c["amp"],
-            "metrics": cfg["metric_weights"] if cfg["metrics"] else None,
-            "torch_threads": int(c.get("torch_threads") or 0) or max(1, int(float(c["num_cpus"]))),
-        })
+        actor, batch_size=batch_size or c.batch_size, batch_format="numpy", **stage,
+        fn_constructor_kwargs={"model": cfg.model, "section": c, "run_id": run_id, "output": cfg.output,
+                               "device": device, "metrics": cfg.metric_weights if cfg.metrics else None})
 
 
 def latents_table(shapes: dict) -> TableSpec:
     return TableSpec(TABLE, latents_schema(shapes["n_latent"], shapes["style_dim"]), LATENT_KEY)
 
 
-def paste_settings(cfg: dict) -> tuple[paste_stage.PasteSettings | None, str | None]:
-    """(the paste stage's settings, the root of the faces table), or (None, None) without
-    paste_back; stops the job before it starts when paste_back cannot be done."""
-    ps = paste_stage.settings_from(cfg.get("paste_back"), JOB, output=cfg["output"], folder="reconstructions",
-                                   member_columns=LATENT_KEY, group_columns=(), crop_uri_column="reconstruction_uri")
-    if ps is None:
-        return None, None
-    if not cfg["metrics"]:
-        raise SystemExit("invert: paste_back pastes the reconstructions, which only metrics=true makes: "
-                         "set metrics=true, or paste_back=false")
-    if not paste_stage.faces_table_exists(cfg["input"]):
-        raise SystemExit(f"invert: paste_back needs photos to paste into, and the input {cfg['input']} has no "
-                         f"committed faces table (a plain folder of crops has no quads): invert a jobs.align "
-                         f"output, or set paste_back=false")
-    pb = cfg["paste_back"] if isinstance(cfg["paste_back"], dict) else {}
-    return ps, pb.get("faces") or cfg["input"]
+def faces_root(cfg: Settings) -> str | None:
+    """Where paste_back finds the photos' faces table."""
+    return cfg.paste_back.faces or cfg.input
 
 
-def run(cfg: dict, before_commit=None, actor=InvertBatch) -> dict:
+def paste_errors(cfg: Settings) -> list[str]:
+    """paste_back needs the photos' committed faces table (a plain folder of crops has none)."""
+    root = faces_root(cfg)
+    if not cfg.paste_back.enabled or not root or paste_stage.faces_table_exists(root):
+        return []
+    return [(f"paste_back: needs photos to paste into, and {root} has no committed faces table (a plain folder "
+             f"of crops has no quads): invert a jobs.align output, set paste_back.faces=ROOT, or set "
+             f"paste_back=false")]
+
+
+def run(cfg: Settings, before_commit=None, actor: type[InvertBatch] = InvertBatch) -> dict:
     """The job body (also callable from Python; `before_commit(run)` and `actor`, the inversion
     stage's class, are for tests)."""
     import ray
 
-    if not cfg.get("input") or not cfg.get("output"):
-        raise SystemExit("invert: set input=URI and output=URI")
-    paste, faces_root = paste_settings(cfg)
-    c = cfg["invert"]
-    try:
-        allowed_formats(c["formats"])
-    except ValueError as e:
-        raise SystemExit(f"invert.{e}") from None
-    shapes = model_shapes(cfg["model"])
-    r = JobRun(cfg["output"], JOB, cfg, rows_per_file=int(c["rows_per_part"]), log_every_s=float(c["log_every_s"]))
-    cfg = {**cfg, "_input_size": shapes["input_size"]}
+    if not cfg.input or not cfg.output:
+        raise JobError("invert: set input=URI and output=URI")
+    if errors := paste_errors(cfg):
+        raise JobError("invert: " + "; ".join(errors))
+    faces = cfg.paste_back.faces or cfg.input
+    paste = paste_stage.settings_from(cfg.paste_back, output=cfg.output, folder="reconstructions",
+                                      member_columns=LATENT_KEY, group_columns=(),
+                                      crop_uri_column="reconstruction_uri")
+    c = cfg.invert
+    shapes = model_shapes(cfg.model)
+    r = JobRun(cfg.output, JOB, cfg, rows_per_file=c.rows_per_part, log_every_s=c.log_every_s)
     spec = latents_table(shapes)
     res = WriteResult()
     shape_kw = {"n_latent": shapes["n_latent"], "style_dim": shapes["style_dim"], "run_id": r.run_id}
 
     def stages(rows, batch_size=None):
-        ds = build_dataset(rows, cfg, r.run_id, shapes["pool_size"] if cfg["metrics"] else None, n_in,
-                           batch_size, actor)
+        ds = build_dataset(rows, cfg, r.run_id, shapes, n_in, batch_size, actor)
         if paste is not None:
-            ds = paste_stage.paste(paste_stage.attach_faces(ds, faces_root, max(1, min(64, -(-n_in // 2000)))),
+            ds = paste_stage.paste(paste_stage.attach_faces(ds, faces, max(1, min(64, -(-n_in // 2000)))),
                                    dataclasses.replace(paste, schema=spec.schema))
         return ds
 
-    retry_failed = bool(cfg.get("retry_failed"))
-    src = incremental.read_source(r, cfg["input"], "faces", WORK_COLUMNS, spec, retry_failed=retry_failed,
-                                  full_scan=bool(cfg["full_scan"]))
+    retry_failed = cfg.retry_failed
+    src = incremental.read_source(r, cfg.input, "faces", WORK_COLUMNS, spec, retry_failed=retry_failed,
+                                  full_scan=cfg.full_scan)
     refused = None
     if src is not None:  # an align output: only the faces to do ever enter the pipeline
         n_in, skipped = src.n_in, src.skipped
         work = src.rows.map_batches(_with_error, batch_format="pyarrow") if src.rows is not None else None
         expected = src.todo
     else:  # a plain folder: every crop is read and hashed; done ones pass on as empty rows
-        work, n_in, refused = folder_rows(cfg["input"], int(c["max_bytes"]), int(c["load_batch_size"]))
+        work, n_in, refused = folder_rows(cfg.input, c)
         skipped = 0
         work = r.mark_done(work, spec, retry_failed=retry_failed) if work is not None else None
         expected = n_in - (refused.num_rows if refused is not None else 0)
-    log.info("invert %s -> %s: %d faces, run %s", cfg["input"], cfg["output"], n_in, r.run_id)
+    log.info("invert %s -> %s: %d faces, run %s", cfg.input, cfg.output, n_in, r.run_id)
     if work is not None:
         res = r.write(None, spec, expected=expected, inputs=work, lost_rows=partial(lost_rows, **shape_kw),
-                      rerun=stages, batch_size=int(c["batch_size"]))
+                      rerun=stages, batch_size=c.batch_size)
     res.add_skipped(skipped)
     if refused is not None:  # files over max_bytes: a row each, never read
         rows = r.mark_done(ray.data.from_arrow(refused), spec, retry_failed=retry_failed)
@@ -193,12 +184,12 @@ def run(cfg: dict, before_commit=None, actor=InvertBatch) -> dict:
     extra = {"faces_per_s": round((counts["ok"] + counts["failed"]) / max(seconds, 1e-9), 3),
              "model": shapes["name"], "statuses": res.statuses,
              "scan": src.summary() if src is not None else {"mode": "folder"}}
-    if cfg["metrics"]:
-        extra["metrics"] = run_summary(cfg["output"], TABLE, res.files, METRIC_COLUMNS)
+    if cfg.metrics:
+        extra["metrics"] = run_summary(cfg.output, TABLE, res.files, METRIC_COLUMNS)
     if before_commit is not None:
         before_commit(r)
     r.commit({spec: res}, {**counts, "seconds": seconds, **extra},
-             extra={"inputs": {"input": cfg["input"]}, "checkpoint_sha256": shapes["sha256"],
+             extra={"inputs": {"input": cfg.input}, "checkpoint_sha256": shapes["sha256"],
                     "ray": {"version": ray.__version__}})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 
@@ -206,10 +197,10 @@ def run(cfg: dict, before_commit=None, actor=InvertBatch) -> dict:
 DESCRIPTION = __doc__
 
 
-def check(cfg: dict) -> list[str]:
-    """Before Ray starts: the input root exists, and a model is named."""
-    return [*input_errors("input", cfg.get("input")), *([] if cfg.get("output") else ["output: set output=URI"]),
-            *model_errors("model", cfg["model"])]
+def check(cfg: Settings) -> list[str]:
+    """Before Ray starts: the input root exists, a model is named, and paste_back has its photos."""
+    return [*input_errors("input", cfg.input), *([] if cfg.output else ["output: set output=URI"]),
+            *model_errors("model", cfg.model), *paste_errors(cfg)]
 
 
 if __name__ == "__main__":

@@ -45,8 +45,19 @@ from jobs.cli import main
 from jobs.settings.neighbors import Settings
 from pipeline import delta, recompute, storage, vector_index
 from pipeline.compute import actor_pool
-from pipeline.neighbors_stage import SPACES, SearchBatch, build_index_task, close_pairs, count_vectors, \
-    group_pairs_task, group_rows, group_stats, metric_of, space_name, vectors
+from pipeline.neighbors_stage import (
+    SPACES,
+    SearchBatch,
+    build_index_task,
+    close_pairs,
+    count_vectors,
+    group_pairs_task,
+    group_rows,
+    group_stats,
+    metric_of,
+    space_name,
+    vectors,
+)
 from pipeline.runner import JobRun, TableSpec, WriteResult
 from pipeline.schemas import duplicate_groups_schema, neighbors_schema
 

@@ -26,9 +26,9 @@ import logging
 from jobs.cli import input_errors, main
 from jobs.settings.quality import Settings
 from pipeline import delta, recompute
+from pipeline.code_stats import COLUMNS, first_moments, reduce_first, reduce_second, second_moments
 from pipeline.errors import JobError
 from pipeline.fit_data import read_latents
-from pipeline.code_stats import COLUMNS, first_moments, reduce_first, reduce_second, second_moments
 from pipeline.quality_stage import quality_rows
 from pipeline.runner import JobRun, TableSpec, WriteResult
 from pipeline.schemas import quality_schema

@@ -39,7 +39,15 @@ from pipeline.errors import JobError
 from pipeline.fit_data import code_shape, latent_counts, read_latents
 from pipeline.runner import JobRun, TableSpec, WriteResult, run_summary
 from pipeline.schemas import scores_schema
-from pipeline.score_stage import SCORE_DONE_KEY, SCORE_KEY, WORK_COLUMNS, ScoreBatch, lost_rows, safe_columns, work_batch
+from pipeline.score_stage import (
+    SCORE_DONE_KEY,
+    SCORE_KEY,
+    WORK_COLUMNS,
+    ScoreBatch,
+    lost_rows,
+    safe_columns,
+    work_batch,
+)
 
 log = logging.getLogger("stbatch.score")
 

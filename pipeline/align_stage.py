@@ -4,9 +4,11 @@
     ds = ds.map_batches(read_listed).map_batches(hash_files)          # tasks: bytes, image_id = sha256
     ds = run.mark_done(ds, FACES, key=("image_id",))                  # same bytes done under another
                                                                       # name -> skipped, bytes dropped
-    ds = ds.map_batches(decode_batch, fn_kwargs=dict(...))            # tasks: decode (not the skipped)
-    ds = ds.map_batches(AlignFaces, fn_constructor_kwargs=dict(...),  # actors: MTCNN loaded once
-                        compute=ray.data.ActorPoolStrategy(size=N), batch_size=B)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"section": align})  # tasks: decode (not the skipped)
+    ds = ds.map_batches(AlignFaces, fn_constructor_kwargs={"section": align, ...},  # actors: MTCNN
+                        compute=ray.data.ActorPoolStrategy(size=N), batch_size=B)    # loaded once
+
+`align` is the job's AlignSection (pipeline.sections): every limit and policy of the stages.
 
 `hash_files` turns (path, bytes) rows into (image_id, source_uri, status, error, bytes) rows,
 keeping the bytes so that each file is read once; `decode_batch` decodes them into (..., width,
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import traceback
 
 import numpy as np
@@ -30,10 +33,12 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline import delta, storage
-from pipeline.decode import IDENTITY_MAP, STATUS_OK, decode_image, decode_region, image_id as hash_image_id
+from pipeline.decode import IDENTITY_MAP, STATUS_OK, decode_image, decode_region
+from pipeline.decode import image_id as hash_image_id
 from pipeline.inputs import unread_id
 from pipeline.runner import STATUS_LOST, STATUS_SKIPPED, UNIT_COLUMN, is_done
 from pipeline.schemas import SOURCE_LISTING_COLUMNS, faces_table
+from pipeline.sections import AlignSection
 
 log = logging.getLogger("stbatch.align")
 
@@ -45,7 +50,6 @@ DRAFT_SIDE = 1500
 REFINE_SIZE = 256           # side of the upright crop the landmark refinement re-detects on
 PNG_STRATEGY_RLE = 3        # zlib Z_RLE: measured on 256 and 1024 crops, 5-15 % smaller files than
                             # the default strategy at level 1, and no slower (level 6: 3-4x slower)
-FACE_POLICIES = ("largest", "all")
 
 
 def aligned_key(image_id: str, face_index: int) -> str:
@@ -104,8 +108,8 @@ def hash_files(batch: dict, protocol: str | None = None) -> dict:
     return out
 
 
-def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32, protocol: str | None = None,
-                 draft_side: int | None = DRAFT_SIDE, formats=None, multi_frame: str = "refuse") -> dict:
+def decode_batch(batch: dict, section: AlignSection, protocol: str | None = None,
+                 draft_side: int | None = DRAFT_SIDE) -> dict:
     """Decode stage over work rows (`hash_files`; raw (path, bytes) rows are hashed first).
 
     A large JPEG is decoded at the coarsest DCT scale that keeps its longer side >= `draft_side`
@@ -113,8 +117,8 @@ def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32, 
     where they lie in the full-resolution photo, and `bytes` keeps the file for the finer
     window a crop may need (empty when `image` is already full size). `width` / `height` are
     the photo's full oriented size. Rows whose status is not ok (skipped: already done) are
-    passed through undecoded. `formats` / `multi_frame`: the allowed formats and the policy for
-    animated / multi-page files (pipeline.decode)."""
+    passed through undecoded. `section`: its pixel and side limits, allowed formats and policy
+    for animated / multi-page files (pipeline.decode)."""
     if "image_id" not in batch:
         batch = hash_files(batch, protocol)
     out = {k: [] for k in ("image_id", "source_uri", "status", "error", "width", "height", "image", "pixel_map",
@@ -134,8 +138,8 @@ def decode_batch(batch: dict, max_pixels: int = 64_000_000, min_side: int = 32, 
             out["bytes"].append(b"")
             continue
         data = bytes(data) if data is not None else b""
-        d = decode_image(data, max_pixels=max_pixels, min_side=min_side, min_long_side=draft_side,
-                         formats=formats, multi_frame=multi_frame)
+        d = decode_image(data, max_pixels=section.max_pixels, min_side=section.min_image_side,
+                         min_long_side=draft_side, formats=section.formats, multi_frame=section.multi_frame)
         out["status"].append(d.status)
         out["error"].append(d.error or "")
         out["width"].append(-1 if d.width is None else d.width)
@@ -214,8 +218,8 @@ def lost_file_rows(batch: pa.Table, output: str, run_id: str, retry_failed: bool
     return t.append_column(UNIT_COLUMN, pa.array(["failed"] * t.num_rows, pa.string()))
 
 
-def select_faces(faces, policy: str = "largest", min_score: float = 0.9, min_face_px: float = 32,
-                 max_faces: int = 16) -> tuple[str, str | None, int, list[int]]:
+def select_faces(faces, policy: str, min_score: float, min_face_px: float,
+                 max_faces: int) -> tuple[str, str | None, int, list[int]]:
     """Apply the face policy to detections sorted by area (largest first).
 
     Returns (status, error, n_faces, kept indices). n_faces counts detections with score >=
@@ -292,11 +296,11 @@ def _covers(outer, inner, width: int, height: int) -> bool:
     return outer[0] <= ix0 + 1e-6 and outer[1] <= iy0 + 1e-6 and outer[2] >= ix1 - 1e-6 and outer[3] >= iy1 - 1e-6
 
 
-def encode_crop_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:
+def encode_crop_png(rgb: np.ndarray, compress_level: int) -> bytes:
     """PNG of an aligned crop: zlib level `compress_level` with the run-length strategy (see
     PNG_STRATEGY_RLE)."""
     buf = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=int(compress_level),
+    Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=compress_level,
                                      compress_type=PNG_STRATEGY_RLE)
     return buf.getvalue()
 
@@ -314,32 +318,22 @@ class AlignFaces:
     margin) is decoded again from `bytes` at the coarsest JPEG scale that gives it, and only
     that window is oriented, converted and resampled."""
 
-    def __init__(self, output: str, run_id: str, size: int = 1024, supersample: int = 4,
-                 face_policy: str = "largest", min_score: float = 0.9, min_face_px: float = 32,
-                 max_faces: int = 16, device: str = "auto", detect_max_side: int = 1024,
-                 mtcnn_min_face: int = 20, mtcnn_thresholds=(0.6, 0.7, 0.7), detect_batch: int = 16,
-                 png_compress_level: int = 1, refine_passes: int = 1, torch_threads: int | None = None,
-                 source_oversample: float = 1.0, max_pixels: int = 64_000_000):
+    def __init__(self, section: AlignSection, output: str, run_id: str, device: str = "cpu",
+                 detect_batch: int | None = None, source_oversample: float = 1.0):
+        """`detect_batch`: images per MTCNN call (default: the section's batch_size; an isolation
+        pass runs smaller batches); `source_oversample`: source pixels per crop pixel asked of a
+        reduced decode (benchmarks). Torch runs `num_cpus` threads (at least one)."""
         import torch
 
         from stmodel.detect import FaceDetector
 
-        if face_policy not in FACE_POLICIES:
-            raise ValueError(f"face_policy must be one of {FACE_POLICIES}, got {face_policy!r}")
-        if torch_threads:
-            torch.set_num_threads(int(torch_threads))
+        torch.set_num_threads(max(1, math.floor(section.num_cpus)))
+        self.section = section
         self.output, self.run_id = output, run_id
-        self.size, self.supersample = int(size), int(supersample)
-        self.policy, self.min_score, self.min_face_px, self.max_faces = face_policy, float(min_score), \
-            float(min_face_px), int(max_faces)
-        self.png_level = int(png_compress_level)
-        self.refine_passes = int(refine_passes)
-        self.detect_max_side = int(detect_max_side) if detect_max_side else None
-        self.need_px = max(self.size, REFINE_SIZE if self.refine_passes > 0 else 0) * float(source_oversample)
-        self.max_pixels = int(max_pixels)
-        self.detector = FaceDetector(device=device, min_face_size=int(mtcnn_min_face),
-                                     thresholds=tuple(mtcnn_thresholds), max_side=detect_max_side,
-                                     max_batch=detect_batch)
+        self.need_px = max(section.size, REFINE_SIZE if section.refine_passes > 0 else 0) * source_oversample
+        self.detector = FaceDetector(device=device, min_face_size=section.mtcnn_min_face,
+                                     thresholds=section.mtcnn_thresholds, max_side=section.detect_max_side,
+                                     max_batch=detect_batch or section.batch_size)
 
     def _detect(self, images: list[np.ndarray]) -> list:
         try:
@@ -362,28 +356,28 @@ class AlignFaces:
         if isinstance(faces, Exception):
             return [{**base, "status": "align_error",
                      "error": f"face detection failed: {type(faces).__name__}: {faces}"}], [], 0, faces
-        status, error, n_faces, keep = select_faces(faces, self.policy, self.min_score, self.min_face_px,
-                                                    self.max_faces)
+        status, error, n_faces, keep = select_faces(faces, self.section.face_policy, self.section.min_score,
+                                                    self.section.min_face_px, self.section.max_faces)
         if status != "ok":
             return [{**base, "status": status, "error": error, "n_faces": n_faces}], [], n_faces, faces
-        cand = np.flatnonzero(np.asarray(faces.scores, dtype=np.float64) >= self.min_score)
+        cand = np.flatnonzero(np.asarray(faces.scores, dtype=np.float64) >= self.section.min_score)
         return None, keep, n_faces, Faces(faces.boxes[cand], faces.scores[cand], faces.landmarks[cand])
 
     def _refine(self, images: list[np.ndarray], landmarks: list[np.ndarray]) -> list[np.ndarray]:
-        if self.refine_passes <= 0 or not images:
+        if self.section.refine_passes <= 0 or not images:
             return landmarks
         try:
-            return self.detector.refine(images, landmarks, passes=self.refine_passes)
+            return self.detector.refine(images, landmarks, passes=self.section.refine_passes)
         except Exception:  # noqa: BLE001 - refinement is an improvement, never a failure
             log.warning("landmark refinement failed, keeping first-pass landmarks: %s", traceback.format_exc())
             return landmarks
 
     def _detection_pixels(self, px: Pixels, data: bytes, full_side: int) -> Pixels:
         """The decoded pixels, or finer ones when detect_max_side asks for more than they hold."""
-        want = min(self.detect_max_side or full_side, full_side)
+        want = min(self.section.detect_max_side or full_side, full_side)
         if px.a <= 1 or not data or max(px.image.shape[:2]) >= 0.75 * want:
             return px
-        d = decode_image(data, max_pixels=self.max_pixels, min_side=1, min_long_side=want)
+        d = decode_image(data, max_pixels=self.section.max_pixels, min_side=1, min_long_side=want)
         return Pixels(d.image, d.pixel_map) if d.status == STATUS_OK else px
 
     def _window_pixels(self, px: Pixels, data: bytes, quads: list[np.ndarray], margin: float = 0.5) -> Pixels:
@@ -394,7 +388,7 @@ class AlignFaces:
         r = min(needed_reduction(float(np.hypot(*(q[3] - q[0]))), self.need_px) for q in quads)
         if r >= px.a:
             return px
-        d = decode_region(data, r, _window(quads, margin), max_pixels=self.max_pixels)
+        d = decode_region(data, r, _window(quads, margin), max_pixels=self.section.max_pixels)
         if d.status != STATUS_OK:
             raise ValueError(f"cannot decode the face window again: {d.error}")
         return Pixels(d.image, d.pixel_map)
@@ -422,9 +416,10 @@ class AlignFaces:
                    "bbox": faces.boxes[k], "landmarks": lm}
             try:
                 quad = quads[j] if quads[j] is not None else ffhq_quad(lm)[0]  # (the latter raises the reason)
-                crop = crop_from_quad(work.image, work.to_local(quad), size=self.size, supersample=self.supersample)
+                crop = crop_from_quad(work.image, work.to_local(quad), size=self.section.size,
+                                      supersample=self.section.supersample)
                 uri = storage.join(self.output, aligned_key(base["image_id"], k))
-                storage.write_bytes(uri, encode_crop_png(crop, self.png_level))
+                storage.write_bytes(uri, encode_crop_png(crop, self.section.png_compress_level))
                 rows.append({**row, "status": "ok", "quad": quad.astype(np.float32), "aligned_uri": uri})
             except Exception as e:  # noqa: BLE001
                 log.warning("align failed for %s face %d: %s", base["source_uri"], k, traceback.format_exc())

@@ -100,6 +100,15 @@ def allowed_formats(names=None) -> tuple[str, ...]:
     return out
 
 
+def format_problems(names: list[str]) -> list[str]:
+    """A `formats` setting's problems (a name Pillow cannot open), for a section's problems()."""
+    try:
+        allowed_formats(names)
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
 def _describe(e: BaseException) -> str:
     msg = str(e).strip() or "no details"
     return f"{type(e).__name__}: {msg}"

@@ -13,6 +13,7 @@ every row it makes.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -22,8 +23,13 @@ import torch
 from pipeline.images import load_crops
 from pipeline.models import RANDOM_INIT_SEED, ModelActor
 from pipeline.runner import STATUS_LOST
-from pipeline.schemas import EMBEDDING_DIM, embeddings_schema, make_table, nested_list_array
-from pipeline.sections import MetricWeights
+from pipeline.schemas import (
+    EMBEDDING_DIM,
+    embeddings_schema,
+    make_table,
+    nested_list_array,
+)
+from pipeline.sections import ActorSection, MetricWeights
 
 log = logging.getLogger("stbatch.embed")
 
@@ -33,14 +39,14 @@ EMBED_DONE_KEY = ("image_id", "face_index", "backbone")
 PASS = ("image_id", "face_index", "aligned_uri", "status", "error", "backbone")
 
 
-def backbone_label(weights: dict) -> str:
+def backbone_label(weights: MetricWeights) -> str:
     """The label IDSimilarity gives the backbone these settings build (known before any actor
-    starts, so finished faces are skipped before a crop is read)."""
-    if weights.get("facenet"):
+    starts, so finished faces are skipped before a crop is read); ValueError without one."""
+    if weights.facenet:
         return "facenet-vggface2"
-    if weights.get("allow_random_init"):
+    if weights.allow_random_init:
         return "facenet-RANDOM-INIT (not a real ID metric)"
-    raise ValueError("embed: set metric_weights.facenet=URI (the facenet-pytorch VGGFace2 state_dict); "
+    raise ValueError("set metric_weights.facenet=URI (the facenet-pytorch VGGFace2 state_dict); "
                      "allow_random_init is for tests")
 
 
@@ -94,8 +100,8 @@ def lost_rows(batch: pa.Table, run_id: str) -> pa.Table:
 class EmbedBatch(ModelActor):
     """Actor: the identity backbone loaded once; decoded crops -> `embeddings` rows."""
 
-    def __init__(self, weights: dict, backbone: str, run_id: str, device: str = "auto", torch_threads: int = 0):
-        super().__init__(None, device, "none", torch_threads)
+    def __init__(self, weights: MetricWeights, section: ActorSection, backbone: str, run_id: str, device: str = "cpu"):
+        super().__init__(None, device, "none", max(1, math.floor(section.num_cpus)))
         self.ident = self.on_model_thread(build_identity, weights, self.device)
         if self.ident.label != backbone:
             raise RuntimeError(f"the backbone built is {self.ident.label!r}, the job expected {backbone!r}")

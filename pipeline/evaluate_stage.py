@@ -9,6 +9,7 @@ per-face metrics against the aligned crops.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +21,7 @@ from pipeline.models import ModelActor
 from pipeline.runner import STATUS_LOST
 from pipeline.schemas import make_table, metrics_schema, nested_list_to_numpy, unsliced
 from pipeline.scoring import ReconstructionScorer, empty_metrics
+from pipeline.sections import CropActorSection, MetricWeights, ModelSection
 
 log = logging.getLogger("stbatch.evaluate")
 
@@ -34,7 +36,7 @@ def ok_latents(batch: pa.Table) -> pa.Table:
     return t.append_column("error", pa.nulls(t.num_rows, pa.string()))
 
 
-def load_targets(batch: pa.Table, target_size: int, max_pixels: int = 64_000_000) -> dict:
+def load_targets(batch: pa.Table, target_size: int, max_pixels: int) -> dict:
     """Work rows (Arrow) -> numpy batch with the crop at the reconstruction's size and W+ (rows
     that are not ok, i.e. skipped, are not read)."""
     cols = {k: np.array(batch[k].to_pylist(), dtype=object) for k in PASS_COLUMNS}
@@ -57,9 +59,9 @@ def lost_rows(batch: pa.Table, run_id: str) -> pa.Table:
 class EvaluateBatch(ModelActor):
     """Actor: loads the generator (from the inversion checkpoint) and the metric backbones once."""
 
-    def __init__(self, model: dict, run_id: str, output: str, metrics: dict, device: str = "auto",
-                 amp: str = "auto", torch_threads: int = 0):
-        super().__init__(model, device, amp, torch_threads)
+    def __init__(self, model: ModelSection, section: CropActorSection, run_id: str, output: str,
+                 metrics: MetricWeights, device: str = "cpu"):
+        super().__init__(model, device, section.amp, max(1, math.floor(section.num_cpus)))
         self.scorer = self.on_model_thread(ReconstructionScorer, metrics, self.device, output)
         self.schema = metrics_schema()
         self.run_id = run_id

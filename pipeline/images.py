@@ -8,13 +8,14 @@ import numpy as np
 from PIL import Image
 
 from pipeline import storage
-from pipeline.decode import STATUS_OK, decode_image, image_id as hash_image_id
+from pipeline.decode import STATUS_OK, decode_image
+from pipeline.decode import image_id as hash_image_id
 from pipeline.inputs import unread_id
 
 
 def encode_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=int(compress_level))
+    Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 
@@ -48,14 +49,14 @@ def read_crops(batch: dict) -> dict:
             "aligned_uri": uris_arr, "status": status, "error": error, "bytes": data}
 
 
-def load_crops(batch: dict, input_size: int | None, target_size: int | None = None,
-               max_pixels: int = 64_000_000, formats=None, multi_frame: str = "refuse") -> dict:
+def load_crops(batch: dict, input_size: int | None, target_size: int | None, max_pixels: int,
+               formats: list[str] | None = None, multi_frame: str = "refuse") -> dict:
     """Decode aligned crops (from a `bytes` column when the read stage has them, else from
     `aligned_uri`) into `image` (encoder input, when `input_size` is set) and `target` (the crop
     at the reconstruction's size, when `target_size` is set). Rows whose `status` is not ok are
     passed through untouched; a crop that cannot be read or decoded becomes that row's status
     (read_error, or pipeline.decode's: decode_error, too_large, unsupported_format, multi_frame;
-    `formats` and `multi_frame` as there)."""
+    `formats` and `multi_frame` as there, its defaults when not given)."""
     n = len(batch["aligned_uri"])
     status = np.array(batch["status"], dtype=object) if "status" in batch else np.array([STATUS_OK] * n, object)
     error = np.array(batch["error"], dtype=object) if "error" in batch else np.array([None] * n, object)

@@ -29,14 +29,13 @@ def unread_id(source_uri: str) -> str:
     return UNREAD_PREFIX + hashlib.sha256(source_uri.encode()).hexdigest()
 
 
-def split_by_size(sized: list[tuple[str, int | None]], max_bytes: int | None) -> tuple[list[str], list[tuple[str, int]]]:
-    """(URIs to read, (URI, size) of the files over `max_bytes`). No cap when max_bytes is 0 or
-    None; a file whose size the store did not report is read (the pixel cap still applies)."""
+def split_by_size(sized: list[tuple[str, int | None]], max_bytes: int) -> tuple[list[str], list[tuple[str, int]]]:
+    """(URIs to read, (URI, size) of the files over `max_bytes`). No cap when max_bytes is 0; a file whose size the store did not report is read (the pixel cap still applies)."""
     if not max_bytes:
         return [u for u, _ in sized], []
     readable, refused = [], []
     for uri, size in sized:
-        if size is not None and size > int(max_bytes):
+        if size is not None and size > max_bytes:
             refused.append((uri, int(size)))
         else:
             readable.append(uri)
@@ -49,5 +48,5 @@ def refused_rows(refused: list[tuple[str, int]], max_bytes: int) -> pa.Table:
     n = len(uris)
     return pa.table({"image_id": [unread_id(u) for u in uris], "face_index": [0] * n, "source_uri": uris,
                      "aligned_uri": uris, "status": [STATUS_TOO_LARGE] * n,
-                     "error": [f"file is {size} bytes > max_bytes {int(max_bytes)}; refused before reading"
+                     "error": [f"file is {size} bytes > max_bytes {max_bytes}; refused before reading"
                                for _, size in refused]}, schema=WORK_SCHEMA)

@@ -13,6 +13,7 @@ status and error.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,7 @@ import torch
 from pipeline.models import ModelActor
 from pipeline.schemas import latents_schema, make_table
 from pipeline.scoring import ReconstructionScorer, empty_metrics
+from pipeline.sections import InvertSection, MetricWeights, ModelSection
 
 log = logging.getLogger("stbatch.invert")
 
@@ -49,9 +51,12 @@ class InvertBatch(ModelActor):
     """Actor: loads the inversion model (and metric backbones) once, maps a batch of
     preprocessed crops to `latents` rows."""
 
-    def __init__(self, model: dict, run_id: str, output: str, device: str = "auto", amp: str = "auto",
-                 metrics: dict | None = None, torch_threads: int = 0):
-        super().__init__(model, device, amp, torch_threads, generator=bool(metrics))
+    def __init__(self, model: ModelSection, section: InvertSection, run_id: str, output: str, device: str = "cpu",
+                 metrics: MetricWeights | None = None):
+        """`metrics`: the backbones that score each reconstruction (None: the encoder alone).
+        Torch runs `section.torch_threads` threads, or `num_cpus` (at least one)."""
+        threads = section.torch_threads or max(1, math.floor(section.num_cpus))
+        super().__init__(model, device, section.amp, threads, generator=metrics is not None)
         cfg = self.model.cfg
         self.schema = latents_schema(cfg.n_latent, cfg.style_dim)
         self.run_id, self.output = run_id, output

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 import torch
 
-from pipeline.sections import MetricWeights, ModelSection
 from pipeline.redact import redact_text
+from pipeline.sections import MetricWeights, ModelSection
 from stmodel.checkpoint import inversion_config, load_bytes, load_inversion, read_bytes
 from stmodel.config import ModelConfig, get_preset
 from stmodel.inversion import StyleTransformer

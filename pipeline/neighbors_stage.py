@@ -23,9 +23,14 @@ import pyarrow.compute as pc
 
 from pipeline import delta, vector_index
 from pipeline.fit_data import codes_to_numpy
-from pipeline.schemas import duplicate_groups_schema, make_table, nested_list_array, neighbors_schema, \
-    nested_list_to_numpy
 from pipeline.runner import UNIT_COLUMN
+from pipeline.schemas import (
+    duplicate_groups_schema,
+    make_table,
+    neighbors_schema,
+    nested_list_array,
+    nested_list_to_numpy,
+)
 
 log = logging.getLogger("stbatch.neighbors")
 

@@ -2,7 +2,7 @@
 
     rows = attach_faces(rows, faces_root, partitions)   # join on (image_id, face_index): the face's
                                                         # quad, photo URI and size (`faces` table)
-    rows = paste(rows, PasteSettings(...), ...)         # group=face: map_batches; group=photo:
+    rows = paste(rows, settings_from(section, ...))     # group=face: map_batches; group=photo:
                                                         # groupby(image_id).map_groups
 
 Each call reads a photo once for all of its rows (rows grouped by image_id), checks that its
@@ -37,15 +37,16 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline import delta, storage
-from pipeline.schemas import unsliced
 from pipeline.decode import STATUS_OK, decode_image
+from pipeline.errors import JobError
+from pipeline.schemas import unsliced
+from pipeline.sections import PasteBackSection
 from stmodel.align import paste_back, paste_mask
 
 log = logging.getLogger("stbatch.paste")
 
 FOLDER = "composites"
-FORMATS = {"jpeg": "jpg", "jpg": "jpg", "png": "png"}
-GROUPS = ("face", "photo")
+EXTENSIONS = {"jpeg": "jpg", "png": "png"}
 STATUS_PASTE = "paste_error"
 STATUS_READ = "read_error"
 STATUS_WRITE = "write_error"
@@ -58,58 +59,23 @@ _MEMBER = re.compile(r"^[0-9a-f]{64}(_[0-9]+)?$")
 
 @dataclass(frozen=True)
 class PasteSettings:
-    """What one paste stage does (from a job's `paste_back` setting by `settings_from`)."""
+    """What one paste stage does: the job's `paste_back` section (format, quality, mask, task
+    sizes; pipeline.sections.PasteBackSection) and what the job fixes (`settings_from`)."""
 
+    section: PasteBackSection
     output: str                    # dataset root; composites go under <output>/composites/<folder>/
     folder: str                    # edits | reconstructions
     member_columns: tuple          # the columns naming one face's composite: (edit_id,) or (image_id, face_index)
     group_columns: tuple           # with image_id, the rows one group=photo composite holds
     crop_uri_column: str           # where to read the crop when no CROP_PNG bytes came with the row
-    format: str = "jpeg"
-    quality: int = 95
-    group: str = "face"
-    feather: float = 0.25
-    radii: tuple = (0.8, 0.9)
-    max_pixels: int = 64_000_000
-    batch_size: int = 16
-    num_cpus: float = 1.0
     schema: pa.Schema | None = None   # the job's table: the rows come out as exactly this (set before `paste`)
 
 
-def settings_from(value, job: str, **fixed) -> PasteSettings | None:
-    """A job's `paste_back` setting (true / false, or its section, which is on unless
-    `enabled: false`; see jobs.sections.PasteBackSection) -> PasteSettings, or None when off. A
-    bad value is a SystemExit naming the setting, before anything runs."""
-    if value is None or value is False:
-        return None
-    if value is not True and not isinstance(value, dict):
-        raise SystemExit(f"{job}: paste_back must be true, false or a section, got {value!r}")
-    section = {} if value is True else value
-    if not section.get("enabled", True):
-        return None
-    fmt = str(section.get("format", "jpeg")).lower()
-    if fmt not in FORMATS:
-        raise SystemExit(f"{job}: paste_back.format must be jpeg or png, got {section.get('format')!r}")
-    group = str(section.get("group", "face")).lower()
-    if group not in GROUPS:
-        raise SystemExit(f"{job}: paste_back.group must be face or photo, got {section.get('group')!r}")
-    try:
-        quality = int(section.get("quality", 95))
-        feather = float(section.get("feather", 0.25))
-        radii = tuple(float(r) for r in np.broadcast_to(np.asarray(section.get("radii", (0.8, 0.9)), float), (2,)))
-        sizes = {k: int(section.get(k, d)) for k, d in (("max_pixels", 64_000_000), ("batch_size", 16))}
-        num_cpus = float(section.get("num_cpus", 1))
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"{job}: paste_back.quality, feather, radii, max_pixels, batch_size and num_cpus must be "
-                         f"numbers ({e})") from None
-    if not 1 <= quality <= 100:
-        raise SystemExit(f"{job}: paste_back.quality must be 1-100, got {quality}")
-    if not (0 < feather <= 1 and all(0 < r <= 1 for r in radii)):
-        raise SystemExit(f"{job}: paste_back.feather and paste_back.radii must be in (0, 1]")
-    if min(sizes.values()) < 1 or num_cpus <= 0:
-        raise SystemExit(f"{job}: paste_back.batch_size, max_pixels and num_cpus must be positive")
-    return PasteSettings(format="png" if fmt == "png" else "jpeg", quality=quality, group=group, feather=feather,
-                         radii=radii, num_cpus=num_cpus, **sizes, **fixed)
+def settings_from(section: PasteBackSection, **fixed) -> PasteSettings | None:
+    """A job's `paste_back` section and what the job fixes (output, folder, member_columns,
+    group_columns, crop_uri_column, schema) -> PasteSettings, or None when paste-back is off.
+    The section's values were checked when the settings were parsed."""
+    return PasteSettings(section, **fixed) if section.enabled else None
 
 
 def faces_table_exists(root: str) -> bool:
@@ -128,19 +94,19 @@ def attach_faces(ds, faces_root: str, partitions: int):
     `faces` table under `faces_root`: the quad, photo URI and size of each row's face."""
     faces = delta.read_snapshot(faces_root, "faces", columns=["image_id", "face_index", "status", *FACE_COLUMNS])
     if faces is None:
-        raise SystemExit(f"paste_back: no committed faces table under {faces_root}")
+        raise JobError(f"paste_back: no committed faces table under {faces_root}")
     faces = faces.map_batches(_face_rows, batch_format="pyarrow")
-    return ds.join(faces, "left_outer", num_partitions=max(1, int(partitions)), on=("image_id", "face_index"))
+    return ds.join(faces, "left_outer", num_partitions=max(1, partitions), on=("image_id", "face_index"))
 
 
 def paste(ds, settings: PasteSettings):
     """The paste stage on rows that carry their faces (`attach_faces`)."""
     if settings.schema is None:
         raise ValueError("paste: settings.schema (the job's table) is not set")
-    kw = {"batch_format": "pyarrow", "fn_kwargs": {"settings": settings}, "num_cpus": settings.num_cpus}
-    if settings.group == "photo":  # every face of a photo in one call, whatever the batching before
+    kw = {"batch_format": "pyarrow", "fn_kwargs": {"settings": settings}, "num_cpus": settings.section.num_cpus}
+    if settings.section.group == "photo":  # every face of a photo in one call, whatever the batching before
         return ds.groupby("image_id").map_groups(paste_batch, **kw)
-    return ds.map_batches(paste_batch, batch_size=settings.batch_size, **kw)
+    return ds.map_batches(paste_batch, batch_size=settings.section.batch_size, **kw)
 
 
 # ---------------------------------------------------------------------------- one batch
@@ -161,7 +127,7 @@ def composite_key(members: list[str], settings: PasteSettings) -> str:
     sorted members (a later run adding a face to the group makes a new file, never overwrites
     the one earlier rows point to)."""
     name = members[0] if len(members) == 1 else hashlib.sha256(",".join(sorted(members)).encode()).hexdigest()
-    return storage.safe_key(f"{FOLDER}/{settings.folder}/{name}.{FORMATS[settings.format]}")
+    return storage.safe_key(f"{FOLDER}/{settings.folder}/{name}.{EXTENSIONS[settings.section.format]}")
 
 
 def _rgb_icc(data: bytes) -> bytes | None:
@@ -178,10 +144,10 @@ def _rgb_icc(data: bytes) -> bytes | None:
 def encode_composite(rgb: np.ndarray, settings: PasteSettings, icc: bytes | None) -> bytes:
     buf = io.BytesIO()
     extra = {"icc_profile": icc} if icc else {}
-    if settings.format == "png":
+    if settings.section.format == "png":
         Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=6, **extra)
     else:
-        Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=settings.quality, **extra)
+        Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=settings.section.quality, **extra)
     return buf.getvalue()
 
 
@@ -204,7 +170,7 @@ def composite_psnr(photo: np.ndarray, comp: np.ndarray, quads: list[np.ndarray],
     h, w = photo.shape[:2]
     union = np.zeros((h, w), bool)
     for q in quads:
-        union |= paste_mask((h, w), q, feather=settings.feather, radii=settings.radii) > 0
+        union |= paste_mask((h, w), q, feather=settings.section.feather, radii=settings.section.radii) > 0
     changed = np.any(comp != photo, axis=2) & ~union
     if changed.any():
         d = comp[changed].astype(np.float64) - photo[changed]
@@ -228,7 +194,7 @@ def _read_photo(uri: str, image_id: str, size: tuple, settings: PasteSettings):
     if hashlib.sha256(data).hexdigest() != image_id:
         raise _Failed(STATUS_PASTE, f"the photo at {uri} is not the one aligned (its sha256 is no longer the "
                                     f"image_id): align it again")
-    d = decode_image(data, max_pixels=settings.max_pixels, min_side=1)
+    d = decode_image(data, max_pixels=settings.section.max_pixels, min_side=1)
     if d.status != STATUS_OK:
         raise _Failed(STATUS_PASTE, f"cannot decode the photo {uri}: {d.error}")
     if None not in size and (d.image.shape[1], d.image.shape[0]) != tuple(size):
@@ -253,7 +219,7 @@ def _crop(row: dict, settings: PasteSettings) -> np.ndarray:
             data = storage.read_bytes(str(uri))
         except Exception as e:  # noqa: BLE001 - this row's error
             raise _Failed(STATUS_READ, f"cannot read the crop {uri}: {_describe(e)}") from None
-    d = decode_image(bytes(data), max_pixels=settings.max_pixels, min_side=1)
+    d = decode_image(bytes(data), max_pixels=settings.section.max_pixels, min_side=1)
     if d.status != STATUS_OK:
         raise _Failed(STATUS_PASTE, f"cannot decode the crop: {d.error}")
     return d.image
@@ -272,7 +238,7 @@ def _paste_photo(rows: list[dict], idx: list[int], settings: PasteSettings, res:
         return
     groups: dict[tuple, list[int]] = {}
     for i in idx:
-        key = (i,) if settings.group == "face" else tuple(rows[i].get(c) for c in settings.group_columns)
+        key = (i,) if settings.section.group == "face" else tuple(rows[i].get(c) for c in settings.group_columns)
         groups.setdefault(key, []).append(i)
     for members in groups.values():
         comp, quads, done = photo, [], []
@@ -281,7 +247,8 @@ def _paste_photo(rows: list[dict], idx: list[int], settings: PasteSettings, res:
                 q = np.asarray(rows[i]["_quad"], dtype=np.float64).reshape(4, 2)
                 if not np.isfinite(q).all():
                     raise _Failed(STATUS_PASTE, "the face's quad is not finite")
-                comp = paste_back(comp, _crop(rows[i], settings), q, feather=settings.feather, radii=settings.radii)
+                comp = paste_back(comp, _crop(rows[i], settings), q, feather=settings.section.feather,
+                                  radii=settings.section.radii)
                 quads.append(q)
                 done.append(i)
             except _Failed as f:

@@ -19,8 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage
-from pipeline.report_blocks import (Banner, Charts, Flag, Grid, Heading, ImageRow, Items, Labels, Note, Para, Pre,
-                                    Table)
+from pipeline.report_blocks import Banner, Charts, Flag, Grid, Heading, ImageRow, Items, Labels, Note, Para, Pre, Table
 from pipeline.report_charts import PALETTE, BarChart, Histogram, LineChart
 from pipeline.report_data import JobRunInfo, Snapshot, where, wplus_norms_ray, wplus_norms_sample
 from pipeline.report_format import finite, fmt, to_float

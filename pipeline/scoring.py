@@ -9,8 +9,8 @@ from pipeline import storage
 from pipeline.images import encode_png
 from pipeline.models import build_metrics, metric_label
 from pipeline.schemas import METRIC_COLUMNS
+from pipeline.sections import MetricWeights
 from pipeline.storage import image_key
-
 
 
 def empty_metrics(n: int) -> dict:
@@ -26,7 +26,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 class ReconstructionScorer:
-    def __init__(self, weights: dict, device: torch.device, output: str, folder: str = "reconstructions"):
+    def __init__(self, weights: MetricWeights, device: torch.device, output: str, folder: str = "reconstructions"):
         self.lpips, self.ident = build_metrics(weights, device)
         self.label = metric_label(self.lpips, self.ident)
         self.device, self.output, self.folder = device, output, folder

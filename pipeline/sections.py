@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.config import Section, setting
+from pipeline.decode import DEFAULT_FORMATS, format_problems
 
 Amp = Literal["auto", "none", "bf16", "fp16"]
 
@@ -97,6 +98,53 @@ class CropActorSection(ModelActorSection):
     """A model actor fed aligned crops by read / preprocess tasks (invert, evaluate)."""
     load_batch_size: int = setting(16, "crops per read / preprocess task", ge=1)
     max_pixels: int = setting(64_000_000, "refuse crops declaring more pixels", ge=1)
+
+
+@dataclass
+class AlignSection(ActorSection):
+    """The align job's decode tasks and AlignFaces actors (pipeline.align_stage)."""
+    size: int = setting(1024, "output side (256 for the encoder)", ge=1)
+    supersample: int = setting(4, "FFHQ: transform at this many times the size, then Lanczos down", ge=1)
+    face_policy: Literal["largest", "all"] = setting("largest", "align the largest face, or all of them")
+    min_score: float = setting(0.9, "detector score a face must reach", ge=0, le=1)
+    min_face_px: float = setting(32, "shorter box side a face must reach (else too_small)", ge=0)
+    max_faces: int = setting(16, "cap per image with face_policy=all", ge=1)
+    max_pixels: int = setting(64_000_000, "refuse images declaring more pixels (checked on the header)", ge=1)
+    max_bytes: int = setting(100_000_000, "refuse files bigger than this, from the listing, unread (too_large; "
+                                          "0: no cap)", ge=0)
+    formats: list[str] = setting(list(DEFAULT_FORMATS), "image formats decoded (Pillow names); others: "
+                                                         "unsupported_format")
+    multi_frame: Literal["refuse", "first"] = setting("refuse", "animated / multi-page files: refuse (status "
+                                                                "multi_frame) | first (first frame)")
+    min_image_side: int = setting(32, "refuse images smaller than this", ge=1)
+    detect_max_side: int | None = setting(1024, "detection runs on a copy downscaled to this longer side "
+                                                "(null: full size)", ge=1)
+    mtcnn_min_face: int = setting(20, "MTCNN's pyramid floor (pixels of the detection copy)", ge=1)
+    mtcnn_thresholds: tuple[float, float, float] = setting([0.6, 0.7, 0.7], "MTCNN's P-, R- and O-net score "
+                                                                            "thresholds", ge=0, le=1)
+    refine_passes: int = setting(1, "re-detect landmarks on the first upright crop (3x steadier quads)", ge=0)
+    png_compress_level: int = setting(1, "crop PNG zlib level: 1 is ~5x faster than 6 for ~15% larger files",
+                                      ge=0, le=9)
+    decode_batch_size: int = setting(8, "files per hash / decode task batch", ge=1)
+    rows_per_part: int = setting(100_000, "faces rows per Parquet data file (the write stage's batch)", ge=1)
+
+    def problems(self) -> list[str]:
+        return super().problems() + format_problems(self.formats)
+
+
+@dataclass
+class InvertSection(CropActorSection):
+    """The invert job's read / decode tasks and InvertBatch actors (pipeline.invert_stage)."""
+    torch_threads: int = setting(0, "intra-op threads per actor on the CPU (0: num_cpus)", ge=0)
+    max_bytes: int = setting(20_000_000, "plain folder: refuse files bigger than this, unread (too_large; 0: no cap)",
+                             ge=0)
+    formats: list[str] = setting(list(DEFAULT_FORMATS), "image formats decoded (Pillow names); others: "
+                                                         "unsupported_format")
+    multi_frame: Literal["refuse", "first"] = setting("refuse", "animated / multi-page files: refuse "
+                                                                   "(status multi_frame) | first (first frame)")
+
+    def problems(self) -> list[str]:
+        return super().problems() + format_problems(self.formats)
 
 
 @dataclass

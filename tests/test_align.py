@@ -314,25 +314,28 @@ def test_select_faces_policy():
 
     boxes = np.array([[0, 0, 100, 120], [200, 0, 260, 70], [300, 0, 310, 10], [400, 0, 480, 90]], np.float32)
     faces = Faces(boxes, np.array([0.99, 0.95, 0.97, 0.5], np.float32), np.zeros((4, 5, 2), np.float32))
-    assert select_faces(faces, "largest", 0.9, 32) == ("ok", None, 3, [0])
-    assert select_faces(faces, "all", 0.9, 32) == ("ok", None, 3, [0, 1])
+    assert select_faces(faces, "largest", 0.9, 32, 16) == ("ok", None, 3, [0])
+    assert select_faces(faces, "all", 0.9, 32, 16) == ("ok", None, 3, [0, 1])
     assert select_faces(faces, "all", 0.9, 32, max_faces=1)[3] == [0]
-    st, err, n, keep = select_faces(faces, "largest", 0.9, 500)
+    st, err, n, keep = select_faces(faces, "largest", 0.9, 500, 16)
     assert (st, n, keep) == ("too_small", 3, []) and "min_face_px" in err
-    st, err, n, keep = select_faces(faces, "largest", 0.999, 32)
+    st, err, n, keep = select_faces(faces, "largest", 0.999, 32, 16)
     assert (st, n, keep) == ("no_face", 0, []) and "best score 0.990" in err
 
 
 def test_align_faces_stage_policy_all(tmp_path, corpus):
     from pipeline.align_stage import AlignFaces, decode_batch, hash_files
+    from pipeline.config import parse
+    from pipeline.sections import AlignSection
 
     names = ["two_faces.png", "text.jpg", "good.jpg", "gray.jpg"]
     work = hash_files({"path": np.array(names, dtype=object),
                        "bytes": np.array([corpus[n][0] for n in names], dtype=object)})
     work["status"][3] = "skipped"                                   # as mark_done leaves a done image
-    batch = decode_batch(work)
+    section = parse(AlignSection, {"size": SIZE, "face_policy": "all", "mtcnn_min_face": 40})
+    batch = decode_batch(work, section)
     assert batch["image"][3].size == 0 and batch["width"][3] == -1  # a skipped file is not decoded
-    stage = AlignFaces(str(tmp_path), "run-x", size=SIZE, face_policy="all", device="cpu", mtcnn_min_face=40)
+    stage = AlignFaces(section, str(tmp_path), "run-x")
     t = stage(batch)
     assert t.drop_columns(["_unit"]).schema.equals(FACES_SCHEMA, check_metadata=False)
     rows = t.to_pylist()
@@ -556,3 +559,20 @@ def test_killed_run_leaves_nothing_visible_and_next_run_completes(ray_local, tmp
     t = _faces(out)
     assert t.num_rows == 3 and set(t["run_id"].to_pylist()) == {result["run_id"]}
     assert all((out / "faces" / o).exists() for o in orphans)            # left for vacuum, never read
+
+
+def test_align_settings_ranges_and_formats_are_checked_when_parsed():
+    """Every range of the align section, and its formats, stop the job before anything runs."""
+    from jobs.settings.align import Settings
+    from pipeline.config import SettingsError, parse
+
+    with pytest.raises(SettingsError) as e:
+        parse(Settings, {"align": {"png_compress_level": 10, "min_score": 1.5, "mtcnn_thresholds": [0.6, 0.7, 1.2],
+                                   "size": 0, "max_bytes": -1, "detect_max_side": 0, "rows_per_part": 0}})
+    assert sorted(m.split(":")[0] for m in e.value.errors) == [
+        "align.detect_max_side", "align.max_bytes", "align.min_score", "align.mtcnn_thresholds",
+        "align.png_compress_level", "align.rows_per_part", "align.size"]
+    with pytest.raises(SettingsError, match=r"align.formats: Pillow cannot open \['NOPE'\]"):
+        parse(Settings, {"align": {"formats": ["jpeg", "NOPE"]}})
+    a = parse(Settings, {"align": {"detect_max_side": None, "max_bytes": 0, "formats": ["jpeg"]}}).align
+    assert a.detect_max_side is None and a.mtcnn_thresholds == (0.6, 0.7, 0.7)

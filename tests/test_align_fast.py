@@ -20,8 +20,10 @@ import pytest
 from PIL import Image
 
 from pipeline.align_stage import DRAFT_SIDE, AlignFaces, decode_batch, encode_crop_png, needed_reduction
+from pipeline.config import parse
 from pipeline.decode import decode_image, decode_region
 from pipeline.schemas import nested_list_to_numpy
+from pipeline.sections import AlignSection
 from stmodel.align import crop_from_quad, ffhq_quad
 
 SIZE = 256
@@ -89,8 +91,8 @@ def photos(astronaut):
     return out
 
 
-def new_stage(root) -> AlignFaces:
-    return AlignFaces(str(root), "run-fast", size=SIZE, device="cpu", torch_threads=1)
+def new_stage(root, **section) -> AlignFaces:
+    return AlignFaces(parse(AlignSection, {"size": SIZE, "num_cpus": 1, **section}), str(root), "run-fast")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def stage(tmp_path_factory):
 
 def run_stage(stage, datas: list[bytes], **decode_kw) -> dict:
     batch = decode_batch({"path": np.array([f"p{i}.jpg" for i in range(len(datas))], dtype=object),
-                          "bytes": np.array(datas, dtype=object)}, **decode_kw)
+                          "bytes": np.array(datas, dtype=object)}, stage.section, **decode_kw)
     t = stage(batch)
     return {"batch": batch, "status": t["status"].to_pylist(), "quad": nested_list_to_numpy(t["quad"]),
             "landmarks": nested_list_to_numpy(t["landmarks"]), "uri": t["aligned_uri"].to_pylist(),
@@ -282,7 +284,7 @@ def test_the_face_aligned_is_the_one_that_passed_min_score(astronaut, tmp_path, 
 def test_detection_gets_finer_pixels_when_detect_max_side_asks_for_them(photos, tmp_path, monkeypatch):
     """detect_max_side above what the decode stage kept: the detection copy is decoded again
     from the file (here at full size) instead of being upscaled."""
-    stage = AlignFaces(str(tmp_path), "run-fast", size=SIZE, device="cpu", torch_threads=1, detect_max_side=2400)
+    stage = new_stage(tmp_path, detect_max_side=2400)
     seen = []
     real = stage.detector.detect
     monkeypatch.setattr(stage.detector, "detect", lambda images, **kw: seen.append(

@@ -16,7 +16,7 @@ from pipeline import delta, model_registry, storage
 from pipeline.config import SettingsError
 from pipeline.errors import JobError
 from pipeline.fit_loops import auc_score
-from tests.editing_data import ATTRS, D, N_IMG, NL, NO_LABELS, iid, rule, write_latents
+from tests.editing_data import ATTRS, N_IMG, NL, NO_LABELS, D, iid, rule, write_latents
 
 
 @pytest.fixture(scope="module")

@@ -156,6 +156,6 @@ def test_a_crop_that_cannot_be_read_is_a_read_error_row_keyed_by_its_uri(tmp_pat
     assert rows["image_id"][0] == image_id(open(good, "rb").read())
     assert rows["image_id"][1] == unread_id(gone) and "vanished.png" in rows["error"][1]
     assert rows["bytes"][1] is None and list(rows["source_uri"]) == [good, gone]
-    loaded = load_crops(rows, input_size=32)
+    loaded = load_crops(rows, input_size=32, target_size=None, max_pixels=64_000_000)
     assert list(loaded["status"]) == ["ok", "read_error"] and "bytes" not in loaded
     assert np.abs(loaded["image"][0]).sum() > 0 and not loaded["image"][1].any()

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -53,8 +52,9 @@ def test_end_to_end_local_with_metrics_and_bad_crop(ray_local, tmp_path, tiny_ch
     assert set(ok["checkpoint_sha256"].to_pylist()) == {digest}
     # the stored codes are the model's own inversion of the same crops
     model, _ = load_inversion(ckpt)
-    from pipeline.images import to_model_input
     from PIL import Image
+
+    from pipeline.images import to_model_input
 
     by_src = {r["source_uri"]: r for r in ok.to_pylist()}
     x = torch.from_numpy(np.stack([to_model_input(np.asarray(Image.open(f).convert("RGB")), 64) for f in files]))
@@ -279,7 +279,8 @@ def test_an_actor_runs_its_model_on_the_thread_that_built_it(tmp_path, tiny_chec
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(models, "load_model", recording_load)
-    actor = InvertBatch({"checkpoint": ckpt}, "run-1", str(tmp_path), device="cpu", amp="none")
+    cfg = _cfg("unused", str(tmp_path), ckpt, **{"invert.amp": "none"})
+    actor = InvertBatch(cfg.model, cfg.invert, "run-1", str(tmp_path))
     real_invert = actor.model.invert
 
     def recording_invert(x):
@@ -296,3 +297,23 @@ def test_an_actor_runs_its_model_on_the_thread_that_built_it(tmp_path, tiny_chec
         out = ray_udf_thread.submit(actor, batch).result()
     assert out["status"].to_pylist() == ["ok", "ok"]
     assert seen["invert"] == seen["load"] != threading.get_ident()
+
+
+def test_invert_settings_rules_and_preflight(tmp_path):
+    """paste_back needs metrics=true (a settings rule); its photos' faces table is checked before
+    Ray starts (check), as the formats and ranges of the invert section are when parsed."""
+    from pipeline.config import SettingsError, parse
+
+    with pytest.raises(SettingsError, match="paste_back: .*set metrics=true"):
+        parse(invert.SETTINGS, {"paste_back": True})
+    with pytest.raises(SettingsError) as e:
+        parse(invert.SETTINGS, {"invert": {"max_bytes": -1, "torch_threads": -1, "load_batch_size": 0}})
+    assert sorted(m.split(":")[0] for m in e.value.errors) == ["invert.load_batch_size", "invert.max_bytes",
+                                                               "invert.torch_threads"]
+    with pytest.raises(SettingsError, match=r"invert.formats: Pillow cannot open \['NOPE'\]"):
+        parse(invert.SETTINGS, {"invert": {"formats": ["NOPE"]}})
+    write_crops(tmp_path / "c", 1)
+    cfg = {"input": str(tmp_path / "c"), "output": str(tmp_path / "o"), "model": {"preset": "tiny-32"}}
+    assert invert.check(parse(invert.SETTINGS, cfg)) == []
+    errors = invert.check(parse(invert.SETTINGS, {**cfg, "metrics": True, "paste_back": {"format": "png"}}))
+    assert len(errors) == 1 and errors[0].startswith("paste_back: ") and "no committed faces table" in errors[0]

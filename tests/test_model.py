@@ -12,8 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stmodel.checkpoint import (CheckpointError, inversion_state, load_generator, load_inversion,
-                                save_generator, save_inversion)
+from stmodel.checkpoint import (
+    CheckpointError,
+    inversion_state,
+    load_generator,
+    load_inversion,
+    save_generator,
+    save_inversion,
+)
 from stmodel.config import get_preset
 from stmodel.inversion import StyleTransformer
 from stmodel.stylegan2 import Generator, make_kernel, upfirdn2d

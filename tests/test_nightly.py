@@ -19,7 +19,8 @@ from pipeline.decode import image_id
 from pipeline.runner import DoneSet, JobRun, TableSpec
 from pipeline.schemas import FACES_SCHEMA, faces_table
 from tests.conftest import write_crops
-from tests.test_invert import _cfg, _table as _latents
+from tests.test_invert import _cfg
+from tests.test_invert import _table as _latents
 
 FACES = TableSpec("faces", FACES_SCHEMA, ("image_id", "face_index"), ("image_id",))
 

@@ -18,8 +18,11 @@ from PIL import Image, ImageCms, ImageOps
 
 from jobs.cli import load_config
 from pipeline import delta, paste_stage, storage
+from pipeline.config import SettingsError, defaults, parse
 from pipeline.decode import image_id
-from pipeline.schemas import edits_schema, nested_list_to_numpy
+from pipeline.errors import JobError
+from pipeline.schemas import edits_schema
+from pipeline.sections import PasteBackSection
 from stmodel.config import get_preset
 from tests.test_paste_back import outside_quad
 
@@ -184,25 +187,39 @@ def test_report_shows_whole_photos_before_and_after(ds, edit_face):
 
 def test_paste_back_settings_errors_before_anything_runs(tmp_path, tiny_checkpoint):
     from jobs import edit, invert
-    from pipeline.errors import JobError
     from tests.conftest import write_crops
 
     write_crops(tmp_path / "crops", 2)
     base = {"model.checkpoint": tiny_checkpoint[0], "metric_weights.allow_random_init": "true"}
-    with pytest.raises(SystemExit, match="metrics=true"):
-        invert.run(_cfg(invert, input=str(tmp_path / "crops"), output=str(tmp_path / "o"), paste_back="true",
-                        **base))
-    with pytest.raises(SystemExit, match="no committed faces table"):
-        invert.run(_cfg(invert, input=str(tmp_path / "crops"), output=str(tmp_path / "o"), paste_back="true",
-                        metrics="true", **base))
+    with pytest.raises(SettingsError, match="metrics=true"):
+        _cfg(invert, input=str(tmp_path / "crops"), output=str(tmp_path / "o"), paste_back="true", **base)
+    cfg = _cfg(invert, input=str(tmp_path / "crops"), output=str(tmp_path / "o"), paste_back="true",
+               metrics="true", **base)
+    assert any("no committed faces table" in m for m in invert.check(cfg))  # the CLI: exit 2 before Ray
+    with pytest.raises(JobError, match="no committed faces table"):
+        invert.run(cfg)
     with pytest.raises(JobError, match="paste_back.faces"):
         edit.run(_cfg(edit, latents=str(tmp_path / "crops"), output=str(tmp_path / "o"), paste_back="true",
                       metrics="false", **{"model.checkpoint": tiny_checkpoint[0]}))
-    with pytest.raises(SystemExit, match="paste_back.quality"):
-        paste_stage.settings_from({"quality": 0}, "edit")
     assert not (tmp_path / "o").exists()
-    assert paste_stage.settings_from(False, "edit") is None
-    assert paste_stage.settings_from({"enabled": False}, "edit") is None
+
+
+def test_paste_back_section_ranges_and_switch():
+    """The paste-back settings are checked when parsed (nothing left for the stage to check)."""
+    with pytest.raises(SettingsError) as e:
+        parse(PasteBackSection, {"quality": 0, "feather": 0, "radii": [0.8, 1.5], "batch_size": 0,
+                                 "format": "gif", "group": "faces"})
+    assert sorted(m.split(":")[0] for m in e.value.errors) == ["batch_size", "feather", "format", "group",
+                                                               "quality", "radii"]
+    fixed = {"output": "o", "folder": "edits", "member_columns": ("edit_id",), "group_columns": (),
+             "crop_uri_column": "output_uri"}
+    assert paste_stage.settings_from(defaults(PasteBackSection), **fixed).section.quality == 95  # given: on
+    assert paste_stage.settings_from(parse(PasteBackSection, {"enabled": False}), **fixed) is None
+    from jobs.settings.invert import Settings
+
+    assert paste_stage.settings_from(defaults(Settings).paste_back, **fixed) is None  # not given: off
+    on = parse(Settings, {"metrics": True, "paste_back": True}).paste_back
+    assert on.enabled and on.quality == 95 and on.radii == (0.8, 0.9)
 
 
 def test_paste_batch_fails_rows_not_the_batch(tmp_path):
@@ -234,8 +251,9 @@ def test_paste_batch_fails_rows_not_the_batch(tmp_path):
     t = t.append_column("_quad", pa.array([c[4] for c in cases], pa.list_(pa.list_(pa.float32()))))
     t = t.append_column("_photo_w", pa.array([80] * n, pa.int32())).append_column("_photo_h", pa.array([64] * n,
                                                                                                      pa.int32()))
-    s = paste_stage.settings_from({"format": "png"}, "edit", output=str(tmp_path / "out"), folder="edits",
-                                  member_columns=("edit_id",), group_columns=(), crop_uri_column="output_uri")
+    s = paste_stage.settings_from(parse(PasteBackSection, {"format": "png"}), output=str(tmp_path / "out"),
+                                  folder="edits", member_columns=("edit_id",), group_columns=(),
+                                  crop_uri_column="output_uri")
     got = paste_stage.paste_batch(t, dataclasses.replace(s, schema=edits_schema()))
     assert got.schema == edits_schema() and got.num_rows == n
     rows = got.to_pylist()

@@ -3,7 +3,6 @@ rows, log lines, the summary line, the report."""
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os

@@ -13,7 +13,6 @@ from pipeline.edit_requests import (
     EditContext,
     check_columns,
     direction_refusal,
-    edit_id,
     is_under,
     normalize_request,
     prepare_requests,

@@ -14,8 +14,8 @@ import pytest
 
 from jobs.cli import load_config
 from jobs.settings import CONFIG_JOBS
-from pipeline.sections import ActorSection, JobSettings
 from pipeline.config import SettingsError, as_dict, defaults, describe, parse, setting
+from pipeline.sections import ActorSection, JobSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -14,13 +14,12 @@ import time
 import uuid
 
 import pytest
-
-from tests.conftest import kill_tagged
 import torch
 
 from jobs.demo import build_generator, sample_dataset
 from pipeline.train_loop import checkpoint_steps, load_state, read_log
 from stmodel.checkpoint import load_inversion, save_generator
+from tests.conftest import kill_tagged
 
 STEPS, EVERY = 12, 3
 

@@ -1,28 +1,19 @@
-"""The settings of jobs.invert (see its module doc), declared once; importing this needs neither torch nor Ray."""
+"""The settings of jobs.invert (see its module doc), declared once; importing this needs neither torch nor Ray.
+Its actor section (InvertSection) is in pipeline.sections, where the stage that reads it can name it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from pipeline.config import setting
-from pipeline.decode import DEFAULT_FORMATS
 from pipeline.sections import (
-    CropActorSection,
+    InvertSection,
     JobSettings,
     MetricWeights,
     NamedModelSection,
     PasteBackSection,
 )
 
-
-@dataclass
-class InvertSection(CropActorSection):
-    torch_threads: int = setting(0, "intra-op threads per actor on the CPU (0: num_cpus)")
-    max_bytes: int = setting(20_000_000, "plain folder: refuse files bigger than this, unread (too_large; 0: no cap)")
-    formats: list[str] = setting(list(DEFAULT_FORMATS), "image formats decoded (Pillow names); others: "
-                                                         "unsupported_format")
-    multi_frame: Literal["refuse", "first"] = setting("refuse", "animated / multi-page files: refuse "
-                                                                   "(status multi_frame) | first (first frame)")
+__all__ = ["InvertSection", "Settings"]
 
 
 @dataclass
@@ -40,3 +31,10 @@ class Settings(JobSettings):
                                                    "num_cpus: leave CPUs for the read stage)")
     paste_back: PasteBackSection = setting(PasteBackSection, "metrics=true: reconstructions pasted back into their "
                                                          "photos (true, or a section: format, quality, group, ...)", switch=True)
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.paste_back.enabled and not self.metrics:
+            out.append("paste_back: pastes the reconstructions, which only metrics=true makes: set metrics=true, "
+                       "or paste_back=false")
+        return out
