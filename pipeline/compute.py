@@ -77,13 +77,9 @@ def actor_pool(concurrency: int | tuple[int, int], isolating: bool = False):
     isolation pass of the runner): one task at a time per actor, so an actor that dies takes
     only the batch it was running with it, never the batches queued behind it; otherwise a
     good row queued behind a poison one would fail with it on every attempt and end as a
-    `worker_crash` it did not cause. `num_cpus` (each actor's; `stage`: the settings section,
-    for the message): refused with NoRoomForTasks when the pool would hold every CPU of the
-    cluster (see check_room_for_tasks)."""
+    `worker_crash` it did not cause."""
     import ray
 
-    if num_cpus is not None:
-        check_room_for_tasks(concurrency, num_cpus, stage)
     kw = {"max_tasks_in_flight_per_actor": 1} if isolating else {}
     if isinstance(concurrency, tuple):
         return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1], **kw)
