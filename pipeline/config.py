@@ -57,21 +57,6 @@ class Section:
     def problems(self) -> list[str]:
         return []
 
-    # TRANSITION (removed once every job reads attributes): the mapping reads of the old dicts
-    def __getitem__(self, name: str) -> Any:
-        return getattr(self, name)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        setattr(self, name, value)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self, name, default)
-
-    def __contains__(self, name: str) -> bool:
-        return hasattr(self, name)
-
-    def keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
 
 
 class _Mismatch(Exception):

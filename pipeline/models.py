@@ -143,18 +143,20 @@ class ModelActor(abc.ABC):
     OpenMP threads than cores on a small machine, and libgomp then stops spinning between
     parallel regions, which slows every op (`bench.actor_threads` measures it)."""
 
-    def __init__(self, model: dict | None, device: str = "auto", amp: str = "auto", torch_threads: int = 0,
+    def __init__(self, model: ModelSection | None, device: str = "auto", amp: str = "auto", torch_threads: int = 0,
                  generator: bool = True):
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.on_model_thread(self._load, model, device, amp, torch_threads, generator)
 
-    def _load(self, model: dict | None, device: str, amp: str, torch_threads: int, generator: bool) -> None:
+    model: StyleTransformer   # (a stage built with model=None never touches these two)
+    info: dict
+
+    def _load(self, model: ModelSection | None, device: str, amp: str, torch_threads: int, generator: bool) -> None:
         if torch_threads:
-            torch.set_num_threads(int(torch_threads))
+            torch.set_num_threads(torch_threads)
         self.device = pick_device(device)
         self.amp = amp_dtype(amp, self.device)
         if model is None:
-            self.model, self.info = None, None
             return
         self.model, self.info = load_model(model, generator=generator)
         self.model.to(self.device).requires_grad_(False)
