@@ -108,7 +108,8 @@ def bench_stage(photos: list[bytes], size: int, device: str, batch: int, out_dir
                 parts["crop"] += time.perf_counter() - t
                 t = time.perf_counter()
                 iid = str(dec["image_id"][s + j])
-                storage.write_bytes(storage.join(out_dir, aligned_key(iid, k)), encode_crop_png(crop, a.png_compress_level))
+                storage.write_bytes(storage.join(out_dir, aligned_key(iid, k)),
+                                    encode_crop_png(crop, a.png_compress_level))
                 parts["png_write"] += time.perf_counter() - t
                 n_faces += 1
     total = time.perf_counter() - t_all
@@ -214,7 +215,7 @@ def camera_photos(n: int, width: int, height: int, cache: str | None = None) -> 
             continue
         b, meta = make_camera_photo(i, width, height)
         if path:
-            os.makedirs(cache, exist_ok=True)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
                 f.write(b)
             with open(path + ".json", "w") as f:
@@ -311,7 +312,7 @@ def camera_stage(photos: list[bytes], size: int, out_dir: str) -> dict:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
 
 
@@ -339,7 +340,8 @@ def camera_accuracy(photos: list[bytes], metas: list[dict], size: int, out_dir: 
     astro = data.astronaut()
     det = stage.detector
     ref = det.refine([astro], [det.detect([astro])[0].landmarks[:1]])[0][0]
-    out = {k: [] for k in ("lm_px", "lm_pct", "crop_psnr", "same_quad_psnr", "fast_vs_truth", "full_vs_truth")}
+    out: dict[str, list[float]] = {k: [] for k in ("lm_px", "lm_pct", "crop_psnr", "same_quad_psnr",
+                                                   "fast_vs_truth", "full_vs_truth")}
     for i in range(n):
         f, g = res["fast"], res["full"]
         if f["status"][i] != "ok" or g["status"][i] != "ok":

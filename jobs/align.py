@@ -118,7 +118,8 @@ def unchanged_skipped(run: JobRun, files: list[dict], retry_failed: bool) -> tup
     known = [f for f in files if f["source_etag"] is not None and f["source_size"] is not None]
     if snap is None or not known or any(c not in snap.schema.names for c in SOURCE_LISTING_COLUMNS):
         return files, 0
-    rows = ray.data.from_items([{**f, "status": "ok"} for f in known], override_num_blocks=max(1, min(len(known) // 5000, 200)))
+    rows = ray.data.from_items([{**f, "status": "ok"} for f in known],
+                               override_num_blocks=max(1, min(len(known) // 5000, 200)))
     todo, skipped = run.skip_done(rows, FACES, n_in=len(known), retry_failed=retry_failed, key=LISTING_KEY)
     again = {r["source_uri"] for r in todo.select_columns(["source_uri"]).iter_rows()}
     checked = {f["source_uri"] for f in known}

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import pyarrow as pa
 
@@ -97,6 +98,7 @@ def run(cfg: Settings) -> dict:
     results, counts = {}, {"in": len(tables), "ok": 0, "failed": 0, "skipped": 0}
     for table in tables:
         t0 = time.time()
+        info: dict[str, Any]
         try:
             info = maintain_table(output, table, cfg, r.run_id) if table in present else \
                 {"status": "skipped", "reason": "not a Delta table"}

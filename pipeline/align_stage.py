@@ -26,6 +26,7 @@ import io
 import logging
 import math
 import traceback
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +40,9 @@ from pipeline.inputs import unread_id
 from pipeline.runner import STATUS_LOST, STATUS_SKIPPED, UNIT_COLUMN, is_done
 from pipeline.schemas import SOURCE_LISTING_COLUMNS, faces_table
 from pipeline.sections import AlignSection
+
+if TYPE_CHECKING:
+    from stmodel.detect import Faces
 
 log = logging.getLogger("stbatch.align")
 
@@ -121,8 +125,8 @@ def decode_batch(batch: dict, section: AlignSection, protocol: str | None = None
     for animated / multi-page files (pipeline.decode)."""
     if "image_id" not in batch:
         batch = hash_files(batch, protocol)
-    out = {k: [] for k in ("image_id", "source_uri", "status", "error", "width", "height", "image", "pixel_map",
-                           "bytes")}
+    out: dict[str, list] = {k: [] for k in ("image_id", "source_uri", "status", "error", "width", "height", "image",
+                                            "pixel_map", "bytes")}
     for i, data in enumerate(batch["bytes"]):
         out["image_id"].append(str(batch["image_id"][i]))
         out["source_uri"].append(str(batch["source_uri"][i]))
@@ -339,7 +343,7 @@ class AlignFaces:
         try:
             return self.detector.detect(images)
         except Exception:  # noqa: BLE001 - isolate the image that breaks the batch
-            out = []
+            out: list[Faces | Exception] = []
             for im in images:
                 try:
                     out.append(self.detector.detect([im])[0])
@@ -378,7 +382,7 @@ class AlignFaces:
         if px.a <= 1 or not data or max(px.image.shape[:2]) >= 0.75 * want:
             return px
         d = decode_image(data, max_pixels=self.section.max_pixels, min_side=1, min_long_side=want)
-        return Pixels(d.image, d.pixel_map) if d.status == STATUS_OK else px
+        return Pixels(d.rgb, d.pixel_map) if d.status == STATUS_OK else px
 
     def _window_pixels(self, px: Pixels, data: bytes, quads: list[np.ndarray], margin: float = 0.5) -> Pixels:
         """Pixels fine enough for these faces' refinement and crops: `px` itself, or the window
@@ -391,13 +395,13 @@ class AlignFaces:
         d = decode_region(data, r, _window(quads, margin), max_pixels=self.section.max_pixels)
         if d.status != STATUS_OK:
             raise ValueError(f"cannot decode the face window again: {d.error}")
-        return Pixels(d.image, d.pixel_map)
+        return Pixels(d.rgb, d.pixel_map)
 
     def _align_faces(self, base: dict, work: Pixels, decoded: Pixels, data: bytes, faces, keep: list[int],
                      n_faces: int, landmarks: np.ndarray) -> list[dict]:
         from stmodel.align import crop_from_quad, ffhq_quad
 
-        quads = []
+        quads: list[np.ndarray | None] = []
         for lm in landmarks:
             try:
                 quads.append(ffhq_quad(lm)[0])
@@ -415,7 +419,8 @@ class AlignFaces:
             row = {**base, "n_faces": n_faces, "face_index": k, "det_score": float(faces.scores[k]),
                    "bbox": faces.boxes[k], "landmarks": lm}
             try:
-                quad = quads[j] if quads[j] is not None else ffhq_quad(lm)[0]  # (the latter raises the reason)
+                q = quads[j]
+                quad = q if q is not None else ffhq_quad(lm)[0]  # (the latter raises the reason)
                 crop = crop_from_quad(work.image, work.to_local(quad), size=self.section.size,
                                       supersample=self.section.supersample)
                 uri = storage.join(self.output, aligned_key(base["image_id"], k))

@@ -14,6 +14,8 @@ dimensions the sample covariance C cannot be inverted, the shrunk one always can
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -59,12 +61,15 @@ def reduce_first(parts: list) -> dict:
     t = pa.concat_tables(ray.get(list(parts)))
     n = int(pc.sum(t["n"]).as_py())
     sums = [np.asarray(s, np.float64) for s in t["sum"].to_pylist() if s]
-    out = {"n": n, "mean": (np.sum(sums, axis=0) / max(n, 1)) if sums else None}
+    out: dict[str, Any] = {"n": n, "mean": (np.sum(sums, axis=0) / max(n, 1)) if sums else None}
     for m in METRICS:
         k = int(pc.sum(t[f"{m}_n"]).as_py() or 0)
-        mean = float(pc.sum(t[f"{m}_sum"]).as_py() or 0) / k if k else None
-        var = float(pc.sum(t[f"{m}_sq"]).as_py() or 0) / k - mean * mean if k else None
-        out[m] = {"n": k, "mean": mean, "std": float(np.sqrt(max(var, 0.0))) if k else None}
+        if not k:
+            out[m] = {"n": k, "mean": None, "std": None}
+            continue
+        mean = float(pc.sum(t[f"{m}_sum"]).as_py() or 0) / k
+        var = float(pc.sum(t[f"{m}_sq"]).as_py() or 0) / k - mean * mean
+        out[m] = {"n": k, "mean": mean, "std": float(np.sqrt(max(var, 0.0)))}
     return out
 
 
@@ -109,6 +114,8 @@ def reduce_second(parts: list, first: dict) -> dict:
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             xx = a if xx is None else xx + a
             x2x2 = b if x2x2 is None else x2x2 + b
+    if xx is None or x2x2 is None:
+        raise ValueError("reduce_second: no part holds second moments (no valid codes)")
     p = int(np.sqrt(xx.size))
     cov, shrink = ledoit_wolf(int(first["n"]), xx.reshape(p, p), x2x2.reshape(p, p))
     return {**first, "covariance": xx.reshape(p, p) / int(first["n"]), "precision": np.linalg.inv(cov),

@@ -8,14 +8,14 @@
 Reduced decoding (camera photos): libjpeg's DCT scaling (Pillow's `draft`) decodes a JPEG at
 1/2, 1/4 or 1/8 of its size for a fraction of the work of a full decode (4000x3000: about 1/4 of
 the time at 1/2 scale, 1/5 at 1/4); each pixel comes from a reduced inverse DCT of its r x r
-block (a clean low-pass, close to the block's average, no aliasing). `Decoded.pixel_map` = (a, bx, by) says where they lie:
-pixel (u, v) of `image` is at (a * u + bx, a * v + by) in the full-resolution, EXIF-oriented
+block (a clean low-pass, close to the block's average, no aliasing). `Decoded.pixel_map` = (a, bx, by)
+says where they lie: pixel (u, v) of `image` is at (a * u + bx, a * v + by) in the full-resolution, EXIF-oriented
 photo (pixel centres). `width` / `height` are always the full-resolution oriented size. Other
 formats, and JPEGs too small to reduce, decode at full size with pixel_map (1, 0, 0).
 
 Order of checks: empty -> header (format, declared size) -> allowed format -> frames -> pixel
-limit / minimum side -> decode (full, or reduced) -> EXIF orientation -> conversion to RGB. The pixel limit is checked on the size
-declared in the header, before any pixel data is decompressed (decompression bombs).
+limit / minimum side -> decode (full, or reduced) -> EXIF orientation -> conversion to RGB. The
+pixel limit is checked on the size declared in the header, before any pixel data is decompressed (decompression bombs).
 
 Conversions: CMYK/YCbCr/LAB/HSV -> RGB (through the embedded ICC profile when there is one),
 grayscale and 1-bit -> RGB, palette -> RGB (transparency honoured), 16/32-bit integer and float
@@ -82,6 +82,13 @@ class Decoded:
     @property
     def reduce(self) -> int:
         return int(round(self.pixel_map[0]))
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """The decoded pixels, for a caller that checked status == "ok" (there are none otherwise)."""
+        if self.image is None:
+            raise ValueError(f"no decoded pixels (status {self.status}: {self.error})")
+        return self.image
 
 
 def image_id(data: bytes) -> str:
@@ -236,56 +243,57 @@ def _frames(im: Image.Image) -> int:
     if not getattr(im, "is_animated", False):
         return 1
     try:
-        return int(im.n_frames)
+        return int(getattr(im, "n_frames", 2))  # only the multi-frame formats' classes define it
     except Exception:  # noqa: BLE001 - a broken later frame: at least two
         return 2
 
 
-def _open(data: bytes, max_pixels: int, min_side: int, formats=None, multi_frame: str = "refuse"):
-    """(image, frames, None) with the header checked, or (None, 0, failed Decoded)."""
+def _open(data: bytes, max_pixels: int, min_side: int, formats=None,
+          multi_frame: str = "refuse") -> tuple[Image.Image, int] | Decoded:
+    """(image, frames) with the header checked, or the failed Decoded."""
     if data is None or len(data) == 0:
-        return None, 0, Decoded(STATUS_DECODE_ERROR, "empty file (0 bytes)")
+        return Decoded(STATUS_DECODE_ERROR, "empty file (0 bytes)")
     allowed = allowed_formats(formats)
     parsers = sorted(set(allowed) | {k for k, v in _SAME_AS.items() if v in allowed} - set(_SAME_AS))
     try:
         im = Image.open(io.BytesIO(data), formats=parsers)
     except Image.DecompressionBombError as e:
         # Pillow's own guard (2x Image.MAX_IMAGE_PIXELS) fired while reading the header.
-        return None, 0, Decoded(STATUS_TOO_LARGE,
-                                f"header declares a decompression bomb, refused before decoding ({e})")
+        return Decoded(STATUS_TOO_LARGE,
+                       f"header declares a decompression bomb, refused before decoding ({e})")
     except UnidentifiedImageError:
         other = _other_format(data)
         if other is not None:
-            return None, 0, Decoded(STATUS_UNSUPPORTED, f"{other} image: format not in the allowed formats "
-                                                        f"{list(allowed)}", format=other)
+            return Decoded(STATUS_UNSUPPORTED, f"{other} image: format not in the allowed formats "
+                           f"{list(allowed)}", format=other)
         head = bytes(data[:16])
-        return None, 0, Decoded(STATUS_DECODE_ERROR,
-                                f"not a recognised image format ({len(data)} bytes, starts with {head!r})")
+        return Decoded(STATUS_DECODE_ERROR,
+                       f"not a recognised image format ({len(data)} bytes, starts with {head!r})")
     fmt = im.format
-    if _SAME_AS.get(fmt, fmt) not in allowed:
+    if fmt is None or _SAME_AS.get(fmt, fmt) not in allowed:
         im.close()
-        return None, 0, Decoded(STATUS_UNSUPPORTED, f"{fmt} image: format not in the allowed formats {list(allowed)}",
-                                format=fmt)
+        return Decoded(STATUS_UNSUPPORTED, f"{fmt} image: format not in the allowed formats {list(allowed)}",
+                       format=fmt)
     w, h = int(im.size[0]), int(im.size[1])
     frames = 1 if fmt == "MPO" else _frames(im)
     if frames > 1 and multi_frame != "first":
         im.close()
-        return None, 0, Decoded(STATUS_MULTI_FRAME, f"{fmt} with {frames} frames (animated or multi-page): "
-                                                    f"multi-frame files are refused (multi_frame=refuse; "
-                                                    f"multi_frame=first decodes the first frame)",
-                                width=w, height=h, format=fmt)
+        return Decoded(STATUS_MULTI_FRAME, f"{fmt} with {frames} frames (animated or multi-page): "
+                       f"multi-frame files are refused (multi_frame=refuse; "
+                       f"multi_frame=first decodes the first frame)",
+                       width=w, height=h, format=fmt)
     if w * h > max_pixels:
         im.close()
-        return None, 0, Decoded(STATUS_TOO_LARGE, f"header declares {w}x{h} = {w * h} pixels > max_pixels {max_pixels}; "
-                                               f"refused before decoding", width=w, height=h, format=fmt)
+        return Decoded(STATUS_TOO_LARGE, f"header declares {w}x{h} = {w * h} pixels > max_pixels {max_pixels}; "
+                       f"refused before decoding", width=w, height=h, format=fmt)
     if min(w, h) < min_side:
         im.close()
-        return None, 0, Decoded(STATUS_TOO_SMALL, f"image is {w}x{h}, smaller than min_image_side {min_side}",
-                             width=w, height=h, format=fmt)
-    return im, frames, None
+        return Decoded(STATUS_TOO_SMALL, f"image is {w}x{h}, smaller than min_image_side {min_side}",
+                       width=w, height=h, format=fmt)
+    return im, frames
 
 
-def _load(im: Image.Image, reduce: int):
+def _load(im: Image.Image, reduce: int) -> tuple[int, int, tuple[int, int]] | Decoded:
     """Decode the pixels (at 1/reduce scale for a JPEG): (reduction, orientation, full size) or
     a failed Decoded."""
     fmt, full = im.format, (int(im.size[0]), int(im.size[1]))
@@ -293,9 +301,9 @@ def _load(im: Image.Image, reduce: int):
         r = _draft(im, reduce)
         im.load()
     except Exception as e:  # noqa: BLE001 - truncated / corrupt pixel data
-        return None, Decoded(STATUS_DECODE_ERROR, f"{fmt or 'image'} {full[0]}x{full[1]}: pixel data unreadable "
-                                                  f"({_describe(e)})", width=full[0], height=full[1], format=fmt)
-    return (r, _orientation(im), full), None
+        return Decoded(STATUS_DECODE_ERROR, f"{fmt or 'image'} {full[0]}x{full[1]}: pixel data unreadable "
+                       f"({_describe(e)})", width=full[0], height=full[1], format=fmt)
+    return r, _orientation(im), full
 
 
 def _finish(im: Image.Image, o: int, full_oriented: tuple[int, int], pixel_map, fmt, frames: int = 1) -> Decoded:
@@ -320,14 +328,15 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im, frames, failed = _open(data, max_pixels, min_side, formats, multi_frame)
-            if failed is not None:
-                return failed
+            opened = _open(data, max_pixels, min_side, formats, multi_frame)
+            if isinstance(opened, Decoded):
+                return opened
+            im, frames = opened
             with im:
                 fmt = im.format
-                loaded, failed = _load(im, jpeg_reduction(im.size, min_long_side) if fmt == "JPEG" else 1)
-                if failed is not None:
-                    return failed
+                loaded = _load(im, jpeg_reduction(im.size, min_long_side) if fmt == "JPEG" else 1)
+                if isinstance(loaded, Decoded):
+                    return loaded
                 r, o, full = loaded
                 return _finish(im, o, _oriented(*full, o), _pixel_map(r, o, full, im.size), fmt, frames)
     except Exception as e:  # noqa: BLE001 - never raise on data
@@ -343,14 +352,15 @@ def decode_region(data: bytes, reduce: int, box, max_pixels: int = DEFAULT_MAX_P
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im, _, failed = _open(data, max_pixels, 1, tuple(Image.OPEN), "first")
-            if failed is not None:
-                return failed
+            opened = _open(data, max_pixels, 1, tuple(Image.OPEN), "first")
+            if isinstance(opened, Decoded):
+                return opened
+            im = opened[0]
             with im:
                 fmt = im.format
-                loaded, failed = _load(im, int(reduce) if fmt == "JPEG" else 1)
-                if failed is not None:
-                    return failed
+                loaded = _load(im, int(reduce) if fmt == "JPEG" else 1)
+                if isinstance(loaded, Decoded):
+                    return loaded
                 r, o, full = loaded
                 a, bx, by = _pixel_map(r, o, full, im.size)
                 ow, oh = _oriented(int(im.size[0]), int(im.size[1]), o)

@@ -81,7 +81,8 @@ def embedding_rows(batch: dict, emb: np.ndarray, ok: np.ndarray, run_id: str) ->
     """Work rows + their vectors [N, 512] -> `embeddings` rows (no vector where `ok` is False)."""
     schema = embeddings_schema()
     # an all-null text column reaches the actor as floats (NaN): text is text or null here
-    cols = {k: [v if isinstance(v, str) else None for v in batch[k]] for k in PASS if k != "face_index"}
+    cols: dict[str, list[str | None] | np.ndarray] = {
+        k: [v if isinstance(v, str) else None for v in batch[k]] for k in PASS if k != "face_index"}
     cols["face_index"] = np.asarray(batch["face_index"], dtype=np.int32)
     t = make_table(cols, schema, run_id)
     col = nested_list_array(emb, pa.float32(), mask=None if ok.all() else ~ok, shape=(EMBEDDING_DIM,))

@@ -24,7 +24,7 @@ def to_model_input(rgb: np.ndarray, size: int) -> np.ndarray:
     normalise with mean 0.5 / std 0.5)."""
     im = Image.fromarray(rgb, "RGB")
     if im.size != (size, size):
-        im = im.resize((size, size), Image.BILINEAR)
+        im = im.resize((size, size), Image.Resampling.BILINEAR)
     x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1)
     return x * (2.0 / 255.0) - 1.0
 
@@ -78,10 +78,11 @@ def load_crops(batch: dict, input_size: int | None, target_size: int | None, max
         if d.status != STATUS_OK:
             status[i], error[i] = d.status, d.error
             continue
-        if image is not None:
-            image[i] = to_model_input(d.image, input_size)
-        if target is not None:
-            target[i] = to_model_input(d.image, target_size)
+        # image / target exist exactly when their size is set
+        if image is not None and input_size:
+            image[i] = to_model_input(d.rgb, input_size)
+        if target is not None and target_size:
+            target[i] = to_model_input(d.rgb, target_size)
     out = {k: v for k, v in batch.items() if k != "bytes"}
     out.update(status=status, error=error)
     if image is not None:

@@ -30,7 +30,8 @@ def unread_id(source_uri: str) -> str:
 
 
 def split_by_size(sized: list[tuple[str, int | None]], max_bytes: int) -> tuple[list[str], list[tuple[str, int]]]:
-    """(URIs to read, (URI, size) of the files over `max_bytes`). No cap when max_bytes is 0; a file whose size the store did not report is read (the pixel cap still applies)."""
+    """(URIs to read, (URI, size) of the files over `max_bytes`). No cap when max_bytes is 0; a file
+    whose size the store did not report is read (the pixel cap still applies)."""
     if not max_bytes:
         return [u for u, _ in sized], []
     readable, refused = [], []

@@ -76,15 +76,16 @@ class InvertBatch(ModelActor):
         cols["face_index"] = np.asarray(batch["face_index"], dtype=np.int32)
         metric = empty_metrics(n)
         idx = np.flatnonzero(ok)
+        scorer = self.scorer  # set exactly when metrics are asked for
         if len(idx):
             x = torch.from_numpy(np.ascontiguousarray(batch["image"][idx])).to(self.device)
             try:
                 with self.autocast():
                     wp = self.model.invert(x)
-                    y = self.model.reconstruct(wp) if self.metrics else None
+                    y = self.model.reconstruct(wp) if scorer is not None else None
                 w[idx] = wp.float().cpu().numpy()
-                if y is not None:
-                    self.scorer.score(y, batch["target"], idx, ids, np.asarray(batch["face_index"]), metric)
+                if scorer is not None and y is not None:
+                    scorer.score(y, batch["target"], idx, ids, np.asarray(batch["face_index"]), metric)
             except Exception as e:  # noqa: BLE001 - a failing batch becomes failed rows, not a crash
                 log.exception("inversion failed for a batch of %d", len(idx))
                 status[idx], error[idx] = "invert_error", f"{type(e).__name__}: {e}"

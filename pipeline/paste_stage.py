@@ -197,10 +197,11 @@ def _read_photo(uri: str, image_id: str, size: tuple, settings: PasteSettings):
     d = decode_image(data, max_pixels=settings.section.max_pixels, min_side=1)
     if d.status != STATUS_OK:
         raise _Failed(STATUS_PASTE, f"cannot decode the photo {uri}: {d.error}")
-    if None not in size and (d.image.shape[1], d.image.shape[0]) != tuple(size):
-        raise _Failed(STATUS_PASTE, f"the photo {uri} decodes to {d.image.shape[1]}x{d.image.shape[0]}, the faces "
+    img = d.rgb
+    if None not in size and (img.shape[1], img.shape[0]) != tuple(size):
+        raise _Failed(STATUS_PASTE, f"the photo {uri} decodes to {img.shape[1]}x{img.shape[0]}, the faces "
                                     f"table says {size[0]}x{size[1]}")
-    return d.image, _rgb_icc(data)
+    return img, _rgb_icc(data)
 
 
 class _Failed(Exception):
@@ -222,7 +223,7 @@ def _crop(row: dict, settings: PasteSettings) -> np.ndarray:
     d = decode_image(bytes(data), max_pixels=settings.section.max_pixels, min_side=1)
     if d.status != STATUS_OK:
         raise _Failed(STATUS_PASTE, f"cannot decode the crop: {d.error}")
-    return d.image
+    return d.rgb
 
 
 def _paste_photo(rows: list[dict], idx: list[int], settings: PasteSettings, res: dict) -> None:
@@ -295,5 +296,7 @@ def paste_batch(batch: pa.Table, settings: PasteSettings) -> pa.Table:
     for idx in by_photo.values():
         _paste_photo(rows, idx, settings, res)
     schema = settings.schema
+    if schema is None:
+        raise ValueError("paste_batch: settings.schema (the job's table) is not set")
     cols = [pa.array(res[f.name], f.type) if f.name in res else batch[f.name].cast(f.type) for f in schema]
     return pa.Table.from_arrays(cols, schema=schema)

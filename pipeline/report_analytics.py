@@ -45,7 +45,8 @@ def _prevalence(ctx: Context) -> list:
             Para(f"{t.num_rows} faces scored by classifier {', '.join(shas)}: the share with P(attribute) > 0.5."),
             Charts([BarChart(share, cols, "share of faces with P > 0.5", ylabel="share")]),
             Table(["attribute", "faces with P > 0.5", "share"],
-                  [(c, int(round(s * t.num_rows)), round(s, 4)) for c, s in zip(cols, share)], numeric=[False, True, True])]
+                  [(c, int(round(s * t.num_rows)), round(s, 4)) for c, s in zip(cols, share)],
+                  numeric=[False, True, True])]
 
 
 def _duplicates(ctx: Context) -> list:

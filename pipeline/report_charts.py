@@ -88,7 +88,8 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     start = math.ceil(lo / step) * step
-    out, t = [], start
+    out: list[float] = []
+    t = start
     while t <= hi + step * 1e-9 and len(out) < 20:
         out.append(round(t, 12))
         t += step

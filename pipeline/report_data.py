@@ -345,7 +345,7 @@ def wplus_norm_sums(batch: pa.Table) -> pa.Table:
     batch's ok codes, one row per code shape."""
     if "status" in batch.column_names:
         batch = unsliced(batch).filter(pc.fill_null(pc.equal(batch.column("status"), "ok"), False))
-    rows = {f.name: [] for f in NORM_SCHEMA}
+    rows: dict[str, list] = {f.name: [] for f in NORM_SCHEMA}
     for (layers, dim), w in _codes_by_shape(batch.column("w_plus")).items():
         norms = np.linalg.norm(w, axis=-1)  # [n, layers]
         rows["layers"].append(layers)

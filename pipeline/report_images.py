@@ -44,11 +44,11 @@ def thumbnail_data_uri(data: bytes, max_px: int = 128, fmt: str = "png") -> tupl
     thumbnail's size."""
     from PIL import Image, ImageOps
 
-    with Image.open(io.BytesIO(data)) as im:
-        im = ImageOps.exif_transpose(im)
+    with Image.open(io.BytesIO(data)) as src:
+        im = ImageOps.exif_transpose(src)
         if im.mode not in ("RGB", "L"):
             im = im.convert("RGBA").convert("RGB") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB")
-        im.thumbnail((max_px, max_px), Image.LANCZOS)
+        im.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         if fmt.lower() in ("jpg", "jpeg"):
             im.convert("RGB").save(buf, format="JPEG", quality=85)

@@ -40,8 +40,9 @@ def _context(root: str, section: ReportSection, start_ray: Callable[[], None] | 
     records = read_records(root, notes)
     runs = job_runs(root, tables, records, notes)
     snaps = {t: s for t in tables if (s := open_snapshot(root, t, notes)) is not None}
-    ctx = Context(root, section, runs, snaps, Images(root, [m.get("output") for m in records], section.thumb_px,
-                                                      section.thumb_format), notes, start_ray=start_ray)
+    old_roots = [o for m in records if isinstance(o := m.get("output"), str)]
+    ctx = Context(root, section, runs, snaps, Images(root, old_roots, section.thumb_px, section.thumb_format), notes,
+                  start_ray=start_ray)
     for t in ROW_TABLES:
         if t not in snaps:
             continue

@@ -194,15 +194,16 @@ def _known(ctx: Context, ids: list, column: str) -> dict[str, str]:
 def _accounting(r: JobRunInfo) -> tuple[list, bool]:
     """(accounting cell pieces, breaks the rule) for one run."""
     s = r.summary
-    n = {k: s.get(k) for k in ("in", "ok", "failed", "skipped")}
+    keys = ("in", "ok", "failed", "skipped")
+    n = {k: v for k in keys if (v := s.get(k)) is not None}
+    complete = len(n) == len(keys)
     try:
-        mismatch = all(v is not None for v in n.values()) and \
-            int(n["in"]) != int(n["ok"]) + int(n["failed"]) + int(n["skipped"])
+        mismatch = complete and int(n["in"]) != int(n["ok"]) + int(n["failed"]) + int(n["skipped"])
     except (TypeError, ValueError):
         mismatch = True
     if mismatch:
         return [Flag("MISMATCH: in != ok + failed + skipped")], True
-    return ["incomplete counts" if any(v is None for v in n.values()) else "ok"], False
+    return ["ok" if complete else "incomplete counts"], False
 
 
 def section_jobs(ctx: Context) -> list | None:
@@ -375,7 +376,8 @@ def _edit_summary(snap: Snapshot) -> list:
                    "lpips"])
     n = t.num_rows
 
-    def col(name, typ=pa.float64()):
+    def col(name: str, typ: pa.DataType | None = None) -> pa.Array | pa.ChunkedArray:
+        typ = pa.float64() if typ is None else typ
         return t[name].cast(typ) if name in t.column_names else pa.nulls(n, typ)
 
     ok = pc.fill_null(pc.equal(col("status", pa.string()), "ok"), False) if "status" in t.column_names else \
@@ -643,9 +645,9 @@ SECTIONS: list[tuple[str, str, Callable[[Context], list | None], str]] = [
 def section_overview(ctx: Context, done: int, absent: list[tuple[str, str]], shown_root: str) -> list:
     """What is here, what is not, and the warnings that apply to the whole page."""
     counted = [r for r in ctx.runs if r.counted]
-    labels = set()
-    for v in ctx.labels.values():
-        labels.update(v)
+    labels: set[str] = set()
+    for names in ctx.labels.values():
+        labels.update(names)
     for r in counted:
         met = r.summary.get("metrics")
         if isinstance(met, dict) and isinstance(met.get("backbones"), list):

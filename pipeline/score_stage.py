@@ -56,9 +56,11 @@ def work_batch(batch: pa.Table, classifier_sha256: str) -> pa.Table:
     """Committed latents rows -> work rows: the ok codes, with the classifier that will score them."""
     t = unsliced(batch).filter(pc.equal(batch.column("status"), "ok"))
     n = t.num_rows
-    return pa.table({"image_id": pc.cast(t["image_id"], pa.string()), "face_index": pc.cast(t["face_index"], pa.int32()),
+    return pa.table({"image_id": pc.cast(t["image_id"], pa.string()),
+                     "face_index": pc.cast(t["face_index"], pa.int32()),
                      "status": t["status"], "error": pa.nulls(n, pa.string()), "w_plus": t["w_plus"],
-                     "latents_run_id": t["run_id"], "classifier_sha256": pa.array([classifier_sha256] * n, pa.string())})
+                     "latents_run_id": t["run_id"],
+                     "classifier_sha256": pa.array([classifier_sha256] * n, pa.string())})
 
 
 def score_rows(batch: pa.Table, probs: np.ndarray | None, columns: list[str], classifier_run_id: str | None,

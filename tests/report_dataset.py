@@ -238,7 +238,8 @@ def _analytics(root: str, ids: list[str], codes: np.ndarray, psnr: np.ndarray, t
             make_table(nb, neighbors_schema(), "x"), n, n, raw)
     rep = min(ids[0], ids[2])
     group = [rep if i in (0, 2) else ids[i] for i in range(n)]
-    _commit(root, "neighbors", TableSpec("duplicate_groups", duplicate_groups_schema(), ("space", "image_id", "face_index")),
+    _commit(root, "neighbors",
+            TableSpec("duplicate_groups", duplicate_groups_schema(), ("space", "image_id", "face_index")),
             make_table({**base, "space": ["wplus"] * n, "group_id": [txt(f"{g}:0") for g in group],
                         "group_size": [2 if i in (0, 2) else 1 for i in range(n)],
                         "representative_image_id": [txt(g) for g in group], "representative_face_index": [0] * n,

@@ -233,7 +233,8 @@ def test_detected_alignment_is_stable_under_rotation_scale_shift(astronaut, dete
         err = np.abs(q - apply(m, q0)).max() / np.hypot(*(q[3] - q[0]))
         p = psnr(crop, base)
         centre, half = q.mean(0), np.hypot(*(q[3] - q[0])) / 2
-        square = np.array([centre + [-half, -half], centre + [-half, half], centre + [half, half], centre + [half, -half]])
+        square = np.array([centre + [-half, -half], centre + [-half, half], centre + [half, half],
+                           centre + [half, -half]])
         p_unaligned = psnr(crop_from_quad(img, square, SIZE), base)
         report.append((angle, scale, shift, round(float(err), 4), round(p, 2), round(p_unaligned, 2)))
         assert err <= QUAD_ERR_MAX, report

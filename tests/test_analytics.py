@@ -57,7 +57,8 @@ def test_score_and_quality_settings(tmp_path):
     assert quality.check(parse(quality.SETTINGS, {})) == ["input: set input=URI"]
     with pytest.raises(SettingsError) as e:
         parse(score.SETTINGS, {"score": {"batch_size": 0, "concurrency": [3, 1]}})
-    assert sorted(m.split(":")[0] for m in e.value.errors) == ["score.batch_size"]  # a section's rules wait for its values
+    # a section's rules wait for its values
+    assert sorted(m.split(":")[0] for m in e.value.errors) == ["score.batch_size"]
     with pytest.raises(SettingsError, match="rows_per_part: must be >= 1"):
         parse(quality.SETTINGS, {"rows_per_part": 0})
 

@@ -290,7 +290,8 @@ def test_an_actor_runs_its_model_on_the_thread_that_built_it(tmp_path, tiny_chec
     actor.model.invert = recording_invert
     s = actor.model.cfg.input_size
     batch = {"image_id": np.array(["a", "b"], dtype=object), "face_index": np.array([0, 0]),
-             "source_uri": np.array(["s/a", "s/b"], dtype=object), "aligned_uri": np.array(["x/a", "x/b"], dtype=object),
+             "source_uri": np.array(["s/a", "s/b"], dtype=object),
+             "aligned_uri": np.array(["x/a", "x/b"], dtype=object),
              "status": np.array(["ok", "ok"], dtype=object), "error": np.array([None, None], dtype=object),
              "image": np.random.default_rng(0).standard_normal((2, 3, s, s)).astype(np.float32)}
     with ThreadPoolExecutor(max_workers=1) as ray_udf_thread:

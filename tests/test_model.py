@@ -42,7 +42,7 @@ def expected_official_layout() -> dict[str, tuple]:
     exp[e + "input_layer.2.weight"] = (64,)
     unit, cin = 0, 64
     for depth, n in zip((64, 128, 256, 512), (3, 4, 14, 3)):
-        for j in range(n):
+        for _ in range(n):
             p = f"{e}body.{unit}."
             if cin != depth:
                 exp[p + "shortcut_layer.0.weight"] = (depth, cin, 1, 1)

@@ -247,7 +247,8 @@ def test_svg_helpers_are_safe_and_tolerant():
     assert "<polyline" in report_charts.LineChart({"a": ([0, 1, 2], [3, None, 1])}, "loss").svg()
     assert "no values" in report_charts.BarChart([None], ["0"], "w").svg()
     assert random_init_banner(["x", None]) is None and "RANDOM-INIT" in random_init_banner(["a-RANDOM-INIT"]).text
-    assert 'class="ph"' in render("section.html.j2", anchor="a", title="t", items=[Banner("b"), Grid([Thumb(None, "cap")])])
+    assert 'class="ph"' in render("section.html.j2", anchor="a", title="t",
+                                  items=[Banner("b"), Grid([Thumb(None, "cap")])])
 
 
 def test_edits_table_with_few_columns(tmp_path):

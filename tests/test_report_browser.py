@@ -83,8 +83,8 @@ OVERFLOW_JS = """return [...document.querySelectorAll('section')].flatMap(s => {
     for (const e of s.querySelectorAll('img, svg, .scroll, .cell, .pairrow, pre')) {
         const r = e.getBoundingClientRect();
         if (r.right > box.right + 0.5 || r.left < box.left - 0.5)
-            out.push(s.id + ': ' + e.tagName + '.' + (e.getAttribute('class') || '') + ' spans ' + r.left + '-' + r.right
-                     + ' outside ' + box.left + '-' + box.right);
+            out.push(s.id + ': ' + e.tagName + '.' + (e.getAttribute('class') || '') + ' spans '
+                     + r.left + '-' + r.right + ' outside ' + box.left + '-' + box.right);
     }
     return out;
 })"""

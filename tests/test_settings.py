@@ -241,7 +241,7 @@ def test_cli_stops_before_touching_the_output(tmp_path, bad, named):
 def test_cli_help_lists_nested_settings_with_meaning(tmp_path):
     p = _cli("align", "--help", cwd=tmp_path)
     assert p.returncode == 0
-    line = next(l for l in p.stdout.splitlines() if l.strip().startswith("align.face_policy = largest"))
+    line = next(ln for ln in p.stdout.splitlines() if ln.strip().startswith("align.face_policy = largest"))
     assert "align the largest face, or all of them" in line
     assert "ray.address = null" in p.stdout
 

@@ -30,7 +30,8 @@ class Settings(JobSettings):
     invert: InvertSection = setting(InvertSection, "the inversion actors (batch_size: faces per model call; "
                                                    "num_cpus: leave CPUs for the read stage)")
     paste_back: PasteBackSection = setting(PasteBackSection, "metrics=true: reconstructions pasted back into their "
-                                                         "photos (true, or a section: format, quality, group, ...)", switch=True)
+                                                         "photos (true, or a section: format, quality, group, ...)",
+                                           switch=True)
 
     def problems(self) -> list[str]:
         out = super().problems()
