@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,6 +31,9 @@ import pyarrow.compute as pc
 from pipeline import delta, storage
 from pipeline.runner import STATUS_OK, JobRun, TableSpec, is_done
 from pipeline.schemas import unsliced
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 log = logging.getLogger("stbatch.incremental")
 
@@ -45,7 +49,7 @@ def consumed_app_id(job: str, source_root: str) -> str:
 
 @dataclass
 class SourceRead:
-    rows: object | None       # Ray Dataset of the rows to do (the wanted columns), or None
+    rows: Dataset | None      # the rows to do (the wanted columns), or None
     n_in: int                 # source rows considered (ok rows of the files read)
     skipped: int              # of those, keys the target has done
     todo: int                 # rows to do
