@@ -116,6 +116,13 @@ EDITS = TableSpec(TABLE, edits_schema(), ("edit_id",))
 SETTINGS = Settings
 
 
+def required(uri: str | None, key: str) -> str:
+    """A root that `check` requires (checked again where it is read, for callers from Python)."""
+    if not uri:
+        raise JobError(f"edit: set {key}=URI")
+    return uri
+
+
 def check(cfg: Settings) -> list[str]:
     """What main checks before Ray starts: the latents root exists, an output, a model, weights
     for the metrics, and something to edit."""
@@ -191,7 +198,7 @@ def build_requests(cfg: Settings, sweep: SweepSection, ctx: EditContext):
         if ids == "all":
             for u in sweep.direction_uris:
                 ctx.direction_error(u)  # checked once here, not in every task
-            faces = read_latents(cfg.latents, ["image_id", "face_index", "status"])
+            faces = read_latents(required(cfg.latents, "latents"), ["image_id", "face_index", "status"])
             ds = faces.map_batches(sweep_batch, batch_format="pyarrow", batch_size=1024,
                                    fn_kwargs={"sweep": sweep, "ctx": ctx})
             return ds, None, "reference" in sweep.kinds
@@ -209,18 +216,18 @@ def join_partitions(c: EditSection, n_todo: int) -> int:
     return parts
 
 
-def paste_settings(cfg: Settings) -> tuple[paste_stage.PasteSettings | None, str | None]:
-    """(the paste stage's settings, the root of the faces table), or (None, None) without
-    paste_back; a missing faces table stops the job before it starts."""
+def paste_settings(cfg: Settings) -> tuple[paste_stage.PasteSettings, str] | None:
+    """(the paste stage's settings, the root of the faces table), or None without paste_back; a
+    missing faces table stops the job before it starts."""
     if not cfg.paste_back.enabled:
-        return None, None
-    root = cfg.paste_back.faces or cfg.latents
+        return None
+    root = cfg.paste_back.faces or required(cfg.latents, "latents")
     if not paste_stage.faces_table_exists(root):
         raise JobError(f"paste_back needs the photos' faces table (quads, photo URIs) and {root} has no committed "
                        f"one: set paste_back.faces=ROOT (the jobs.align output the latents came from)")
     # group=photo: the faces of a photo whose requests are the same but for face_index
     same_request = tuple(f for f in REQUEST_FIELDS if f not in ("image_id", "face_index"))
-    ps = paste_stage.settings_from(cfg.paste_back, output=cfg.output, folder="edits",
+    ps = paste_stage.PasteSettings(cfg.paste_back, output=required(cfg.output, "output"), folder="edits",
                                    member_columns=("edit_id",), crop_uri_column="output_uri", schema=EDITS.schema,
                                    group_columns=same_request)
     return ps, root
@@ -232,7 +239,8 @@ def join_codes(todo, cfg: Settings, keys: list | None, has_ref: bool, n_todo: in
     are read once; with reference edits they are materialised (in the object store) for the
     two joins."""
     parts = join_partitions(cfg.edit, n_todo)
-    latents = read_latents(cfg.latents, ["image_id", "face_index", "status", "w_plus", "checkpoint_sha256"])
+    latents = read_latents(required(cfg.latents, "latents"),
+                           ["image_id", "face_index", "status", "w_plus", "checkpoint_sha256"])
     codes = latents.map_batches(codes_for_join, batch_format="pyarrow", fn_kwargs={"keys_refs": keys})
     if has_ref:
         codes = codes.materialize()
@@ -283,10 +291,10 @@ def direction_sweep(cfg: Settings) -> tuple[SweepSection, list[str]]:
     """(the sweep to run, the roots a direction_uri may point under): `direction=NAME` makes the
     sweep one of the committed direction of that name (pipeline.directions.named_direction_sweep),
     and allows its root."""
-    roots = [cfg.output, *cfg.direction_prefixes]
+    roots = [required(cfg.output, "output"), *cfg.direction_prefixes]
     if not cfg.direction:
         return cfg.sweep, roots
-    root = cfg.directions or cfg.latents
+    root = cfg.directions or required(cfg.latents, "latents")
     try:
         return named_direction_sweep(cfg.direction, root, cfg.sweep, cfg.directions_run), [*roots, root]
     except LookupError as e:
@@ -301,9 +309,10 @@ def run(cfg: Settings, before_commit=None, actor: type[EditBatch] = EditBatch) -
     from pipeline.models import describe_model
     from stmodel.classifier import load_classifier
 
-    paste, faces_root = paste_settings(cfg)
+    output = required(cfg.output, "output")
+    pasting = paste_settings(cfg)
     c = cfg.edit
-    r = JobRun(cfg.output, JOB, cfg, rows_per_file=c.rows_per_part, log_every_s=c.log_every_s)
+    r = JobRun(output, JOB, cfg, rows_per_file=c.rows_per_part, log_every_s=c.log_every_s)
     mc, info = describe_model(cfg.model)
     n_latent, style_dim = mc.n_latent, mc.style_dim
     clf_row, editor_rows = resolve_models(cfg)
@@ -326,12 +335,12 @@ def run(cfg: Settings, before_commit=None, actor: type[EditBatch] = EditBatch) -
     n_in = marked.count() + skipped
     n_todo = marked.map_batches(with_status, batch_format="pyarrow", fn_kwargs={"todo": True}).count()
     log.info("edit %s -> %s: %d requests, %d to edit (the rest skipped or invalid), run %s", cfg.latents,
-             cfg.output, n_in, n_todo, r.run_id)
+             output, n_in, n_todo, r.run_id)
     rows_fn = partial(request_rows, run_id=r.run_id, model=info["name"], checkpoint_sha256=info["sha256"])
-    actor_args = {"model": cfg.model, "run_id": r.run_id, "output": cfg.output,
+    actor_args = {"model": cfg.model, "run_id": r.run_id, "output": output,
                   "classifier": {k: clf_row[k] for k in ("uri", "sha256")} if clf_row else None,
                   "editors": {a: {k: m[k] for k in ("uri", "sha256")} for a, m in editors.items()},
-                  "metrics": cfg.metric_weights if cfg.metrics else None, "keep_crops": paste is not None}
+                  "metrics": cfg.metric_weights if cfg.metrics else None, "keep_crops": pasting is not None}
 
     def stages(rows, batch_size: int | None = None):
         """The edit's plan over request rows (the runner's `rerun`): rows not to be edited become
@@ -358,7 +367,8 @@ def run(cfg: Settings, before_commit=None, actor: type[EditBatch] = EditBatch) -
         stage_kw, device = actor_stage(c, n_todo, isolating=batch_size is not None, stage="edit")
         edited = joined.map_batches(actor, batch_size=batch_size or c.batch_size, batch_format="pyarrow",
                                     fn_constructor_kwargs={"section": c, "device": device, **actor_args}, **stage_kw)
-        if paste is not None:
+        if pasting is not None:
+            paste, faces_root = pasting
             edited = paste_stage.paste(paste_stage.attach_faces(edited, faces_root, join_partitions(c, n)), paste)
         return edited.union(passed)
 
@@ -375,8 +385,8 @@ def run(cfg: Settings, before_commit=None, actor: type[EditBatch] = EditBatch) -
               "editors": {a: {k: m[k] for k in ("uri", "sha256", "run_id")} for a, m in editors.items()}}
     extra: dict = {"model": info["name"], **models, "statuses": res.statuses,
                    "edits_per_s": round((counts["ok"] + counts["failed"]) / max(seconds, 1e-9), 3)}
-    extra.update(run_summary(cfg.output, TABLE, res.files, ("id_similarity", "lpips")))
-    extra.update(edit_summary(cfg.output, res.files))
+    extra.update(run_summary(output, TABLE, res.files, ("id_similarity", "lpips")))
+    extra.update(edit_summary(output, res.files))
     if before_commit is not None:
         before_commit(r)
     r.commit({EDITS: res}, {**counts, "seconds": seconds, **extra},

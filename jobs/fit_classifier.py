@@ -84,14 +84,17 @@ def run(cfg: Settings, before_commit=None) -> dict:
     """The job body (also callable from Python, after `check`; `before_commit(run)` is a test hook)."""
     import ray
 
+    if not cfg.latents or not cfg.attributes or not cfg.output:
+        raise JobError("fit_classifier: set latents=URI, attributes=URI and output=URI")
+    root, output = cfg.latents, cfg.output
     t = cfg.fit_classifier
-    r = JobRun(cfg.output, JOB, cfg)
+    r = JobRun(output, JOB, cfg)
     vf, seed = cfg.val_fraction, cfg.split_seed
     labels = load_labels(cfg.attributes, cfg.attributes_list)
     names = labels.names
     refs = labels.broadcast()
-    latents = read_latents(cfg.latents, ["image_id", "face_index", "status", "source_uri", "w_plus"])
-    keys = read_latents(cfg.latents, ["image_id", "face_index", "status", "source_uri"])
+    latents = read_latents(root, ["image_id", "face_index", "status", "source_uri", "w_plus"])
+    keys = read_latents(root, ["image_id", "face_index", "status", "source_uri"])
     c = label_counts(keys, labels, refs, vf, seed)
     counts = {k: c[k] for k in ("in", "ok", "failed", "skipped")}
     notes = {"errors": c["errors"], "labels_without_latents": c["labels_without_latents"]}
@@ -101,14 +104,14 @@ def run(cfg: Settings, before_commit=None) -> dict:
         raise JobError(f"no labelled codes to train on ({counts}, {notes})")
     if c["val"] == 0:
         raise JobError("the held-out split is empty; raise val_fraction or add data")
-    shape = code_shape(cfg.latents)
+    shape = code_shape(root)
     datasets = {}
     for split in ("train", "val"):
         ds = latents.map_batches(labelled_codes_batch, batch_format="pyarrow", batch_size=1024, fn_kwargs={
             "labels_refs": refs, "join_on": labels.join_on, "val_fraction": vf, "seed": seed, "keep": split,
             "shape": shape})
         datasets[split] = ds.materialize() if t.materialize else ds
-    uri = storage.join(cfg.output, model_registry.model_key("classifier", r.run_id, MODEL_FILE))
+    uri = storage.join(output, model_registry.model_key("classifier", r.run_id, MODEL_FILE))
     log.info("fit_classifier: %d attributes, %d train / %d held-out codes of shape %s, %d epochs -> %s (run %s)",
              len(names), c["train"], c["val"], list(shape), t.epochs, uri, r.run_id)
     out = fit(classifier_loop, {"attributes": names, "n_latent": shape[0], "style_dim": shape[1],

@@ -65,14 +65,17 @@ def run(cfg: Settings, before_commit=None) -> dict:
     """The job body (also callable from Python, after `check`; `before_commit(run)` is a test hook)."""
     import ray
 
-    output = cfg.output or cfg.latents
+    latents = cfg.latents
+    if not latents:
+        raise JobError("fit_directions: set latents=URI (a dataset root with a latents table)")
+    output = cfg.output or latents
     r = JobRun(output, JOB, cfg)
-    c = latent_counts(cfg.latents, 0.0, 0)
+    c = latent_counts(latents, 0.0, 0)
     if not c["ok"]:
-        raise JobError(f"no ok codes under {cfg.latents}")
-    shape = code_shape(cfg.latents)
+        raise JobError(f"no ok codes under {latents}")
+    shape = code_shape(latents)
     labels = load_labels(cfg.attributes, cfg.attributes_list) if cfg.attributes else None
-    codes = read_latents(cfg.latents, COLUMNS + (["source_uri"] if labels else [])).materialize()
+    codes = read_latents(latents, COLUMNS + (["source_uri"] if labels else [])).materialize()
     first = ray.remote(reduce_first).remote(list(codes.map_batches(first_moments, batch_format="pyarrow")
                                                   .materialize().to_arrow_refs()))
     second = codes.map_batches(second_moments, batch_format="pyarrow", fn_kwargs={"first": [first]})
@@ -80,8 +83,9 @@ def run(cfg: Settings, before_commit=None) -> dict:
     sums = None
     if labels is not None:
         sums = list(codes.map_batches(directions.class_sums, batch_format="pyarrow", fn_kwargs={
-            "labels_refs": labels.broadcast(), "join_on": labels.join_on, "shape": shape}).materialize().to_arrow_refs())
-    log.info("fit_directions %s -> %s: %d ok codes of shape %s, %d PCA directions, %s, run %s", cfg.latents, output,
+            "labels_refs": labels.broadcast(), "join_on": labels.join_on, "shape": shape})
+                    .materialize().to_arrow_refs())
+    log.info("fit_directions %s -> %s: %d ok codes of shape %s, %d PCA directions, %s, run %s", latents, output,
              c["ok"], list(shape), cfg.components,
              f"boundaries for {len(labels.names)} attributes" if labels else "no labels", r.run_id)
     out = ray.get(ray.remote(directions.publish).remote(stats, sums, labels.names if labels else [],
@@ -95,7 +99,7 @@ def run(cfg: Settings, before_commit=None) -> dict:
         before_commit(r)
     r.commit({MODELS: r.write_small(MODELS, model_rows(out["rows"], r.run_id))},
              {**counts, "seconds": r.seconds(), **extra},
-             extra={"inputs": {"latents": cfg.latents, "attributes": cfg.attributes},
+             extra={"inputs": {"latents": latents, "attributes": cfg.attributes},
                     "ray": {"version": ray.__version__}})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 

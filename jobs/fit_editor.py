@@ -127,6 +127,8 @@ def format_figures(res: dict) -> str:
 
 
 def resolve_classifier(cfg: Settings) -> dict:
+    if not cfg.classifier:
+        raise JobError("fit_editor: set classifier=URI")
     try:
         return model_registry.pick(cfg.classifier, "classifier", run_id=cfg.classifier_run,
                                    sha256=cfg.classifier_sha256)
@@ -153,23 +155,26 @@ def run(cfg: Settings, before_commit=None) -> dict:
 
     from stmodel.classifier import load_classifier
 
+    if not cfg.output:
+        raise JobError("fit_editor: set output=URI")
+    output = cfg.output
     attrs = cfg.attribute_names()
     cm = resolve_classifier(cfg)
     clf = load_classifier(cm["uri"], sha256=cm["sha256"])
     unknown = [a for a in attrs if a not in clf.attributes]
     if unknown:
         raise JobError(f"unknown attribute(s) {unknown}; the classifier knows {clf.attributes}")
-    r = JobRun(cfg.output, JOB, cfg)
+    r = JobRun(output, JOB, cfg)
     keys = model_file_keys(attrs, r.run_id)
     datasets, counts, source = build_datasets(cfg)
     shape = datasets["train"].take_batch(1, batch_format="numpy")["w_plus"].shape[1:]
     if tuple(shape) != (clf.n_latent, clf.style_dim):
         raise JobError(f"codes of shape {list(shape)} but the classifier takes [{clf.n_latent}, {clf.style_dim}]")
     del clf
-    uris = {a: storage.join(cfg.output, keys[a]) for a in attrs}
+    uris = {a: storage.join(output, keys[a]) for a in attrs}
     t = cfg.fit_editor
     log.info("fit_editor: %d attribute(s) %s, %s, %d steps each, classifier %s (%s) -> %s (run %s)", len(attrs),
-             attrs, source, t.steps, cm["uri"], cm["sha256"][:12], cfg.output, r.run_id)
+             attrs, source, t.steps, cm["uri"], cm["sha256"][:12], output, r.run_id)
     res = fit(editor_loop, {"attributes": attrs, "classifier_uri": cm["uri"], "classifier_sha256": cm["sha256"],
                             "editor": cfg.editor, "loss": cfg.loss, "train": t, "eval": cfg.eval,
                             "editor_uris": uris, "run_id": r.run_id},

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,14 +108,17 @@ def run(cfg: Settings) -> dict:
 
     from stmodel.checkpoint import load_inversion
 
+    if not cfg.input or not cfg.output:
+        raise JobError("train_encoder: set input=URI and output=URI")
+    source, output = cfg.input, cfg.output
     t = cfg.train_encoder
     t0 = time.time()
-    files = storage.list_files(cfg.input)
+    files = storage.list_files(source)
     if not files:
-        raise JobError(f"no images under {cfg.input}")
+        raise JobError(f"no images under {source}")
     initial = build_model(cfg.model)
     mc = initial.cfg
-    paths, fs = storage.ray_paths(cfg.input, files)
+    paths, fs = storage.ray_paths(source, files)
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
     ds = ds.map_batches(decode_for_training, batch_format="numpy", batch_size=32,
                         fn_kwargs={"input_size": mc.input_size, "target_size": mc.pool_size})
@@ -127,27 +131,28 @@ def run(cfg: Settings) -> dict:
               "skipped": 0}
     val_files = storage.list_files(cfg.val_input) if cfg.val_input else files
     val = _decode_all(val_files[:t.val_images], mc.input_size, mc.pool_size)
-    done = checkpoint_steps(cfg.output)
+    done = checkpoint_steps(output)
     log.info("train_encoder: %d images (%d not trainable), %s, steps %d (resuming from %d), %d worker(s)%s",
              len(files), len(bad), mc.name, t.steps, done[-1] if done else 0, t.num_workers,
              " on GPU" if use_gpu(t.use_gpu) else "")
-    loop_cfg = {"output": cfg.output, "model": cfg.model, "metric_weights": cfg.metric_weights, "train": t,
+    loop_cfg = {"output": output, "model": cfg.model, "metric_weights": cfg.metric_weights, "train": t,
                 "val": {"image": val["image"], "target": val["target"]}}
     fit(train_loop_per_worker, loop_cfg,
         {"train": ds.filter(lambda r: bool(r["ok"])).select_columns(["image", "target"])}, t,
-        f"train_encoder-{abs(hash(cfg.output)) % 10**8}")
-    steps = checkpoint_steps(cfg.output)
+        f"train_encoder-{abs(hash(output)) % 10**8}")
+    steps = checkpoint_steps(output)
     last = steps[-1] if steps else 0
-    extra = {"steps": last, "checkpoint": storage.join(cfg.output, "checkpoints", f"step_{last:06d}.pt")}
+    checkpoint = storage.join(output, "checkpoints", f"step_{last:06d}.pt")
+    extra: dict[str, Any] = {"steps": last, "checkpoint": checkpoint}
     if last >= t.steps:
-        trained, _ = load_inversion(extra["checkpoint"])
+        trained, _ = load_inversion(checkpoint)
         ev = evaluate_encoder(trained, initial, val, _true_codes(cfg.val_codes, val["names"]))
-        storage.write_bytes(storage.join(cfg.output, "train", "eval.json"), json.dumps(ev, indent=2).encode())
+        storage.write_bytes(storage.join(output, "train", "eval.json"), json.dumps(ev, indent=2).encode())
         extra["eval"] = ev
         log.info("eval: trained PSNR %.2f dB, untrained %.2f dB, mean latent %.2f dB",
                  ev["trained"]["psnr"], ev["untrained"]["psnr"], ev["mean_latent"]["psnr"])
     # The run record only (`_runs/<run_id>.json`): training writes no table, so no Delta commit.
-    r = JobRun(cfg.output, JOB, cfg)
+    r = JobRun(output, JOB, cfg)
     r.commit({}, {**counts, "seconds": round(time.time() - t0, 2), **extra})
     return {"run_id": r.run_id, "counts": counts, "extra": extra}
 

@@ -45,7 +45,8 @@ def class_sums(batch: pa.Table, labels_refs: list, join_on: str, shape: tuple[in
         pos, neg = y[:, j] == 1, y[:, j] == 0
         n1[j], n0[j] = pos.sum(), neg.sum()
         s1[j], s0[j] = x[pos].sum(axis=0), x[neg].sum(axis=0)
-    return pa.table({"n1": [n1.tolist()], "n0": [n0.tolist()], "s1": [s1.ravel().tolist()], "s0": [s0.ravel().tolist()]})
+    return pa.table({"n1": [n1.tolist()], "n0": [n0.tolist()], "s1": [s1.ravel().tolist()],
+                     "s0": [s0.ravel().tolist()]})
 
 
 def pca_directions(stats: dict, components: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +95,7 @@ def publish(stats: dict, sums: list | None, names: list[str], components: int, m
 
     dirs, ratio = pca_directions(stats, components)
     named = {f"{PCA_PREFIX}{i}": d for i, d in enumerate(dirs)}
-    skipped = {}
+    skipped: dict[str, str] = {}
     if sums is not None:
         sup, skipped = boundary_directions(stats, sums, names, min_class)
         named.update(sup)
@@ -102,7 +103,8 @@ def publish(stats: dict, sums: list | None, names: list[str], components: int, m
     for name, d in named.items():
         buf = io.BytesIO()
         np.save(buf, d.astype(np.float32), allow_pickle=False)
-        uri = storage.join(output, model_registry.model_key(KIND, run_id, f"{re.sub(r'[^A-Za-z0-9_-]', '_', name)}.npy"))
+        file_name = f"{re.sub(r'[^A-Za-z0-9_-]', '_', name)}.npy"
+        uri = storage.join(output, model_registry.model_key(KIND, run_id, file_name))
         storage.write_bytes(uri, buf.getvalue())
         rows.append({"uri": uri, "kind": KIND, "attribute": name, "sha256": sha256_bytes(buf.getvalue())})
     return {"rows": rows, "explained_variance_ratio": [round(float(r), 5) for r in ratio], "skipped": skipped}

@@ -34,6 +34,8 @@ import json
 import math
 import os
 import posixpath
+from collections.abc import Iterable
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
@@ -199,7 +201,7 @@ def _location(uri: str) -> tuple[str, str, tuple[str, ...]] | None:
         return None
     parts = urlsplit(uri) if "://" in uri else None
     scheme = parts.scheme.lower() if parts else ""
-    if scheme in _LOCAL:
+    if parts is None or scheme in _LOCAL:  # no scheme is a local path
         path = parts.path if parts else uri
         path = os.path.realpath(os.path.expanduser(path))
         return "file", "", tuple(p for p in path.split(os.sep) if p)
@@ -255,7 +257,8 @@ def check_direction(uri: str, n_latent: int, style_dim: int) -> tuple[torch.Tens
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         return None, f"cannot read direction file {shown}: {msg.replace(uri, shown)}"
     if not (tuple(n.shape) == (style_dim,) or tuple(n.shape) == (n_latent, style_dim)):
-        return None, f"direction in {shown} has shape {list(n.shape)}; codes need [{style_dim}] or [{n_latent}, {style_dim}]"
+        return None, (f"direction in {shown} has shape {list(n.shape)}; codes need [{style_dim}] or "
+                      f"[{n_latent}, {style_dim}]")
     return n, None
 
 
@@ -289,10 +292,10 @@ class EditContext:
 def edit_models(req: dict, ctx: EditContext) -> dict:
     """The models an edit depends on: the inversion checkpoint (it renders), and the classifier
     (label edits) or the attribute's editor (reference edits)."""
-    kind = req.get("kind")
+    kind, attr = req.get("kind"), req.get("attribute")
     return {"checkpoint": ctx.checkpoint_sha256,
             "classifier": ctx.classifier_sha256 if kind == "label" else None,
-            "editor": ctx.editors.get(req.get("attribute")) if kind == "reference" else None}
+            "editor": ctx.editors.get(attr) if kind == "reference" and attr is not None else None}
 
 
 def validate(req: dict, ctx: EditContext) -> tuple[str, str | None]:
@@ -348,11 +351,19 @@ def prepare_requests(rows, ctx: EditContext) -> pa.Table:
 
 # ---------------------------------------------------------------------------- sweeps and keys
 
+_T = TypeVar("_T")
+
+
+def _unique(xs: Iterable[_T]) -> list[_T]:
+    """The values in their first order, each once."""
+    return list(dict.fromkeys(xs))
+
+
 def expand_sweep(sw: SweepSection, faces: list[tuple[str, int]]) -> list[dict]:
     """The request rows of a sweep for the given faces (its cross product; a value listed twice
     counts once)."""
-    attrs = list(dict.fromkeys(sw.attributes)) or [None]
-    uniq = (lambda xs: list(dict.fromkeys(xs)))
+    attrs: list[str | None] = [*_unique(sw.attributes)] or [None]
+    uniq = _unique
     out: list[dict] = []
     for iid, fi in faces:
         for kind in uniq(sw.kinds):

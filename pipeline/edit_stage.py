@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +42,9 @@ from pipeline.schemas import edits_schema, make_table, unsliced
 from pipeline.scoring import to_uint8
 from pipeline.sections import MetricWeights, ModelSection
 from pipeline.storage import image_key
+
+if TYPE_CHECKING:
+    from stmodel.classifier import LatentClassifier
 
 log = logging.getLogger("stbatch.edit")
 
@@ -183,8 +187,15 @@ class EditBatch(ModelActor):
             n, err = check_direction(uri, self.n_latent, self.style_dim)
             if err:
                 raise ValueError(err)
+            if n is None:  # check_direction returns a direction or why there is none
+                raise ValueError(f"check_direction gave neither a direction nor an error for {uri}")
             self.directions[uri] = n.to(self.device)
         return self.directions[uri]
+
+    def _classifier(self) -> LatentClassifier:
+        if self.clf is None:  # validate fails label edits without a classifier
+            raise ValueError("label edits need a classifier (set classifier=ROOT)")
+        return self.clf
 
     def _edit_codes(self, rows: list[dict], ws: torch.Tensor, wr: torch.Tensor, status: list, error: list
                     ) -> torch.Tensor:
@@ -192,10 +203,11 @@ class EditBatch(ModelActor):
         from stmodel.label_edit import direction_edit, label_edit
 
         we = torch.full_like(ws, float("nan"))
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[tuple[Any, ...], list[int]] = {}
         for i, r in enumerate(rows):
             if status[i] != STATUS_OK:
                 continue
+            key: tuple[Any, ...]  # (kind tag, what the rows of a group share)
             if r["kind"] == "label" and int(r["order"]) == 2:
                 key = ("label2", i)  # seeded per request: the same w_e whatever the batching
             elif r["kind"] == "label":
@@ -212,11 +224,11 @@ class EditBatch(ModelActor):
                 if key[0] == "label2":
                     r = rows[idx[0]]
                     seed = int(r["edit_id"][:15], 16) % (2 ** 31)
-                    out = label_edit(self.clf, ws[ix], r["attribute"], int(r["target"]), float(r["strength"]),
+                    out = label_edit(self._classifier(), ws[ix], r["attribute"], int(r["target"]), float(r["strength"]),
                                      order=2, seed=seed)
                 elif key[0] == "label":
                     # alpha per row: w - alpha * direction (label_edit's arithmetic broadcasts)
-                    out = label_edit(self.clf, ws[ix], key[1], key[2], alpha, order=1)
+                    out = label_edit(self._classifier(), ws[ix], key[1], key[2], alpha, order=1)
                 elif key[0] == "reference":
                     with torch.no_grad():
                         w_ref = self.editors[key[1]](ws[ix], wr[ix])
@@ -250,8 +262,9 @@ class EditBatch(ModelActor):
         check_codes(meta, has_source, has_ref, self.info["sha256"], status, error)
         ws = torch.from_numpy(w_s).to(self.device)
         wr = torch.from_numpy(w_r).to(self.device)
-        cols = {k: [r[k] for r in meta] for k in ("edit_id",) + REQUEST_FIELDS}
-        out = {k: [None] * n for k in ("output_uri", "source_reconstruction_uri", "metric_backbones")}
+        cols: dict[str, list[Any] | np.ndarray] = {k: [r[k] for r in meta] for k in ("edit_id",) + REQUEST_FIELDS}
+        out: dict[str, list[Any]] = {k: [None] * n for k in ("output_uri", "source_reconstruction_uri",
+                                                             "metric_backbones")}
         pngs: list = [None] * n
         nums = {k: np.full(n, np.nan, np.float32) for k in ("id_similarity", "lpips", "logit_before", "logit_after")}
         we = self._edit_codes(meta, ws, wr, status, error)

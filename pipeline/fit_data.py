@@ -186,14 +186,18 @@ class SampleCodes:
 
     def __init__(self, model: ModelSection, sample: SampleSection, device: str):
         from pipeline.models import load_model, pick_device
+        from stmodel.stylegan2 import Generator
 
         self.device = pick_device(device)
         m, _ = load_model(model)
-        self.style = m.decoder.style.to(self.device).eval().requires_grad_(False)
+        decoder = m.decoder
+        if not isinstance(decoder, Generator):  # load_model loads the generator by default
+            raise TypeError(f"sampling codes needs the model's generator, got {type(decoder).__name__}")
+        self.style = decoder.style.to(self.device).eval().requires_grad_(False)
         self.n_latent, self.dim = m.cfg.n_latent, m.cfg.style_dim
         self.psi, self.seed = sample.truncation, sample.seed
         with torch.no_grad():
-            self.mean = m.decoder.to(self.device).mean_latent(sample.mean_n, seed=self.seed + 1)
+            self.mean = decoder.to(self.device).mean_latent(sample.mean_n, seed=self.seed + 1)
         del m
 
     @torch.no_grad()

@@ -143,7 +143,10 @@ def _evaluate(model, shard, device, k: int, keep_rows: bool) -> tuple[float, np.
     val_loss = loss_sum / n_labels if n_labels else math.nan
     if not keep_rows:
         return val_loss, np.zeros((0, k), np.float32), np.zeros((0, k), np.float32)
-    cat = (lambda parts: np.concatenate(parts) if parts else np.zeros((0, k), np.float32))
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros((0, k), np.float32)
+
     return val_loss, cat(logits), cat(labels)
 
 
@@ -170,7 +173,8 @@ def classifier_loop(config: dict) -> dict | None:
     val = ray.train.get_dataset_shard("val") if rank == 0 else None
     history, t0 = [], time.time()
     epochs = t.epochs
-    logits = labels = None
+    logits: np.ndarray | None = None
+    labels: np.ndarray | None = None
     for epoch in range(epochs):
         model.train()
         tot, nb = 0.0, 0
@@ -190,7 +194,7 @@ def classifier_loop(config: dict) -> dict | None:
                          history[-1]["train_loss"], val_loss)
     if rank != 0:
         return None
-    if logits is None:  # no epoch: the metrics of the initial weights
+    if logits is None or labels is None:  # no epoch: the metrics of the initial weights
         _, logits, labels = _evaluate(model, val, device, len(names), keep_rows=True)
     model.eval()
     state = classifier_state(model.cpu())
@@ -248,7 +252,7 @@ def editor_loop(config: dict) -> dict | None:
     e: EditorSection = config["editor"]
     ev: EvalSection = config["eval"]
     train = ray.train.get_dataset_shard("train")
-    pairs = None
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # rank 0's held-out (source, reference) pairs
     if rank == 0:
         v = first_keys(ray.train.get_dataset_shard("val"), 2 * ev.max_pairs)
         w = torch.from_numpy(v["w_plus"]).float().to(device)
@@ -261,7 +265,7 @@ def editor_loop(config: dict) -> dict | None:
         editor = EditTransformer(clf.style_dim, e.n_heads, e.ff_dim, e.dropout, e.query_norm)
         net = _wrap(editor, world, device)
         opt = torch.optim.Adam(editor.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        before = _editor_figures(editor, clf, *pairs, k, weights) if rank == 0 and len(pairs[0]) else None
+        before = _editor_figures(editor, clf, *pairs, k, weights) if pairs is not None and len(pairs[0]) else None
         editor.train()
         step, epoch, t0, history = 0, 0, time.time(), []
         total_steps = t.steps
@@ -288,7 +292,7 @@ def editor_loop(config: dict) -> dict | None:
             epoch += 1
             if seen == 0:
                 raise RuntimeError("editor training: the train shard yielded no batch of 2 or more codes")
-        if rank != 0:
+        if pairs is None:  # not rank 0
             continue
         after = _editor_figures(editor, clf, *pairs, k, weights) if len(pairs[0]) else None
         state = editor_state(editor, clf, None, {

@@ -133,16 +133,18 @@ def load_labels(uri: str, attributes_list: list[str] | None = None) -> Labels:
     join_on, keys = _user_keys(t)
     keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
     values = np.full((t.num_rows, len(names)), np.nan, np.float32)
-    error: list[str | None] = [None] * t.num_rows
+    invalid: list[list[str] | None] = [None] * t.num_rows  # per row: its attributes with an invalid value
     for k, name in enumerate(names):
         for i, v in enumerate(t[name].to_pylist()):
             f = label_value(v)
             if f is None:
-                error[i] = error[i] or []
-                error[i].append(name)
+                bad = invalid[i]
+                if bad is None:
+                    bad = invalid[i] = []
+                bad.append(name)
             else:
                 values[i, k] = f
-    error = [None if e is None else f"invalid label value (not 0/1/-1/bool) in {', '.join(e[:5])}" for e in error]
+    error = [None if e is None else f"invalid label value (not 0/1/-1/bool) in {', '.join(e[:5])}" for e in invalid]
     flat = pa.array(values.reshape(-1), pa.float32())
     table = pa.table({"_key": keys, "labels": pa.FixedSizeListArray.from_arrays(flat, len(names)),
                       "label_error": pa.array(error, pa.string())})

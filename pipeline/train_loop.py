@@ -43,6 +43,8 @@ def decode_for_training(batch: dict, input_size: int, target_size: int) -> dict:
     for i, b in enumerate(batch["bytes"]):
         d = decode_image(bytes(b), min_side=1)
         if d.status == STATUS_OK:
+            if d.image is None:  # decode_image sets the image with status ok
+                raise ValueError("decode_image: status ok without an image")
             image[i], target[i], ok[i] = to_model_input(d.image, input_size), to_model_input(d.image, target_size), True
         else:
             err[i] = d.error
@@ -117,6 +119,8 @@ def build_model(spec: EncoderModelSection):
     if spec.checkpoint or not spec.generator:
         model, _ = load_model(spec)
         return model
+    if not spec.preset:  # EncoderModelSection.problems refuses this
+        raise ValueError("model.generator needs model.preset (the generator's shape)")
     gen, avg, _ = load_generator(spec.generator, spec.preset, sha256=spec.generator_sha256)
     return inversion_from_generator(gen, avg, seed=spec.seed)
 
@@ -155,7 +159,8 @@ def train_loop_per_worker(config: dict) -> None:
     model.to(device)
     model.train()
     model.decoder.eval()  # no train-mode behaviour there, and keep it frozen
-    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if ray.train.get_context().get_world_size() > 1 else model
+    world = ray.train.get_context().get_world_size()
+    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     lpips_net = id_embed = None
     if t.lpips > 0 or t.id > 0:
         from pipeline.models import build_metrics

@@ -26,7 +26,8 @@ SIGNED = f"X-Amz-Signature={SECRET}&X-Amz-Credential=AKIA{SECRET}&X-Amz-Security
     (f"https://user:{SECRET}@host/p", "https://host/p"),
     (f"s3://bucket/k#access_token={SECRET}", "s3://bucket/k#access_token=REDACTED"),
     (f"ckpt.pt?{SIGNED}", "ckpt.pt?X-Amz-Signature=REDACTED&X-Amz-Credential=REDACTED&X-Amz-Security-Token=REDACTED"),
-    (f"cannot read 'https://u:{SECRET}@h/x.npy?sig={SECRET}': gone", "cannot read 'https://h/x.npy?sig=REDACTED': gone"),
+    (f"cannot read 'https://u:{SECRET}@h/x.npy?sig={SECRET}': gone",
+     "cannot read 'https://h/x.npy?sig=REDACTED': gone"),
     ("nothing to see: a=b & c, mail me@example.org", "nothing to see: a=b & c, mail me@example.org"),
 ])
 def test_redact_text(raw, shown):

@@ -117,7 +117,11 @@ def test_sigkill_mid_run_and_between_model_and_state_then_resume(tmp_path):
     proc = _start(root, "run1")
     try:
         deadline = time.time() + 900
-        while not (ckpts.is_dir() and any(p.name.startswith("state_") and ".tmp-" not in p.name for p in ckpts.iterdir())):
+        def published() -> bool:
+            return ckpts.is_dir() and any(p.name.startswith("state_") and ".tmp-" not in p.name
+                                          for p in ckpts.iterdir())
+
+        while not published():
             assert proc.poll() is None and time.time() < deadline, "no checkpoint before the job ended"
             time.sleep(0.02)
     finally:

@@ -1,4 +1,5 @@
-"""The settings of jobs.fit_classifier (see its module doc), declared once; importing this needs neither torch nor Ray."""
+"""The settings of jobs.fit_classifier (see its module doc), declared once; importing this needs neither
+torch nor Ray."""
 from __future__ import annotations
 
 from dataclasses import dataclass
