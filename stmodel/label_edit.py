@@ -57,7 +57,7 @@ def label_direction(classifier: LatentClassifier, w: torch.Tensor, k: int | str,
     return _normalise(_bce_grad(classifier, w, k, target))
 
 
-def label_edit(classifier: LatentClassifier, w: torch.Tensor, k: int | str, target: int, alpha: float,
+def label_edit(classifier: LatentClassifier, w: torch.Tensor, k: int | str, target: int, alpha: float | torch.Tensor,
                order: int = 1, seed: int = 0, *, unit_noise: bool = True) -> torch.Tensor:
     """Edit W+ codes towards `target` (1 add, 0 remove) for attribute k; returns `w_e`.
 

@@ -25,7 +25,8 @@ class LossWeights:
 
 
 class PSPLoss(nn.Module):
-    def __init__(self, weights: LossWeights = LossWeights(), lpips_net: nn.Module | None = None,
+    def __init__(self, weights: LossWeights = LossWeights(),
+                 lpips_net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  id_embed: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """`lpips_net(a, b)` -> per-image distance (inputs [-1, 1]); `id_embed(x)` -> unit
         embeddings; both frozen, differentiable w.r.t. their inputs."""
