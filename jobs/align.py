@@ -64,6 +64,7 @@ from pipeline.errors import JobError
 from pipeline.inputs import refused_rows, split_by_size
 from pipeline.runner import JobRun, TableSpec, WriteResult
 from pipeline.schemas import FACES_SCHEMA, SOURCE_LISTING_COLUMNS
+from pipeline.status import STATUS_OK
 
 log = logging.getLogger("stbatch.align")
 
@@ -118,7 +119,7 @@ def unchanged_skipped(run: JobRun, files: list[dict], retry_failed: bool) -> tup
     known = [f for f in files if f["source_etag"] is not None and f["source_size"] is not None]
     if snap is None or not known or any(c not in snap.schema.names for c in SOURCE_LISTING_COLUMNS):
         return files, 0
-    rows = ray.data.from_items([{**f, "status": "ok"} for f in known],
+    rows = ray.data.from_items([{**f, "status": STATUS_OK} for f in known],
                                override_num_blocks=max(1, min(len(known) // 5000, 200)))
     todo, skipped = run.skip_done(rows, FACES, n_in=len(known), retry_failed=retry_failed, key=LISTING_KEY)
     again = {r["source_uri"] for r in todo.select_columns(["source_uri"]).iter_rows()}
@@ -161,7 +162,7 @@ def run(cfg: Settings, before_commit=None) -> dict:
             again = [f for f in todo if f["source_uri"] in wanted and _exists(f["source_uri"])]
             return build_dataset(again, cfg, r, bs, len(todo)) if again else ray.data.from_items([])
 
-        inputs = ray.data.from_items([{"source_uri": f["source_uri"], "status": "ok"} for f in todo])
+        inputs = ray.data.from_items([{"source_uri": f["source_uri"], "status": STATUS_OK} for f in todo])
         res.merge(r.write(None, FACES, expected=len(todo), inputs=inputs,
                           lost_rows=partial(lost_file_rows, output=cfg.output, run_id=r.run_id,
                                             retry_failed=retry_failed),

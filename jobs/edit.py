@@ -86,7 +86,6 @@ from pipeline.compute import actor_stage
 from pipeline.directions import named_direction_sweep
 from pipeline.edit_requests import (
     REQUEST_FIELDS,
-    STATUS_OK,
     EditContext,
     expand_sweep,
     prepare_requests,
@@ -103,8 +102,9 @@ from pipeline.edit_stage import (
 )
 from pipeline.errors import JobError
 from pipeline.fit_data import read_latents
-from pipeline.runner import STATUS_LOST, JobRun, TableSpec, WriteResult, run_summary
+from pipeline.runner import JobRun, TableSpec, WriteResult, run_summary
 from pipeline.schemas import edits_schema
+from pipeline.status import STATUS_LOST, STATUS_OK
 
 log = logging.getLogger("stbatch.edit")
 

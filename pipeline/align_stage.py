@@ -34,12 +34,13 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline import delta, storage
-from pipeline.decode import IDENTITY_MAP, STATUS_OK, decode_image, decode_region
+from pipeline.decode import IDENTITY_MAP, decode_image, decode_region
 from pipeline.decode import image_id as hash_image_id
 from pipeline.inputs import unread_id
-from pipeline.runner import STATUS_LOST, STATUS_SKIPPED, UNIT_COLUMN, is_done
+from pipeline.runner import UNIT_COLUMN, is_done
 from pipeline.schemas import SOURCE_LISTING_COLUMNS, faces_table
 from pipeline.sections import AlignSection
+from pipeline.status import STATUS_LOST, STATUS_OK, STATUS_SKIPPED
 
 if TYPE_CHECKING:
     from stmodel.detect import Faces
@@ -243,7 +244,7 @@ def select_faces(faces, policy: str, min_score: float, min_face_px: float,
         big = big[:1]
     else:
         big = big[:max_faces]
-    return "ok", None, int(len(cand)), [int(i) for i in big]
+    return STATUS_OK, None, int(len(cand)), [int(i) for i in big]
 
 
 class Pixels:
@@ -362,7 +363,7 @@ class AlignFaces:
                      "error": f"face detection failed: {type(faces).__name__}: {faces}"}], [], 0, faces
         status, error, n_faces, keep = select_faces(faces, self.section.face_policy, self.section.min_score,
                                                     self.section.min_face_px, self.section.max_faces)
-        if status != "ok":
+        if status != STATUS_OK:
             return [{**base, "status": status, "error": error, "n_faces": n_faces}], [], n_faces, faces
         cand = np.flatnonzero(np.asarray(faces.scores, dtype=np.float64) >= self.section.min_score)
         return None, keep, n_faces, Faces(faces.boxes[cand], faces.scores[cand], faces.landmarks[cand])
@@ -425,7 +426,7 @@ class AlignFaces:
                                       supersample=self.section.supersample)
                 uri = storage.join(self.output, aligned_key(base["image_id"], k))
                 storage.write_bytes(uri, encode_crop_png(crop, self.section.png_compress_level))
-                rows.append({**row, "status": "ok", "quad": quad.astype(np.float32), "aligned_uri": uri})
+                rows.append({**row, "status": STATUS_OK, "quad": quad.astype(np.float32), "aligned_uri": uri})
             except Exception as e:  # noqa: BLE001
                 log.warning("align failed for %s face %d: %s", base["source_uri"], k, traceback.format_exc())
                 rows.append({**row, "status": "align_error", "error": f"{type(e).__name__}: {e}"})

@@ -22,13 +22,14 @@ import pyarrow.compute as pc
 
 from pipeline.fit_data import codes_to_numpy
 from pipeline.schemas import unsliced
+from pipeline.status import STATUS_OK
 
 COLUMNS = ["image_id", "face_index", "status", "w_plus", "psnr", "lpips", "run_id"]
 METRICS = ("psnr", "lpips")
 
 
 def ok_codes(batch: pa.Table) -> tuple[pa.Table, np.ndarray]:
-    t = unsliced(batch).filter(pc.equal(batch["status"], "ok"))
+    t = unsliced(batch).filter(pc.equal(batch["status"], STATUS_OK))
     w = codes_to_numpy(t["w_plus"]).astype(np.float64) if t.num_rows else np.zeros((0, 0, 0))
     return t, w.mean(axis=1) if t.num_rows else np.zeros((0, 0))
 

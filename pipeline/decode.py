@@ -43,15 +43,18 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.status import (
+    STATUS_DECODE_ERROR,
+    STATUS_MULTI_FRAME,
+    STATUS_OK,
+    STATUS_TOO_LARGE,
+    STATUS_TOO_SMALL,
+    STATUS_UNSUPPORTED_FORMAT,
+)
+
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MIN_SIDE = 32
 
-STATUS_OK = "ok"
-STATUS_DECODE_ERROR = "decode_error"
-STATUS_TOO_LARGE = "too_large"
-STATUS_TOO_SMALL = "too_small"
-STATUS_UNSUPPORTED = "unsupported_format"
-STATUS_MULTI_FRAME = "multi_frame"
 MULTI_FRAME_POLICIES = ("refuse", "first")
 
 Image.init()
@@ -72,7 +75,7 @@ ORIENTATION_METHODS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.RO
 class Decoded:
     status: str
     error: str | None = None
-    image: np.ndarray | None = None  # HxWx3 uint8 RGB when status == "ok"
+    image: np.ndarray | None = None  # HxWx3 uint8 RGB when status == STATUS_OK
     width: int | None = None         # after EXIF orientation (header size when not decoded), full resolution
     height: int | None = None
     format: str | None = None
@@ -85,7 +88,7 @@ class Decoded:
 
     @property
     def rgb(self) -> np.ndarray:
-        """The decoded pixels, for a caller that checked status == "ok" (there are none otherwise)."""
+        """The decoded pixels, for a caller that checked status == STATUS_OK (there are none otherwise)."""
         if self.image is None:
             raise ValueError(f"no decoded pixels (status {self.status}: {self.error})")
         return self.image
@@ -264,7 +267,7 @@ def _open(data: bytes, max_pixels: int, min_side: int, formats=None,
     except UnidentifiedImageError:
         other = _other_format(data)
         if other is not None:
-            return Decoded(STATUS_UNSUPPORTED, f"{other} image: format not in the allowed formats "
+            return Decoded(STATUS_UNSUPPORTED_FORMAT, f"{other} image: format not in the allowed formats "
                            f"{list(allowed)}", format=other)
         head = bytes(data[:16])
         return Decoded(STATUS_DECODE_ERROR,
@@ -272,7 +275,7 @@ def _open(data: bytes, max_pixels: int, min_side: int, formats=None,
     fmt = im.format
     if fmt is None or _SAME_AS.get(fmt, fmt) not in allowed:
         im.close()
-        return Decoded(STATUS_UNSUPPORTED, f"{fmt} image: format not in the allowed formats {list(allowed)}",
+        return Decoded(STATUS_UNSUPPORTED_FORMAT, f"{fmt} image: format not in the allowed formats {list(allowed)}",
                        format=fmt)
     w, h = int(im.size[0]), int(im.size[1])
     frames = 1 if fmt == "MPO" else _frames(im)

@@ -47,11 +47,11 @@ from pipeline.edit_sections import SweepSection
 from pipeline.errors import JobError
 from pipeline.redact import redact_uri
 from pipeline.schemas import EDIT_KINDS
+from pipeline.status import STATUS_BAD_REQUEST, STATUS_OK, STATUS_SKIPPED
 
 REQUEST_FIELDS = ("image_id", "face_index", "kind", "attribute", "strength", "target", "reference_image_id",
                   "reference_face_index", "direction_uri", "order")
 STRING_FIELDS = ("image_id", "kind", "attribute", "reference_image_id", "direction_uri")
-STATUS_OK, STATUS_BAD, STATUS_SKIPPED = "ok", "bad_request", "skipped"
 REQUEST_TYPES = {"face_index": pa.int32(), "reference_face_index": pa.int32(), "strength": pa.float64(),
                  "target": pa.int8(), "order": pa.int8()}
 REQUEST_SCHEMA = pa.schema([pa.field("edit_id", pa.string()),
@@ -305,19 +305,19 @@ def validate(req: dict, ctx: EditContext) -> tuple[str, str | None]:
     if attr is not None:
         known = ctx.attributes if ctx.attributes is not None else (sorted(ctx.editors) if kind == "reference" else None)
         if kind == "label" and ctx.attributes is None:
-            return STATUS_BAD, "label edits need a classifier (set classifier=ROOT)"
+            return STATUS_BAD_REQUEST, "label edits need a classifier (set classifier=ROOT)"
         if known is not None and attr not in known:
             shown = ", ".join(known[:8]) + (" ..." if len(known) > 8 else "")
-            return STATUS_BAD, f"unknown attribute {attr!r} (known: {shown})"
+            return STATUS_BAD_REQUEST, f"unknown attribute {attr!r} (known: {shown})"
     if kind == "reference":
         if attr in ctx.editor_errors:
-            return STATUS_BAD, f"editor for {attr!r} cannot be used: {ctx.editor_errors[attr]}"
+            return STATUS_BAD_REQUEST, f"editor for {attr!r} cannot be used: {ctx.editor_errors[attr]}"
         if attr not in ctx.editors:
-            return STATUS_BAD, f"no editor for attribute {attr!r} (no committed editor; set editors=ROOT)"
+            return STATUS_BAD_REQUEST, f"no editor for attribute {attr!r} (no committed editor; set editors=ROOT)"
     if kind == "direction":
         err = ctx.direction_error(req["direction_uri"])
         if err:
-            return STATUS_BAD, err
+            return STATUS_BAD_REQUEST, err
     return STATUS_OK, None
 
 
@@ -330,7 +330,7 @@ def prepare_requests(rows, ctx: EditContext) -> pa.Table:
     for row in rows:
         req, err = normalize_request(row)
         eid = edit_id(req, edit_models(req, ctx))
-        status = STATUS_BAD
+        status = STATUS_BAD_REQUEST
         if eid in seen:
             status, err = STATUS_SKIPPED, None
         elif err is None:
@@ -400,7 +400,7 @@ def request_keys(t: pa.Table) -> pa.Table:
     return keys.group_by(["image_id", "face_index"]).aggregate([])
 
 
-__all__ = ["REQUEST_FIELDS", "REQUEST_SCHEMA", "STATUS_OK", "STATUS_BAD", "STATUS_SKIPPED",
+__all__ = ["REQUEST_FIELDS", "REQUEST_SCHEMA",
            "check_columns", "read_requests", "normalize_request", "edit_id", "is_under", "direction_refusal",
            "check_direction", "EditContext", "edit_models", "validate", "prepare_requests", "expand_sweep",
            "sweep_batch", "request_keys"]

@@ -27,12 +27,7 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline import delta, storage
-from pipeline.edit_requests import (
-    REQUEST_FIELDS,
-    STATUS_BAD,
-    STATUS_OK,
-    check_direction,
-)
+from pipeline.edit_requests import REQUEST_FIELDS, check_direction
 from pipeline.edit_sections import EditSection
 from pipeline.fit_data import codes_to_numpy
 from pipeline.images import encode_png
@@ -41,6 +36,7 @@ from pipeline.paste_stage import CROP_PNG
 from pipeline.schemas import edits_schema, make_table, unsliced
 from pipeline.scoring import to_uint8
 from pipeline.sections import MetricWeights, ModelSection
+from pipeline.status import STATUS_BAD_REQUEST, STATUS_EDIT_ERROR, STATUS_MODEL_MISMATCH, STATUS_OK
 from pipeline.storage import image_key
 
 if TYPE_CHECKING:
@@ -48,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stbatch.edit")
 
-STATUS_MISMATCH, STATUS_ERROR = "model_mismatch", "edit_error"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # Edited images live beside the `edits` Delta table, never inside it (a vacuum of the table
 # removes every file its log does not name).
@@ -124,17 +119,17 @@ def check_codes(meta: list[dict], has_source: np.ndarray, has_ref: np.ndarray, m
             continue
         sha = r.get("source_sha256")
         if not has_source[i]:
-            status[i], error[i] = STATUS_BAD, (f"unknown image: no ok latent code for image_id {r['image_id']} "
+            status[i], error[i] = STATUS_BAD_REQUEST, (f"unknown image: no ok latent code for image_id {r['image_id']} "
                                                f"face_index {r['face_index']}")
         elif sha and model_sha and sha != model_sha:
-            status[i], error[i] = STATUS_MISMATCH, (f"the code was made by checkpoint {sha[:12]}..., the edit "
+            status[i], error[i] = STATUS_MODEL_MISMATCH, (f"the code was made by checkpoint {sha[:12]}..., the edit "
                                                     f"model is {model_sha[:12]}...; edit with the same file")
         elif r["kind"] == "reference" and not has_ref[i]:
-            status[i], error[i] = STATUS_BAD, (f"reference image not found: no ok latent code for image_id "
+            status[i], error[i] = STATUS_BAD_REQUEST, (f"reference image not found: no ok latent code for image_id "
                                                f"{r['reference_image_id']} face_index {r['reference_face_index']}")
         elif r["kind"] == "reference" and r.get("reference_sha256") and model_sha \
                 and r["reference_sha256"] != model_sha:
-            status[i], error[i] = STATUS_MISMATCH, ("the reference code was made by another checkpoint than the "
+            status[i], error[i] = STATUS_MODEL_MISMATCH, ("the reference code was made by another checkpoint than the "
                                                     "edit model")
 
 
@@ -242,7 +237,7 @@ class EditBatch(ModelActor):
             except Exception as e:  # noqa: BLE001 - a failing group becomes failed rows
                 log.exception("edit failed for %s", key)
                 for i in idx:
-                    status[i], error[i] = STATUS_ERROR, f"{type(e).__name__}: {e}"
+                    status[i], error[i] = STATUS_EDIT_ERROR, f"{type(e).__name__}: {e}"
         return we
 
     def map_batch(self, batch: pa.Table) -> pa.Table:
@@ -258,7 +253,7 @@ class EditBatch(ModelActor):
             has_source = has_ref = np.ones(n, bool)
             for i in range(n):
                 if status[i] == STATUS_OK:
-                    status[i], error[i] = STATUS_MISMATCH, str(e)
+                    status[i], error[i] = STATUS_MODEL_MISMATCH, str(e)
         check_codes(meta, has_source, has_ref, self.info["sha256"], status, error)
         ws = torch.from_numpy(w_s).to(self.device)
         wr = torch.from_numpy(w_r).to(self.device)
@@ -275,7 +270,7 @@ class EditBatch(ModelActor):
             except Exception as e:  # noqa: BLE001 - a failing batch becomes failed rows, not a crash
                 log.exception("rendering failed for a batch of %d edits", len(ok))
                 for i in ok:
-                    status[i], error[i] = STATUS_ERROR, f"{type(e).__name__}: {e}"
+                    status[i], error[i] = STATUS_EDIT_ERROR, f"{type(e).__name__}: {e}"
                     out["output_uri"][i] = out["source_reconstruction_uri"][i] = None
         cols.update(status=status, error=error, model=[self.info["name"]] * n,
                     checkpoint_sha256=[self.info["sha256"]] * n, **out, **nums)
@@ -330,8 +325,8 @@ class EditBatch(ModelActor):
                 pngs[i] = png if self.keep_crops else None
                 out["source_reconstruction_uri"][i] = src_uri[src_keys[j]]
             except Exception as e:  # noqa: BLE001 - a failed write fails that row only
-                status[i], error[i] = STATUS_ERROR, f"cannot write the edited image: {type(e).__name__}: {e}"
+                status[i], error[i] = STATUS_EDIT_ERROR, f"cannot write the edited image: {type(e).__name__}: {e}"
 
 
-__all__ = ["STATUS_MISMATCH", "STATUS_ERROR", "IMAGES", "SOURCES", "codes_for_join", "as_role", "with_status",
+__all__ = ["IMAGES", "SOURCES", "codes_for_join", "as_role", "with_status",
            "request_rows", "check_codes", "EditBatch"]

@@ -22,7 +22,6 @@ import torch
 
 from pipeline.images import load_crops
 from pipeline.models import RANDOM_INIT_SEED, ModelActor
-from pipeline.runner import STATUS_LOST
 from pipeline.schemas import (
     EMBEDDING_DIM,
     embeddings_schema,
@@ -30,6 +29,7 @@ from pipeline.schemas import (
     nested_list_array,
 )
 from pipeline.sections import ActorSection, MetricWeights
+from pipeline.status import STATUS_LOST, STATUS_OK
 
 log = logging.getLogger("stbatch.embed")
 
@@ -63,7 +63,7 @@ def build_identity(weights: MetricWeights, device: torch.device):
 
 def work_batch(batch: pa.Table, backbone: str) -> pa.Table:
     """Committed latents rows -> work rows: the ok faces, with the backbone that will embed them."""
-    t = batch.filter(pc.equal(batch.column("status"), "ok")).select(WORK_COLUMNS)
+    t = batch.filter(pc.equal(batch.column("status"), STATUS_OK)).select(WORK_COLUMNS)
     n = t.num_rows
     return t.append_column("error", pa.nulls(n, pa.string())).append_column(
         "backbone", pa.array([backbone] * n, pa.string()))
@@ -111,7 +111,7 @@ class EmbedBatch(ModelActor):
     @torch.no_grad()
     def map_batch(self, batch: dict) -> pa.Table:
         status = np.array(batch["status"], dtype=object)
-        ok = status == "ok"
+        ok = status == STATUS_OK
         emb = np.zeros((len(status), EMBEDDING_DIM), np.float32)
         if ok.any():
             x = torch.from_numpy(np.ascontiguousarray(batch["target"][ok]))

@@ -18,10 +18,10 @@ import torch
 
 from pipeline.images import load_crops
 from pipeline.models import ModelActor
-from pipeline.runner import STATUS_LOST
 from pipeline.schemas import make_table, metrics_schema, nested_list_to_numpy, unsliced
 from pipeline.scoring import ReconstructionScorer, empty_metrics
 from pipeline.sections import CropActorSection, MetricWeights, ModelSection
+from pipeline.status import STATUS_LOST, STATUS_OK
 
 log = logging.getLogger("stbatch.evaluate")
 
@@ -32,7 +32,7 @@ LATENT_COLUMNS = ["image_id", "face_index", "aligned_uri", "run_id", "checkpoint
 def ok_latents(batch: pa.Table) -> pa.Table:
     """Committed latents rows -> work rows: status ok only, with an empty `error`."""
     batch = unsliced(batch)
-    t = batch.filter(pc.equal(batch.column("status"), "ok")).select(LATENT_COLUMNS)
+    t = batch.filter(pc.equal(batch.column("status"), STATUS_OK)).select(LATENT_COLUMNS)
     return t.append_column("error", pa.nulls(t.num_rows, pa.string()))
 
 
@@ -73,12 +73,12 @@ class EvaluateBatch(ModelActor):
         status = np.array(batch["status"], dtype=object)
         error = np.array(batch["error"], dtype=object)
         sha = np.array(batch["checkpoint_sha256"], dtype=object)
-        wrong = (status == "ok") & (sha != self.info["sha256"])
+        wrong = (status == STATUS_OK) & (sha != self.info["sha256"])
         status[wrong] = "model_mismatch"
         error[wrong] = [f"latents were made with checkpoint {s[:12]}..., evaluating with "
                         f"{self.info['sha256'][:12]}...: set model.checkpoint to the same file" for s in sha[wrong]]
         metric = empty_metrics(n)
-        idx = np.flatnonzero(status == "ok")
+        idx = np.flatnonzero(status == STATUS_OK)
         if len(idx):
             w = torch.from_numpy(np.ascontiguousarray(batch["w_plus"][idx])).to(self.device)
             try:
@@ -88,7 +88,7 @@ class EvaluateBatch(ModelActor):
             except Exception as e:  # noqa: BLE001 - a failing batch becomes failed rows
                 log.exception("evaluation failed for a batch of %d", len(idx))
                 status[idx], error[idx] = "evaluate_error", f"{type(e).__name__}: {e}"
-        ok = status == "ok"
+        ok = status == STATUS_OK
         cols = {"image_id": ids, "face_index": np.asarray(batch["face_index"], dtype=np.int32),
                 "status": status, "error": error, "aligned_uri": batch["aligned_uri"],
                 "latents_run_id": batch["run_id"], "model": [self.info["name"]] * n,

@@ -22,12 +22,12 @@ from pipeline import delta, storage
 from pipeline.errors import JobError
 from pipeline.schemas import nested_list_to_numpy, unsliced
 from pipeline.sections import ModelSection
+from pipeline.status import STATUS_OK
 from pipeline.train_sections import SampleSection
 
 log = logging.getLogger("stbatch.fit")
 
 LATENTS_TABLE = "latents"
-STATUS_OK = "ok"
 
 
 # ---------------------------------------------------------------------------- keys and splits
@@ -185,10 +185,11 @@ class SampleCodes:
     `sample.mean_n` seeded samples."""
 
     def __init__(self, model: ModelSection, sample: SampleSection, device: str):
-        from pipeline.models import load_model, pick_device
+        from pipeline.models import load_model
+        from stmodel.device import resolve_device
         from stmodel.stylegan2 import Generator
 
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         m, _ = load_model(model)
         decoder = m.decoder
         if not isinstance(decoder, Generator):  # load_model loads the generator by default

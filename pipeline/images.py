@@ -8,9 +8,10 @@ import numpy as np
 from PIL import Image
 
 from pipeline import storage
-from pipeline.decode import STATUS_OK, decode_image
+from pipeline.decode import decode_image
 from pipeline.decode import image_id as hash_image_id
 from pipeline.inputs import unread_id
+from pipeline.status import STATUS_OK
 
 
 def encode_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:

@@ -29,8 +29,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import delta, storage
-from pipeline.runner import STATUS_OK, JobRun, TableSpec, is_done
+from pipeline.runner import JobRun, TableSpec, is_done
 from pipeline.schemas import unsliced
+from pipeline.status import STATUS_OK
 
 if TYPE_CHECKING:
     from ray.data import Dataset

@@ -16,7 +16,7 @@ import hashlib
 
 import pyarrow as pa
 
-from pipeline.decode import STATUS_TOO_LARGE
+from pipeline.status import STATUS_TOO_LARGE
 
 UNREAD_PREFIX = "unread:"
 WORK_SCHEMA = pa.schema([("image_id", pa.string()), ("face_index", pa.int32()), ("source_uri", pa.string()),

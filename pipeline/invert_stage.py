@@ -23,6 +23,7 @@ from pipeline.models import ModelActor
 from pipeline.schemas import latents_schema, make_table
 from pipeline.scoring import ReconstructionScorer, empty_metrics
 from pipeline.sections import InvertSection, MetricWeights, ModelSection
+from pipeline.status import STATUS_OK
 
 log = logging.getLogger("stbatch.invert")
 
@@ -69,7 +70,7 @@ class InvertBatch(ModelActor):
         n = len(ids)
         status = np.array(batch["status"], dtype=object)
         error = np.array(batch["error"], dtype=object)
-        ok = status == "ok"
+        ok = status == STATUS_OK
         cfg = self.model.cfg
         w = np.zeros((n, cfg.n_latent, cfg.style_dim), dtype=np.float32)
         cols = {k: batch[k] for k in ("image_id", "face_index", "source_uri", "aligned_uri")}
@@ -89,7 +90,7 @@ class InvertBatch(ModelActor):
             except Exception as e:  # noqa: BLE001 - a failing batch becomes failed rows, not a crash
                 log.exception("inversion failed for a batch of %d", len(idx))
                 status[idx], error[idx] = "invert_error", f"{type(e).__name__}: {e}"
-                ok = status == "ok"
+                ok = status == STATUS_OK
         cols.update(status=status, error=error, model=[self.info["name"]] * n,
                     checkpoint_sha256=[self.info["sha256"]] * n, **metric)
         if self.scorer:

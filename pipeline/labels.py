@@ -24,8 +24,9 @@ import pyarrow.compute as pc
 
 from pipeline import delta
 from pipeline.errors import JobError
-from pipeline.fit_data import STATUS_OK, codes_or_empty, is_val, read_table_uri
+from pipeline.fit_data import codes_or_empty, is_val, read_table_uri
 from pipeline.schemas import unsliced
+from pipeline.status import STATUS_OK
 
 log = logging.getLogger("stbatch.fit")
 

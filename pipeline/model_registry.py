@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from pipeline import delta, storage
 from pipeline.runner import TableSpec
+from pipeline.status import STATUS_OK
 
 KINDS = ("classifier", "editor", "direction")
 FILES_PREFIX = "model_files"
@@ -40,7 +41,7 @@ def model_key(kind: str, run_id: str, filename: str) -> str:
 def model_rows(rows: list[dict], run_id: str) -> pa.Table:
     now = _dt.datetime.now(_dt.timezone.utc)
     cols = {f.name: [r.get(f.name) for r in rows] for f in MODELS.schema}
-    cols.update(status=["ok"] * len(rows), run_id=[run_id] * len(rows), created_at=[now] * len(rows))
+    cols.update(status=[STATUS_OK] * len(rows), run_id=[run_id] * len(rows), created_at=[now] * len(rows))
     return pa.table(cols, schema=MODELS.schema)
 
 

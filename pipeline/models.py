@@ -23,17 +23,12 @@ from pipeline.redact import redact_text
 from pipeline.sections import MetricWeights, ModelSection
 from stmodel.checkpoint import inversion_config, load_bytes, load_inversion, read_bytes
 from stmodel.config import ModelConfig, get_preset
+from stmodel.device import resolve_device
 from stmodel.inversion import StyleTransformer
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # the seed of random-init metric backbones (tests): every actor and every job scores alike
 RANDOM_INIT_SEED = 0
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
@@ -154,7 +149,7 @@ class ModelActor(abc.ABC):
     def _load(self, model: ModelSection | None, device: str, amp: str, torch_threads: int, generator: bool) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         self.amp = amp_dtype(amp, self.device)
         if model is None:
             return

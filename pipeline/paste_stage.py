@@ -37,19 +37,17 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline import delta, storage
-from pipeline.decode import STATUS_OK, decode_image
+from pipeline.decode import decode_image
 from pipeline.errors import JobError
 from pipeline.schemas import unsliced
 from pipeline.sections import PasteBackSection
+from pipeline.status import STATUS_OK, STATUS_PASTE_ERROR, STATUS_READ_ERROR, STATUS_WRITE_ERROR
 from stmodel.align import paste_back, paste_mask
 
 log = logging.getLogger("stbatch.paste")
 
 FOLDER = "composites"
 EXTENSIONS = {"jpeg": "jpg", "png": "png"}
-STATUS_PASTE = "paste_error"
-STATUS_READ = "read_error"
-STATUS_WRITE = "write_error"
 CROP_PNG = "_crop_png"   # the crop's PNG bytes, when the stage before holds them (edit actor)
 # The faces columns the join brings, renamed so they never collide with a job's own columns.
 FACE_COLUMNS = {"source_uri": "_photo_uri", "quad": "_quad", "width": "_photo_w", "height": "_photo_h"}
@@ -190,16 +188,16 @@ def _read_photo(uri: str, image_id: str, size: tuple, settings: PasteSettings):
     try:
         data = storage.read_bytes(uri)
     except Exception as e:  # noqa: BLE001 - any storage failure is these rows' error
-        raise _Failed(STATUS_READ, f"cannot read the photo {uri}: {_describe(e)}") from None
+        raise _Failed(STATUS_READ_ERROR, f"cannot read the photo {uri}: {_describe(e)}") from None
     if hashlib.sha256(data).hexdigest() != image_id:
-        raise _Failed(STATUS_PASTE, f"the photo at {uri} is not the one aligned (its sha256 is no longer the "
+        raise _Failed(STATUS_PASTE_ERROR, f"the photo at {uri} is not the one aligned (its sha256 is no longer the "
                                     f"image_id): align it again")
     d = decode_image(data, max_pixels=settings.section.max_pixels, min_side=1)
     if d.status != STATUS_OK:
-        raise _Failed(STATUS_PASTE, f"cannot decode the photo {uri}: {d.error}")
+        raise _Failed(STATUS_PASTE_ERROR, f"cannot decode the photo {uri}: {d.error}")
     img = d.rgb
     if None not in size and (img.shape[1], img.shape[0]) != tuple(size):
-        raise _Failed(STATUS_PASTE, f"the photo {uri} decodes to {img.shape[1]}x{img.shape[0]}, the faces "
+        raise _Failed(STATUS_PASTE_ERROR, f"the photo {uri} decodes to {img.shape[1]}x{img.shape[0]}, the faces "
                                     f"table says {size[0]}x{size[1]}")
     return img, _rgb_icc(data)
 
@@ -215,14 +213,14 @@ def _crop(row: dict, settings: PasteSettings) -> np.ndarray:
     if data is None:
         uri = row.get(settings.crop_uri_column)
         if not uri:
-            raise _Failed(STATUS_PASTE, f"no crop to paste ({settings.crop_uri_column} is empty)")
+            raise _Failed(STATUS_PASTE_ERROR, f"no crop to paste ({settings.crop_uri_column} is empty)")
         try:
             data = storage.read_bytes(str(uri))
         except Exception as e:  # noqa: BLE001 - this row's error
-            raise _Failed(STATUS_READ, f"cannot read the crop {uri}: {_describe(e)}") from None
+            raise _Failed(STATUS_READ_ERROR, f"cannot read the crop {uri}: {_describe(e)}") from None
     d = decode_image(bytes(data), max_pixels=settings.section.max_pixels, min_side=1)
     if d.status != STATUS_OK:
-        raise _Failed(STATUS_PASTE, f"cannot decode the crop: {d.error}")
+        raise _Failed(STATUS_PASTE_ERROR, f"cannot decode the crop: {d.error}")
     return d.rgb
 
 
@@ -247,7 +245,7 @@ def _paste_photo(rows: list[dict], idx: list[int], settings: PasteSettings, res:
             try:
                 q = np.asarray(rows[i]["_quad"], dtype=np.float64).reshape(4, 2)
                 if not np.isfinite(q).all():
-                    raise _Failed(STATUS_PASTE, "the face's quad is not finite")
+                    raise _Failed(STATUS_PASTE_ERROR, "the face's quad is not finite")
                 comp = paste_back(comp, _crop(rows[i], settings), q, feather=settings.section.feather,
                                   radii=settings.section.radii)
                 quads.append(q)
@@ -255,7 +253,7 @@ def _paste_photo(rows: list[dict], idx: list[int], settings: PasteSettings, res:
             except _Failed as f:
                 res["status"][i], res["error"][i] = f.status, f.error
             except Exception as e:  # noqa: BLE001 - a face that cannot be pasted fails alone
-                res["status"][i], res["error"][i] = STATUS_PASTE, f"cannot paste the face back: {_describe(e)}"
+                res["status"][i], res["error"][i] = STATUS_PASTE_ERROR, f"cannot paste the face back: {_describe(e)}"
         if not done:
             continue
         try:
@@ -263,13 +261,15 @@ def _paste_photo(rows: list[dict], idx: list[int], settings: PasteSettings, res:
             uri = storage.join(settings.output, composite_key([_member(rows[i], settings) for i in done], settings))
         except Exception as e:  # noqa: BLE001 - these rows' error
             for i in done:
-                res["status"][i], res["error"][i] = STATUS_PASTE, f"cannot name or score the composite: {_describe(e)}"
+                res["status"][i] = STATUS_PASTE_ERROR
+                res["error"][i] = f"cannot name or score the composite: {_describe(e)}"
             continue
         try:
             storage.write_bytes(uri, encode_composite(comp, settings, icc))
         except Exception as e:  # noqa: BLE001 - transient: the next run pastes again
             for i in done:
-                res["status"][i], res["error"][i] = STATUS_WRITE, f"cannot write the composite {uri}: {_describe(e)}"
+                res["status"][i] = STATUS_WRITE_ERROR
+                res["error"][i] = f"cannot write the composite {uri}: {_describe(e)}"
             continue
         for i, b in zip(done, boxes):
             res["composite_uri"][i], res["psnr_outside"][i], res["psnr_box"][i] = uri, outside, b
@@ -288,7 +288,7 @@ def paste_batch(batch: pa.Table, settings: PasteSettings) -> pa.Table:
         if r["status"] != STATUS_OK:
             continue
         if r.get("_quad") is None or not r.get("_photo_uri"):
-            res["status"][i], res["error"][i] = STATUS_PASTE, (
+            res["status"][i], res["error"][i] = STATUS_PASTE_ERROR, (
                 f"no ok face row for image_id {r['image_id']} face_index {r['face_index']} in the faces table: "
                 f"nothing to paste into")
             continue

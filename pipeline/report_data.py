@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from pipeline import delta, storage
 from pipeline.schemas import unsliced
+from pipeline.status import STATUS_OK
 
 log = logging.getLogger("stbatch.report")
 
@@ -344,7 +345,7 @@ def wplus_norm_sums(batch: pa.Table) -> pa.Table:
     """Ray Data batch (or a streamed batch): per-layer sums of ||w_l|| and ||w_l||^2 over the
     batch's ok codes, one row per code shape."""
     if "status" in batch.column_names:
-        batch = unsliced(batch).filter(pc.fill_null(pc.equal(batch.column("status"), "ok"), False))
+        batch = unsliced(batch).filter(pc.fill_null(pc.equal(batch.column("status"), STATUS_OK), False))
     rows: dict[str, list] = {f.name: [] for f in NORM_SCHEMA}
     for (layers, dim), w in _codes_by_shape(batch.column("w_plus")).items():
         norms = np.linalg.norm(w, axis=-1)  # [n, layers]

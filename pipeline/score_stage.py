@@ -22,9 +22,9 @@ import torch
 
 from pipeline.fit_data import codes_to_numpy
 from pipeline.models import ModelActor
-from pipeline.runner import STATUS_LOST
 from pipeline.schemas import make_table, scores_schema, unsliced
 from pipeline.sections import ScoreSection
+from pipeline.status import STATUS_BAD_CODE, STATUS_LOST, STATUS_OK
 
 log = logging.getLogger("stbatch.score")
 
@@ -33,7 +33,6 @@ WORK_COLUMNS = ["image_id", "face_index", "status", "w_plus", "run_id"]
 # classifier is replaced by the new scores (one row per face: the latest classifier's).
 SCORE_KEY = ("image_id", "face_index")
 SCORE_DONE_KEY = ("image_id", "face_index", "classifier_sha256")
-STATUS_BAD_CODE = "bad_code"   # a code with NaN / inf: permanent, the same code fails the same way
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED = frozenset(f.name for f in scores_schema([]))
 
@@ -54,7 +53,7 @@ def safe_columns(attributes: list[str]) -> dict[str, str]:
 
 def work_batch(batch: pa.Table, classifier_sha256: str) -> pa.Table:
     """Committed latents rows -> work rows: the ok codes, with the classifier that will score them."""
-    t = unsliced(batch).filter(pc.equal(batch.column("status"), "ok"))
+    t = unsliced(batch).filter(pc.equal(batch.column("status"), STATUS_OK))
     n = t.num_rows
     return pa.table({"image_id": pc.cast(t["image_id"], pa.string()),
                      "face_index": pc.cast(t["face_index"], pa.int32()),

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.decode import STATUS_OK, decode_image
+from pipeline.decode import decode_image
 from pipeline.images import to_model_input
 from pipeline.sections import MetricWeights
+from pipeline.status import STATUS_OK
 from pipeline.train_sections import EncoderModelSection, TrainEncoderSection
 
 log = logging.getLogger("stbatch.train")

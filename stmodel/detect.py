@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from stmodel.device import resolve_device
+
 
 @dataclass
 class Faces:
@@ -44,12 +46,6 @@ class Faces:
     @staticmethod
     def empty() -> "Faces":
         return Faces(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0, 5, 2), np.float32))
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def facenet_weights(name: str) -> str:
