@@ -81,7 +81,7 @@ import pyarrow.compute as pc
 
 from jobs.cli import input_errors, main, model_errors
 from jobs.settings.edit import EditSection, Settings, SweepSection
-from pipeline import delta, model_registry, paste_stage, storage
+from pipeline import delta, model_registry, paste_stage
 from pipeline.compute import actor_stage
 from pipeline.directions import named_direction_sweep
 from pipeline.edit_requests import (
@@ -102,7 +102,7 @@ from pipeline.edit_stage import (
 )
 from pipeline.errors import JobError
 from pipeline.fit_data import read_latents
-from pipeline.runner import JobRun, TableSpec, WriteResult, run_summary
+from pipeline.runner import JobRun, TableSpec, WriteResult, reduce_run_files, run_summary
 from pipeline.schemas import edits_schema
 from pipeline.status import STATUS_LOST, STATUS_OK
 
@@ -273,12 +273,10 @@ def edit_summary(output: str, files: list) -> dict:
     adds one small record per block)."""
     if not files:
         return {}
-    root = storage.join(output, TABLE)
     schema = edits_schema()
     fields = [schema.field(c) for c in ("status", "kind", "target", "logit_before", "logit_after")]
     counts: dict[str, int] = {}
-    for r in delta.read_files([storage.join(root, f.path) for f in files], fields).map_batches(
-            _edit_counts, batch_format="pyarrow").iter_rows():
+    for r in reduce_run_files(output, TABLE, files, fields, _edit_counts).iter_rows():
         counts[r["kind"]] = counts.get(r["kind"], 0) + int(r["n"])
     label, moved = counts.pop("_label", 0), counts.pop("_moved", 0)
     out: dict = {"by_kind": {k: n for k, n in counts.items() if n}}
