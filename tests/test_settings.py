@@ -73,9 +73,9 @@ def test_config_file_loads_for_every_job(path, job):
 def test_training_jobs_have_their_own_sections():
     """ffhq.yaml's encoder training settings reach train_encoder only."""
     ffhq = str(ROOT / "configs" / "ffhq.yaml")
-    assert load_config(_settings("train_encoder"), ffhq, [])["train_encoder"]["batch_size"] == 8
-    assert load_config(_settings("fit_editor"), ffhq, [])["fit_editor"]["batch_size"] == 64
-    assert load_config(_settings("fit_classifier"), ffhq, [])["fit_classifier"]["batch_size"] == 256
+    assert load_config(_settings("train_encoder"), ffhq, []).train_encoder.batch_size == 8
+    assert load_config(_settings("fit_editor"), ffhq, []).fit_editor.batch_size == 64
+    assert load_config(_settings("fit_classifier"), ffhq, []).fit_classifier.batch_size == 256
     errs = _errors(_settings("train_encoder"), ["train.steps=3"])
     assert errs == ["train: unknown setting (did you mean train_encoder?)"]
 
