@@ -4,7 +4,8 @@ in one task, the search on an actor pool, and near-duplicate groups by union-fin
     vec = vectors(root, space, layers).materialize()             # tasks; blocks in the object store
     index_ref, ids_ref = build_index.remote(vec refs, ...)        # one task: the index as bytes
     rows = vec.map_batches(SearchBatch, fn_constructor_kwargs={"index": [index_ref], ...})
-    pairs = <this run's neighbors files> .map_batches(close_pairs)  # distance < threshold
+    pairs = <this run's neighbors files> .map_batches(close_pairs)  # distance < threshold, or
+    pairs, thresholds = ratio_pairs.remote(<files> .map_batches(rank_rows) refs)  # the ratio rule
     groups_ref = group_pairs.remote(pair refs)                    # one task: union-find
     faces = vec.map_batches(group_rows, groups=[groups_ref])      # every face with its group
 
