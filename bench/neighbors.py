@@ -141,7 +141,9 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
     a = p.parse_args()
     if a.crossover:
-        crossover(a.sizes, a.dim, a.clusters, a.spread, a.k, 8)
+        from pipeline.vector_index import DEFAULT_NPROBE
+
+        crossover(a.sizes, a.dim, a.clusters, a.spread, a.k, DEFAULT_NPROBE)
         return
     import ray
 

@@ -59,14 +59,18 @@ def _duplicates(ctx: Context) -> list:
     if not t.num_rows:
         return out + [Note("no group of two or more faces under the threshold")]
     groups: OrderedDict = OrderedDict()
+    # the ratio rule gives each face its own threshold: a group is (space, group_id), whatever
+    # its members' thresholds
     for r in sorted(t.to_pylist(), key=lambda r: (-r["group_size"], r["space"], r["group_id"], r["image_id"])):
-        groups.setdefault((r["space"], r["group_id"], r["threshold"]), []).append(r["image_id"])
-    out.append(Para(f"{len(groups)} groups, {t.num_rows} faces (connected components of the pairs closer than "
-                    f"the threshold); the largest {min(max_n, len(groups))}:"))
+        groups.setdefault((r["space"], r["group_id"]), []).append((r["image_id"], r["threshold"]))
+    out.append(Para(f"{len(groups)} groups, {t.num_rows} faces (connected components of the near-duplicate "
+                    f"pairs); the largest {min(max_n, len(groups))}:"))
     shown = list(groups.items())[:max_n]
-    uris = _known(ctx, sorted({i for _, m in shown for i in m}), "aligned_uri")
-    for (space, gid, th), members in shown:
-        out.append(ImageRow(f"{space} < {th:g}", _thumbs(ctx, [(i, str(i)[:10]) for i in members], uris),
+    uris = _known(ctx, sorted({i for _, m in shown for i, _ in m}), "aligned_uri")
+    for (space, gid), members in shown:
+        lo, hi = min(th for _, th in members), max(th for _, th in members)
+        label = f"{space} < {hi:g}" if lo == hi else f"{space} < {lo:.3g}-{hi:.3g}"
+        out.append(ImageRow(label, _thumbs(ctx, [(i, str(i)[:10]) for i, _ in members], uris),
                             title=f"group {gid}: {len(members)} faces"))
     return out
 

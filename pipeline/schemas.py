@@ -452,7 +452,8 @@ def neighbors_schema() -> pa.Schema:
 
 def duplicate_groups_schema() -> pa.Schema:
     """`duplicate_groups`: every face of the space with its group (connected component of the
-    pairs closer than the threshold); group_size 1 = no near-duplicate."""
+    near-duplicate pairs); group_size 1 = no near-duplicate; threshold: the face's resolved
+    absolute threshold (the job's, or the ratio rule's for this face)."""
     return pa.schema([
         pa.field("space", pa.string(), nullable=False),
         pa.field("image_id", pa.string(), nullable=False),

@@ -7,9 +7,10 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from jobs import score
+from jobs import neighbors, score
 from jobs.cli import load_config
 from pipeline import delta
+from pipeline.config import SettingsError
 from pipeline.errors import JobError
 from pipeline.score_stage import safe_columns
 from tests.editing_data import commit_model, rule, train_classifier, write_latents
@@ -156,10 +157,30 @@ def _brute(v: np.ndarray, metric: str, k: int):
     return d, order
 
 
-@pytest.mark.parametrize("space, threshold", [("wplus", None), ("identity", "0.000002")])
+def _ratio_groups(nb, ids: list, ratio: float, rank: int) -> tuple[dict, dict]:
+    """The ratio rule as jobs.neighbors states it, in plain Python over its neighbour rows: each
+    face's components and resolved threshold."""
+    rows = nb.to_pylist()
+    ref = {}
+    for r in rows:  # the distance at rank `rank` (or the face's last, with fewer faces)
+        if r["rank"] <= rank and r["rank"] >= ref.get(r["image_id"], (0, 0))[0]:
+            ref[r["image_id"]] = (r["rank"], r["distance"])
+    limit = {i: ratio * ref[i][1] for i in ids}
+    close = {frozenset((r["image_id"], r["neighbor_image_id"])) for r in rows if r["rank"] < rank
+             and r["distance"] < limit[r["image_id"]] and r["distance"] < limit[r["neighbor_image_id"]]}
+    comp = {i: {i} for i in ids}
+    for a, b in close:
+        merged = comp[a] | comp[b]
+        for x in merged:
+            comp[x] = merged
+    return comp, limit
+
+
+@pytest.mark.parametrize("space, threshold", [("crop", None), ("wplus", "0.02"), ("identity", None)])
 def test_neighbors_job(planted, space, threshold, tmp_path):
     from jobs import neighbors
     from pipeline.fit_data import codes_to_numpy
+    from pipeline.neighbors_stage import RATIO_RANK, _crop_vectors
     from pipeline.schemas import nested_list_to_numpy
 
     root = planted["root"]
@@ -174,6 +195,11 @@ def test_neighbors_job(planted, space, threshold, tmp_path):
     if space == "wplus":
         t = delta.read_snapshot_arrow(root, "latents", columns=["image_id", "w_plus"])
         v, metric = codes_to_numpy(t["w_plus"]).mean(1), "l2"
+    elif space == "crop":
+        t = delta.read_snapshot_arrow(root, "latents", columns=["image_id", "aligned_uri"])
+        v, ok = _crop_vectors(t["aligned_uri"].to_pylist())
+        assert ok.all() and v.shape == (80, 192) and 0 <= v.min() and v.max() <= 1 / np.sqrt(192) + 1e-6
+        metric = "l2"
     else:
         t = delta.read_snapshot_arrow(root, "embeddings", columns=["image_id", "embedding"])
         v, metric = nested_list_to_numpy(t["embedding"]), "cosine"
@@ -184,41 +210,88 @@ def test_neighbors_job(planted, space, threshold, tmp_path):
         i, j = pos[r["image_id"]], pos[r["neighbor_image_id"]]
         assert r["distance"] == pytest.approx(d[i, j], abs=1e-4)
         assert r["distance"] == pytest.approx(d[i, order[i, r["rank"] - 1]], abs=1e-4)
-    # groups: connected components of the pairs under the threshold, as a numpy union-find finds them
-    th = res["extra"]["threshold"]
+    # groups: connected components of the near-duplicate pairs, as plain Python finds them
     g = delta.read_snapshot_arrow(out, "duplicate_groups")
-    assert g.num_rows == 80 and np.allclose(g["threshold"].to_numpy(), th)
-    close = {frozenset((r["image_id"], r["neighbor_image_id"])) for r in nb.to_pylist() if r["distance"] < th}
-    comp = {i: {i} for i in ids}
-    for a, b in close:
-        merged = comp[a] | comp[b]
-        for x in merged:
-            comp[x] = merged
     got = {r["image_id"]: r for r in g.to_pylist()}
+    hist = delta.commit_history(out, "neighbors")
+    assert g.num_rows == 80 and hist[-1]["space"] == space
+    if threshold is None:  # the ratio rule: each face's own threshold, their median in the commit
+        assert res["extra"]["ratio"] == neighbors.DEFAULT_RATIO and hist[-1]["rule"] == "ratio"
+        comp, limit = _ratio_groups(nb, ids, neighbors.DEFAULT_RATIO, RATIO_RANK)
+        for i in ids:
+            assert got[i]["threshold"] == pytest.approx(limit[i], rel=1e-5)
+        th = float(np.median(list(limit.values())))
+        assert float(hist[-1]["threshold"]) == pytest.approx(th, rel=1e-5) and float(hist[-1]["ratio"]) == 0.45
+    else:
+        th = res["extra"]["threshold"]
+        assert np.allclose(g["threshold"].to_numpy(), th) and float(hist[-1]["threshold"]) == th
+        assert hist[-1]["rule"] == "threshold"
+        close = {frozenset((r["image_id"], r["neighbor_image_id"])) for r in nb.to_pylist() if r["distance"] < th}
+        comp = {i: {i} for i in ids}
+        for a, b in close:
+            merged = comp[a] | comp[b]
+            for x in merged:
+                comp[x] = merged
     for i in ids:
         assert got[i]["group_size"] == len(comp[i])
         assert got[i]["representative_image_id"] == min(comp[i])
     recall, precision = _pair_scores(g, planted["truth"])
-    print(f"\n{space}: threshold {th}: planted pairs recall {recall:.3f}, precision {precision:.3f}, "
+    print(f"\n{space}: threshold {th:.4g}: planted pairs recall {recall:.3f}, precision {precision:.3f}, "
           f"{res['extra']['duplicate_groups']} groups")
-    if space == "wplus":  # the default space and threshold, as measured (README, Analytics)
-        assert recall >= 0.85 and precision >= 0.85
-    else:
-        with pytest.raises(SystemExit, match="no default threshold"):
-            neighbors.run(_cfg(neighbors.SETTINGS, input=root, output=out, space=space))
-    hist = delta.commit_history(out, "neighbors")
-    assert hist[-1]["space"] == space and float(hist[-1]["threshold"]) == th
+    if space == "crop":  # the defaults, as measured (README, Analytics)
+        assert recall >= 0.95 and precision >= 0.95
     # the same source version and settings: nothing to do
     again = neighbors.run(_cfg(neighbors.SETTINGS, input=root, output=out, **sets))
     assert again["counts"] == {"in": 80, "ok": 0, "failed": 0, "skipped": 80}
     assert len(delta.commit_history(out, "neighbors")) == len(hist)
+    if space == "identity":  # a ratio outside (0, 1) never reaches the job
+        with pytest.raises(SettingsError, match="ratio: must be > 0, < 1"):
+            _cfg(neighbors.SETTINGS, input=root, output=out, space=space, ratio=1.5)
+
+
+def test_neighbors_settings_rules():
+    """layers only with wplus and as [a, b) with a < b; the ratio rule needs k >= 3."""
+    from pipeline.config import parse
+
+    with pytest.raises(SettingsError) as e:
+        parse(neighbors.Settings, {"space": "crop", "layers": [4, 2], "k": 2})
+    assert sorted(e.value.errors) == sorted([
+        "layers: must be [a, b) with a < b, got [4, 2]", "layers: only the wplus space averages layers (space is crop)",
+        "k: the ratio rule (threshold null) compares with the 3rd neighbour: needs k >= 3, got 2"])
+    assert parse(neighbors.Settings, {"space": "wplus", "layers": [0, 4], "k": 2, "threshold": 0.1}).layers == (0, 4)
+
+
+def test_neighbors_no_duplicates(planted, tmp_path):
+    """The distinct photos alone (the planted corpus without its copies): the default rule groups
+    none of them, although every face has nearest neighbours."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from jobs import neighbors
+
+    lat = delta.read_snapshot_arrow(planted["root"], "latents", columns=["image_id", "face_index", "status",
+                                                                         "aligned_uri", "source_uri"])
+    distinct = lat.filter(pc.invert(pc.match_substring(lat["source_uri"], "/copy_")))
+    assert distinct.num_rows == 60
+    root = str(tmp_path / "distinct")
+    write_deltalake(f"{root}/latents", distinct.select(["image_id", "face_index", "status", "aligned_uri"])
+                    .cast(pa.schema([("image_id", pa.string()), ("face_index", pa.int32()), ("status", pa.string()),
+                                      ("aligned_uri", pa.string())])))
+    res = neighbors.run(_cfg(neighbors.SETTINGS, input=root))
+    assert res["counts"]["ok"] == 60
+    g = delta.read_snapshot_arrow(root, "duplicate_groups")
+    assert g.num_rows == 60
+    print(f"\nno duplicates: {res['extra']['duplicate_groups']} groups, "
+          f"median threshold {res['extra']['threshold']:.4f}")
+    assert set(g["group_size"].to_pylist()) == {1} and res["extra"]["duplicate_groups"] == 0
 
 
 def test_neighbors_ivf_matches_exact(planted, tmp_path):
     from jobs import neighbors
 
     out = str(tmp_path / "ivf")
-    exact = neighbors.run(_cfg(neighbors.SETTINGS, input=planted["root"], output=out, k=5))
+    exact = neighbors.run(_cfg(neighbors.SETTINGS, input=planted["root"], output=out, k=5, space="wplus",
+                               threshold=0.02))
     res = neighbors.run(_cfg(neighbors.SETTINGS, input=planted["root"], output=out, k=5, space="wplus",
                              layers="[0,8]", **{"index.kind": "ivf", "index.nlist": 4, "index.nprobe": 4}))
     assert exact["extra"]["space"] == "wplus" and res["extra"]["space"] == "wplus[0:8]"
@@ -422,7 +495,8 @@ def test_readme_analytics_queries(analysed):
 
 
 @pytest.mark.parametrize("job,needles", [("score", ["classifier_run", "Smiling > 0.5"]), ("embed", ["crop_size"]),
-                                         ("neighbors", ["space = wplus", "wplus 0.02", "index.exact_below"]),
+                                         ("neighbors", ["space = crop", "ratio = 0.45", "ratio 0.45",
+                                                        "index.exact_below"]),
                                          ("quality", ["mahalanobis"]), ("fit_directions", ["components", "pca_0"])])
 def test_cli_help(job, needles):
     import subprocess

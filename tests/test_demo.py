@@ -79,8 +79,11 @@ def test_short_demo_end_to_end(tmp_path):
     # issue 21: the planted near-duplicates are searched for and the count is printed
     nd = res["near_duplicates"]
     print("demo near-duplicates:", nd)
-    assert nd["planted"] == 12 and 0 <= nd["found"] <= 12
-    assert f"planted pairs found: {nd['found']}/12" in out
+    assert nd["planted"] == 12 and f"planted pairs found: {nd['found']}/12" in out
+    # with the trained encoder's codes beside them, the defaults find the copies and group no
+    # distinct faces: recall and precision >= 0.95 (12 of 12, no other pair; README, Analytics)
+    assert nd["found"] / 12 >= 0.95, nd
+    assert nd["found"] / (nd["found"] + nd["other_pairs"]) >= 0.95, nd
     ev = res["eval"]
     print("demo eval:", ev)
     assert ev["trained"]["psnr"] >= ev["mean_latent"]["psnr"] + MARGIN_DB
