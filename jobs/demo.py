@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import time
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +44,9 @@ from jobs.settings import SETTINGS as JOB_SETTINGS
 from jobs.settings.demo import Settings
 from pipeline import delta, storage
 from pipeline.config import Section, SettingsError, parse
+from pipeline.errors import JobError
 from pipeline.schemas import nested_list_array
+from pipeline.status import STATUS_OK
 
 log = logging.getLogger("stbatch.demo")
 
@@ -123,10 +126,10 @@ def write_photos(folder: str) -> int:
 
     base = Image.fromarray(data.astronaut())
     photos = {"astronaut.png": base,
-              "astronaut_rot20.jpg": base.rotate(20, resample=Image.BICUBIC, expand=True),
+              "astronaut_rot20.jpg": base.rotate(20, resample=Image.Resampling.BICUBIC, expand=True),
               "astronaut_small_shift.jpg": Image.fromarray(
                   np.pad(np.asarray(base.resize((300, 300))), ((40, 100), (120, 20), (0, 0)), mode="edge")),
-              "astronaut_rot-12_big.png": base.resize((720, 720)).rotate(-12, resample=Image.BICUBIC)}
+              "astronaut_rot-12_big.png": base.resize((720, 720)).rotate(-12, resample=Image.Resampling.BICUBIC)}
     os.makedirs(folder, exist_ok=True)
     for name, im in photos.items():
         im.convert("RGB").save(os.path.join(folder, name))
@@ -151,7 +154,7 @@ def near_copy(rgb: np.ndarray, rng: np.random.Generator) -> bytes:
 
     im = Image.fromarray(rgb)
     w, h = im.size
-    im = im.resize((round(w * 0.8), round(h * 0.8)), Image.BICUBIC)
+    im = im.resize((round(w * 0.8), round(h * 0.8)), Image.Resampling.BICUBIC)
     w, h = im.size
     left, top, right, bottom = (rng.uniform(0.02, 0.05, 4) * [w, h, w, h]).round().astype(int)
     im = im.crop((left, top, w - right, h - bottom))
@@ -175,14 +178,22 @@ def plant_copies(root: str, n: int, seed: int) -> list[tuple[str, str]]:
     return pairs
 
 
+def _committed(root: str, table: str, **kw) -> pa.Table:
+    """A small table the demo committed in an earlier step."""
+    t = delta.read_snapshot_arrow(root, table, **kw)
+    if t is None:
+        raise JobError(f"demo: no committed {table} table under {root} (an earlier step did not commit)")
+    return t
+
+
 def planted_found(root: str, pairs: list[tuple[str, str]]) -> tuple[int, int, int]:
     """(planted pairs whose two faces share a duplicate group, pairs of other faces grouped
     together, pairs of the astronaut's faces grouped together): read from the demo's small
     committed tables. The astronaut photos are transformed copies of one photo, so grouping
     them is right and counts apart."""
-    lat = delta.read_snapshot_arrow(root, "latents", columns=["image_id", "source_uri"])
+    lat = _committed(root, "latents", columns=["image_id", "source_uri"])
     ids = dict(zip(lat["source_uri"].to_pylist(), lat["image_id"].to_pylist()))
-    g = delta.read_snapshot_arrow(root, "duplicate_groups", columns=["image_id", "group_id", "group_size"])
+    g = _committed(root, "duplicate_groups", columns=["image_id", "group_id", "group_size"])
     group = dict(zip(g["image_id"].to_pylist(), g["group_id"].to_pylist()))
     truth = {frozenset((ids[a], ids[b])) for a, b in pairs if a in ids and b in ids}
     members: dict = {}
@@ -373,16 +384,16 @@ def edit_requests(root: str, synthetic_ids: list[str]) -> tuple[str, str]:
     import pyarrow.compute as pc
 
     # the aligned photo faces (the faces table) that have an ok code; the demo's tables are small
-    aligned = delta.read_snapshot_arrow(root, "faces", columns=["image_id"], filter_expr=pc.field("status") == "ok")
-    ok = delta.read_snapshot_arrow(root, "latents", columns=["image_id", "face_index"], filter_expr=(
-        pc.field("status") == "ok") & pc.field("image_id").isin(pc.unique(aligned["image_id"]).to_pylist()))
+    aligned = _committed(root, "faces", columns=["image_id"], filter_expr=pc.field("status") == STATUS_OK)
+    ok = _committed(root, "latents", columns=["image_id", "face_index"], filter_expr=(
+        pc.field("status") == STATUS_OK) & pc.field("image_id").isin(pc.unique(aligned["image_id"]).to_pylist()))
     faces = sorted(ok.to_pylist(), key=lambda r: (r["image_id"], r["face_index"]))[:4]
     ref = synthetic_ids[-1]
     cols = ["image_id", "face_index", "kind", "attribute", "strength", "target", "reference_image_id",
             "direction_uri"]
     uris = []
-    for name, sources in (("photos", faces), ("synthetic", [{"image_id": i, "face_index": 0}
-                                                           for i in synthetic_ids[:2]])):
+    synthetic: list[dict[str, Any]] = [{"image_id": i, "face_index": 0} for i in synthetic_ids[:2]]
+    for name, sources in (("photos", faces), ("synthetic", synthetic)):
         rows = []
         for s in sources:
             base = {"image_id": s["image_id"], "face_index": int(s["face_index"]), "attribute": "synthetic_a"}

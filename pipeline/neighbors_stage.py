@@ -41,6 +41,7 @@ from pipeline.schemas import (
     nested_list_array,
     nested_list_to_numpy,
 )
+from pipeline.status import STATUS_OK
 
 log = logging.getLogger("stbatch.neighbors")
 
@@ -57,7 +58,7 @@ CROP_SIDE = 8
 RATIO_RANK = 3
 
 
-def space_name(space: str, layers: list[int] | None) -> str:
+def space_name(space: str, layers: tuple[int, int] | None) -> str:
     """The `space` value of the rows: `identity`, `wplus`, or `wplus[a:b]` for a layer range."""
     return f"{space}[{int(layers[0])}:{int(layers[1])}]" if space == "wplus" and layers else space
 
@@ -75,7 +76,7 @@ def crop_thumbnail(rgb: np.ndarray) -> np.ndarray:
     m = (1 - CROP_KEEP) / 2
     im = Image.fromarray(np.ascontiguousarray(rgb[..., :3])).crop(
         (round(w * m), round(h * m), round(w * (1 - m)), round(h * (1 - m))))
-    v = np.asarray(im.resize((CROP_SIDE, CROP_SIDE), Image.BOX), np.float32).reshape(-1) / 255.0
+    v = np.asarray(im.resize((CROP_SIDE, CROP_SIDE), Image.Resampling.BOX), np.float32).reshape(-1) / 255.0
     return v / np.float32(np.sqrt(v.size))
 
 
@@ -93,15 +94,15 @@ def _crop_vectors(uris: list[str]) -> tuple[np.ndarray, np.ndarray]:
         except Exception as e:  # noqa: BLE001 - a missing crop is one face left out, not a failed run
             log.warning("neighbors: crop %s unreadable (%s): face left out of the crop space", uri, e)
             continue
-        if d.status != "ok":
+        if d.status != STATUS_OK:
             log.warning("neighbors: crop %s not decoded (%s): face left out of the crop space", uri, d.error)
             continue
-        out[i], ok[i] = crop_thumbnail(d.image), True
+        out[i], ok[i] = crop_thumbnail(d.rgb), True
     return out, ok
 
 
 def _vector_batch(batch: pa.Table, space: str, layers: list[int] | None) -> pa.Table:
-    t = batch.filter(pc.equal(batch["status"], "ok"))
+    t = batch.filter(pc.equal(batch["status"], STATUS_OK))
     column = SPACES[space][1]
     if space == "crop":
         v, ok = _crop_vectors([str(u) for u in t[column].to_pylist()])
@@ -115,11 +116,12 @@ def _vector_batch(batch: pa.Table, space: str, layers: list[int] | None) -> pa.T
         v = nested_list_to_numpy(t[column]) if t.num_rows else np.zeros((0, 0), np.float32)
     vec = nested_list_array(v, pa.float32(), shape=(v.shape[1],)) if t.num_rows else pa.array(
         [], pa.list_(pa.float32()))
-    return pa.table({"image_id": pc.cast(t["image_id"], pa.string()), "face_index": pc.cast(t["face_index"], pa.int32()),
+    return pa.table({"image_id": pc.cast(t["image_id"], pa.string()),
+                     "face_index": pc.cast(t["face_index"], pa.int32()),
                      "vector": vec})
 
 
-def vectors(root: str, space: str, layers: list[int] | None = None):
+def vectors(root: str, space: str, layers: tuple[int, int] | None = None):
     """A Ray Dataset (image_id, face_index, vector) of the ok faces of `space` under `root`, or
     None when its table is missing."""
     table, column, _ = SPACES[space]
@@ -211,10 +213,10 @@ class SearchBatch:
                 "face_index": np.asarray(batch["face_index"].to_numpy(zero_copy_only=False), np.int32)[qi],
                 "rank": rank[qi, col].astype(np.int32),
                 "neighbor_image_id": self.ids[pi], "neighbor_face_index": self.faces[pi],
-                "distance": dist[qi, col], "status": np.full(n, "ok", dtype=object)}
+                "distance": dist[qi, col], "status": np.full(n, STATUS_OK, dtype=object)}
         t = make_table(cols, neighbors_schema(), self.run_id)
         first = pc.equal(t["rank"], 1)
-        return t.append_column(UNIT_COLUMN, pc.if_else(first, pa.scalar("ok"), pa.scalar(None, pa.string())))
+        return t.append_column(UNIT_COLUMN, pc.if_else(first, pa.scalar(STATUS_OK), pa.scalar(None, pa.string())))
 
 
 def close_pairs(batch: pa.Table, threshold: float) -> pa.Table:
@@ -296,7 +298,8 @@ def group_pairs_task(refs: list) -> pa.Table:
             parent[max(rx, ry)] = min(rx, ry)
     roots = np.array([find(x) for x in range(len(keys))])
     sizes = np.bincount(roots, minlength=len(keys))
-    return pa.table({"key": pa.array(keys.tolist(), pa.string()), "group_id": pa.array(keys[roots].tolist(), pa.string()),
+    return pa.table({"key": pa.array(keys.tolist(), pa.string()),
+                     "group_id": pa.array(keys[roots].tolist(), pa.string()),
                      "group_size": pa.array(sizes[roots].astype(np.int32))})
 
 
@@ -321,6 +324,8 @@ def group_rows(batch: pa.Table, groups: list, space: str, threshold: float | Non
     g = ray.get(groups[0])
     keys = delta.key_strings(batch.select(list(KEY)), list(KEY))
     if threshold is None:
+        if thresholds is None:
+            raise ValueError("group_rows: the ratio rule (threshold None) needs the per-face thresholds")
         th = ray.get(thresholds[0])
         at = pc.index_in(keys, value_set=th["key"])
         # a face without neighbour rows (a space of one face) compared with nothing: 0
@@ -336,9 +341,10 @@ def group_rows(batch: pa.Table, groups: list, space: str, threshold: float | Non
                       pa.nulls(len(keys), pa.int32()), pa.scalar(1, pa.int32()))
     rep = pc.split_pattern(gid, "\x1f")
     n = batch.num_rows
-    cols = {"space": [space] * n, "image_id": batch["image_id"].to_pylist(), "face_index": batch["face_index"].to_pylist(),
+    cols = {"space": [space] * n, "image_id": batch["image_id"].to_pylist(),
+            "face_index": batch["face_index"].to_pylist(),
             "group_id": [s.replace("\x1f", ":") for s in gid.to_pylist()], "group_size": size.to_pylist(),
             "representative_image_id": [r[0] for r in rep.to_pylist()],
             "representative_face_index": [int(r[1]) for r in rep.to_pylist()],
-            "threshold": per_face, "status": ["ok"] * n}
+            "threshold": per_face, "status": [STATUS_OK] * n}
     return make_table(cols, duplicate_groups_schema(), run_id)

@@ -70,20 +70,23 @@ def build(vectors: np.ndarray, metric: str, kind: str, nlist: int | None = None,
 
     n, d = vectors.shape
     mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    index: faiss.Index
     if kind == "flat":
         index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, int(hnsw_m), mt)
-        index.hnsw.efSearch = int(ef_search)
+        hnsw = faiss.IndexHNSWFlat(d, int(hnsw_m), mt)
+        hnsw.hnsw.efSearch = int(ef_search)
+        index = hnsw
     elif kind == "ivf":
         nlist = int(nlist or default_nlist(n))
         quantizer = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, mt)
-        index.cp.niter = int(niter)
+        ivf = faiss.IndexIVFFlat(quantizer, d, nlist, mt)
+        ivf.cp.niter = int(niter)
         m = min(n, int(train_size or 40 * nlist))
         sample = vectors if m >= n else vectors[np.sort(np.random.default_rng(seed).choice(n, m, replace=False))]
-        index.train(sample)
-        index.nprobe = int(min(nprobe, nlist))
+        ivf.train(sample)
+        ivf.nprobe = int(min(nprobe, nlist))
+        index = ivf
     else:
         raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
     index.add(vectors)
