@@ -52,6 +52,7 @@ from pipeline.status import (
     STATUS_UNSUPPORTED_FORMAT,
 )
 
+# the decoder's limits, also the defaults of every section's max_pixels and align.min_image_side
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MIN_SIDE = 32
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.config import Section, setting
-from pipeline.decode import DEFAULT_FORMATS, format_problems
+from pipeline.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, format_problems
 
 Amp = Literal["auto", "none", "bf16", "fp16"]
 
@@ -97,7 +97,7 @@ class ModelActorSection(ActorSection):
 class CropActorSection(ModelActorSection):
     """A model actor fed aligned crops by read / preprocess tasks (invert, evaluate)."""
     load_batch_size: int = setting(16, "crops per read / preprocess task", ge=1)
-    max_pixels: int = setting(64_000_000, "refuse crops declaring more pixels", ge=1)
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, "refuse crops declaring more pixels", ge=1)
 
 
 @dataclass
@@ -109,14 +109,14 @@ class AlignSection(ActorSection):
     min_score: float = setting(0.9, "detector score a face must reach", ge=0, le=1)
     min_face_px: float = setting(32, "shorter box side a face must reach (else too_small)", ge=0)
     max_faces: int = setting(16, "cap per image with face_policy=all", ge=1)
-    max_pixels: int = setting(64_000_000, "refuse images declaring more pixels (checked on the header)", ge=1)
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, "refuse images declaring more pixels (checked on the header)", ge=1)
     max_bytes: int = setting(100_000_000, "refuse files bigger than this, from the listing, unread (too_large; "
                                           "0: no cap)", ge=0)
     formats: list[str] = setting(list(DEFAULT_FORMATS), "image formats decoded (Pillow names); others: "
                                                          "unsupported_format")
     multi_frame: Literal["refuse", "first"] = setting("refuse", "animated / multi-page files: refuse (status "
                                                                 "multi_frame) | first (first frame)")
-    min_image_side: int = setting(32, "refuse images smaller than this", ge=1)
+    min_image_side: int = setting(DEFAULT_MIN_SIDE, "refuse images smaller than this", ge=1)
     detect_max_side: int | None = setting(1024, "detection runs on a copy downscaled to this longer side "
                                                 "(null: full size)", ge=1)
     mtcnn_min_face: int = setting(20, "MTCNN's pyramid floor (pixels of the detection copy)", ge=1)
@@ -186,7 +186,7 @@ class PasteBackSection(Section):
     batch_size: int = setting(16, "rows per paste task (group=face; rows of one photo in a task share one read)",
                                  ge=1)
     num_cpus: float = setting(1, "CPUs per paste task", ge=0)
-    max_pixels: int = setting(64_000_000, "refuse photos declaring more pixels", ge=1)
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, "refuse photos declaring more pixels", ge=1)
 
 
 @dataclass
