@@ -69,8 +69,11 @@ def test_short_demo_end_to_end(tmp_path):
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-5000:]
     lines = out.splitlines()
-    print(f"demo output: {len(lines)} lines")
-    assert len(lines) <= MAX_LINES, out
+    # a long stage logs progress every log_every_s: how many depends on the machine's speed, not
+    # on how quiet the console is
+    counted = [line for line in lines if " progress: " not in line]
+    print(f"demo output: {len(lines)} lines, {len(lines) - len(counted)} of them progress lines")
+    assert len(counted) <= MAX_LINES, out
     assert sum(line.startswith("[demo] ") for line in lines) >= 12
     assert "Reporting training result" not in out and "streaming_executor" not in out
     logs = re.search(r"^Ray's logs: (\S+)", out, re.M)
