@@ -14,6 +14,13 @@ from pipeline.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SID
 Amp = Literal["auto", "none", "bf16", "fp16"]
 
 
+def concurrency_problems(concurrency: int | tuple[int, int]) -> list[str]:
+    """The rule of every pool size setting: `[min, max]` with min <= max."""
+    if isinstance(concurrency, tuple) and concurrency[0] > concurrency[1]:
+        return [f"concurrency: [min, max] needs min <= max, got {list(concurrency)}"]
+    return []
+
+
 @dataclass
 class RaySection(Section):
     address: str | None = setting(None, "null: a new local Ray; auto: the running cluster "
@@ -81,10 +88,7 @@ class ActorSection(Section):
                                                           "live actor, and the job then waits forever", ge=1)
 
     def problems(self) -> list[str]:
-        c = self.concurrency
-        if isinstance(c, tuple) and c[0] > c[1]:
-            return [f"concurrency: [min, max] needs min <= max, got {list(c)}"]
-        return []
+        return concurrency_problems(self.concurrency)
 
 
 @dataclass

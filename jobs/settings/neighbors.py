@@ -7,7 +7,7 @@ from typing import Literal
 
 from pipeline import vector_index
 from pipeline.config import Section, setting
-from pipeline.sections import JobSettings
+from pipeline.sections import JobSettings, concurrency_problems
 
 # the ratio rule's default: planted copies measured at up to 0.39 x the 3rd-neighbour distance,
 # distinct faces from 0.53 (crop space, README, Analytics); 0.45 sits between
@@ -35,10 +35,7 @@ class SearchSection(Section):
     log_every_s: float = setting(30, "seconds between progress lines", gt=0)
 
     def problems(self) -> list[str]:
-        c = self.concurrency
-        if isinstance(c, tuple) and c[0] > c[1]:
-            return [f"concurrency: [min, max] needs min <= max, got {list(c)}"]
-        return []
+        return concurrency_problems(self.concurrency)
 
 
 @dataclass
