@@ -9,6 +9,7 @@ import torch
 
 from jobs import neighbors, score
 from jobs.cli import load_config
+from jobs.settings.neighbors import DEFAULT_RATIO
 from pipeline import delta
 from pipeline.config import SettingsError
 from pipeline.errors import JobError
@@ -216,8 +217,8 @@ def test_neighbors_job(planted, space, threshold, tmp_path):
     hist = delta.commit_history(out, "neighbors")
     assert g.num_rows == 80 and hist[-1]["space"] == space
     if threshold is None:  # the ratio rule: each face's own threshold, their median in the commit
-        assert res["extra"]["ratio"] == neighbors.DEFAULT_RATIO and hist[-1]["rule"] == "ratio"
-        comp, limit = _ratio_groups(nb, ids, neighbors.DEFAULT_RATIO, RATIO_RANK)
+        assert res["extra"]["ratio"] == DEFAULT_RATIO and hist[-1]["rule"] == "ratio"
+        comp, limit = _ratio_groups(nb, ids, DEFAULT_RATIO, RATIO_RANK)
         for i in ids:
             assert got[i]["threshold"] == pytest.approx(limit[i], rel=1e-5)
         th = float(np.median(list(limit.values())))
