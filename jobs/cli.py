@@ -41,6 +41,7 @@ from pipeline.sections import JobSettings, ModelSection
 log = logging.getLogger("stbatch")
 S = TypeVar("S", bound=JobSettings)
 
+
 def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():

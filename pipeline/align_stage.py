@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import traceback
 from typing import TYPE_CHECKING
 
@@ -332,7 +331,7 @@ class AlignFaces:
 
         from stmodel.detect import FaceDetector
 
-        torch.set_num_threads(max(1, math.floor(section.num_cpus)))
+        torch.set_num_threads(section.threads)
         self.section = section
         self.output, self.run_id = output, run_id
         self.need_px = max(section.size, REFINE_SIZE if section.refine_passes > 0 else 0) * source_oversample

@@ -91,11 +91,6 @@ def is_section(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def section_of(tp: Any) -> type | None:
-    """The section a field holds, if it holds one."""
-    return tp if is_section(tp) else None
-
-
 def fields_of(cls: type) -> list[tuple[str, Any, dataclasses.Field]]:
     """(name, resolved type, field) of a section, in declaration order (base class first)."""
     hints = typing.get_type_hints(cls)

@@ -17,7 +17,6 @@ the source reconstructions, scores them and writes PNGs. Its output rows follow
 from __future__ import annotations
 
 import logging
-import math
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -149,7 +148,7 @@ class EditBatch(ModelActor):
     def __init__(self, section: EditSection, model: ModelSection, run_id: str, output: str, device: str,
                  classifier: dict | None = None, editors: dict[str, dict] | None = None,
                  metrics: MetricWeights | None = None, keep_crops: bool = False):
-        super().__init__(model, device, section.amp, max(1, math.floor(section.num_cpus)))
+        super().__init__(model, device, section.amp, section.threads)
         self.n_latent, self.style_dim = self.model.cfg.n_latent, self.model.cfg.style_dim
         self.on_model_thread(self._load_edit_models, classifier, editors or {}, metrics)
         self.run_id, self.output = run_id, output

@@ -13,7 +13,6 @@ every row it makes.
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import pyarrow as pa
@@ -102,7 +101,7 @@ class EmbedBatch(ModelActor):
     """Actor: the identity backbone loaded once; decoded crops -> `embeddings` rows."""
 
     def __init__(self, weights: MetricWeights, section: ActorSection, backbone: str, run_id: str, device: str = "cpu"):
-        super().__init__(None, device, "none", max(1, math.floor(section.num_cpus)))
+        super().__init__(None, device, "none", section.threads)
         self.ident = self.on_model_thread(build_identity, weights, self.device)
         if self.ident.label != backbone:
             raise RuntimeError(f"the backbone built is {self.ident.label!r}, the job expected {backbone!r}")

@@ -9,7 +9,6 @@ per-face metrics against the aligned crops.
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import pyarrow as pa
@@ -61,7 +60,7 @@ class EvaluateBatch(ModelActor):
 
     def __init__(self, model: ModelSection, section: CropActorSection, run_id: str, output: str,
                  metrics: MetricWeights, device: str = "cpu"):
-        super().__init__(model, device, section.amp, max(1, math.floor(section.num_cpus)))
+        super().__init__(model, device, section.amp, section.threads)
         self.scorer = self.on_model_thread(ReconstructionScorer, metrics, self.device, output)
         self.schema = metrics_schema()
         self.run_id = run_id

@@ -13,7 +13,6 @@ status and error.
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import pyarrow as pa
@@ -56,8 +55,7 @@ class InvertBatch(ModelActor):
                  metrics: MetricWeights | None = None):
         """`metrics`: the backbones that score each reconstruction (None: the encoder alone).
         Torch runs `section.torch_threads` threads, or `num_cpus` (at least one)."""
-        threads = section.torch_threads or max(1, math.floor(section.num_cpus))
-        super().__init__(model, device, section.amp, threads, generator=metrics is not None)
+        super().__init__(model, device, section.amp, section.threads, generator=metrics is not None)
         cfg = self.model.cfg
         self.schema = latents_schema(cfg.n_latent, cfg.style_dim)
         self.run_id, self.output = run_id, output

@@ -491,14 +491,16 @@ def _metric_sketch(batch: pa.Table, columns: list[str]) -> pa.Table:
     rows: dict[str, list] = {"metric": [], "n": [], "sum": [], "points": [], "labels": []}
     labels = sorted({x for x in ok.column("metric_backbones").to_pylist() if x}) if "metric_backbones" in \
         ok.column_names else []
+    at = (np.arange(SKETCH_POINTS) + 0.5) / SKETCH_POINTS
     for col in columns:
         v = ok.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
         v = v[~np.isnan(v)]
-        at = (np.arange(SKETCH_POINTS) + 0.5) / SKETCH_POINTS
         pts = np.sort(v) if v.size <= SKETCH_POINTS else np.quantile(v, at)
-        for name, value in (("metric", col), ("n", int(v.size)), ("sum", float(v.sum())), ("points", pts.tolist()),
-                            ("labels", labels)):
-            rows[name].append(value)
+        rows["metric"].append(col)
+        rows["n"].append(int(v.size))
+        rows["sum"].append(float(v.sum()))
+        rows["points"].append(pts.tolist())
+        rows["labels"].append(labels)
     return pa.table(rows, schema=pa.schema([("metric", pa.string()), ("n", pa.int64()), ("sum", pa.float64()),
                                             ("points", pa.list_(pa.float64())), ("labels", pa.list_(pa.string()))]))
 

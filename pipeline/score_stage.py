@@ -12,7 +12,6 @@ so a query never needs quotes.
 from __future__ import annotations
 
 import logging
-import math
 import re
 
 import numpy as np
@@ -90,7 +89,7 @@ class ScoreBatch(ModelActor):
     def __init__(self, section: ScoreSection, classifier: str, classifier_sha256: str, classifier_run_id: str | None,
                  columns: list[str], run_id: str, device: str):
         # one torch thread per CPU the actor is granted (at least one: num_cpus may be fractional)
-        super().__init__(None, device, section.amp, max(1, math.floor(section.num_cpus)))
+        super().__init__(None, device, section.amp, section.threads)
         self.clf = self.on_model_thread(self._load_classifier, classifier, classifier_sha256)
         self.columns, self.classifier_run_id, self.run_id = list(columns), classifier_run_id, run_id
 

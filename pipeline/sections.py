@@ -5,6 +5,7 @@ other defaults or more keys subclasses one of these in its own module.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -90,6 +91,11 @@ class ActorSection(Section):
     def problems(self) -> list[str]:
         return concurrency_problems(self.concurrency)
 
+    @property
+    def threads(self) -> int:
+        """Torch intra-op threads of one actor: the CPUs Ray reserved for it (at least one)."""
+        return max(1, math.floor(self.num_cpus))
+
 
 @dataclass
 class ModelActorSection(ActorSection):
@@ -149,6 +155,10 @@ class InvertSection(CropActorSection):
 
     def problems(self) -> list[str]:
         return super().problems() + format_problems(self.formats)
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or super().threads
 
 
 @dataclass
