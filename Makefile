@@ -25,7 +25,7 @@ demo: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# ruff over the code, tests and benchmarks; mypy over stmodel/, pipeline/ and jobs/ (pyproject.toml)
+# ruff over the code, tests and benchmarks; mypy over stmodel/, pipeline/, jobs/ and bench/ (pyproject.toml)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy

@@ -64,7 +64,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child, args.preset, args.batch, args.threads, args.iters)))
         return
-    res = {"one-thread": [], "two-threads": []}
+    res: dict[str, list] = {"one-thread": [], "two-threads": []}
     for rep in range(args.repeats):
         for mode in res:
             out = subprocess.run([sys.executable, "-m", "bench.actor_threads", "--child", mode,

@@ -47,7 +47,7 @@ def make_crops(folder: str, n: int, seed: int) -> list[str]:
     for i in range(n):
         img = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
         f = os.path.join(folder, f"{i:04d}.png")
-        Image.fromarray(img).resize((256, 256), Image.BILINEAR).save(f)
+        Image.fromarray(img).resize((256, 256), Image.Resampling.BILINEAR).save(f)
         files.append(f)
     return files
 
@@ -158,9 +158,9 @@ def main() -> None:
     # Ray's accounting: leave one CPU to the read tasks (they would wait for the actors' CPUs)
     num_cpus = min(float(threads), max(0.1, (cores - 1) / actors)) if device.type == "cpu" else 1.0
 
-    t_bare = {b.label: [] for b in bare}
-    runs = {"cold": [], "warm": []}
-    secs = {"cold": [], "warm": []}
+    t_bare: dict[str, list[float]] = {b.label: [] for b in bare}
+    runs: dict[str, list] = {"cold": [], "warm": []}
+    secs: dict[str, list[float]] = {"cold": [], "warm": []}
     for rep in range(args.repeats):  # interleaved, so that a change of load hits both sides
         for b in bare:
             t_bare[b.label].append(b.time())

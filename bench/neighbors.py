@@ -78,7 +78,7 @@ def recall_task(root: str, sample: int, k: int, space: str, seed: int) -> dict:
     from pipeline.schemas import nested_list_to_numpy
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)  # a 1-CPU Ray task would search on one thread
-    emb = delta.read_snapshot_arrow(root, "embeddings", columns=["image_id", "embedding"])
+    emb = delta.read_committed_arrow(root, "embeddings", columns=["image_id", "embedding"])
     ids = emb["image_id"].to_numpy(zero_copy_only=False)
     v = np.ascontiguousarray(nested_list_to_numpy(emb["embedding"]))
     del emb
@@ -89,7 +89,7 @@ def recall_task(root: str, sample: int, k: int, space: str, seed: int) -> dict:
     _, pos = index.search(v[pick], k + 1)
     exact_s = time.time() - t0
     want = {ids[q]: [ids[p] for p in row if p >= 0 and ids[p] != ids[q]][:k] for q, row in zip(pick, pos)}
-    nb = delta.read_snapshot_arrow(root, "neighbors", columns=["image_id", "neighbor_image_id"],
+    nb = delta.read_committed_arrow(root, "neighbors", columns=["image_id", "neighbor_image_id"],
                                    filter_expr=(pc.field("space") == space)
                                    & pc.field("image_id").isin(pa.array(list(want), pa.string())))
     got: dict = {}
@@ -109,8 +109,8 @@ def crossover(sizes: list[int], dim: int, clusters: int, spread: float, k: int, 
         from pipeline.schemas import nested_list_to_numpy
 
         v = vector_index.prepare(nested_list_to_numpy(t["embedding"]), "cosine")
-        row = {"n": n}
-        exact = None
+        row: dict[str, float] = {"n": n}
+        exact = np.empty((0, k + 1), np.int64)
         for kind in ("flat", "ivf"):
             t0 = time.time()
             index = vector_index.build(v, "cosine", kind, nprobe=nprobe)

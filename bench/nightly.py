@@ -81,7 +81,10 @@ def consumed_by_a_run(root: str) -> None:
     from pipeline import delta, incremental
     from pipeline.schemas import latents_schema
 
-    version = delta.snapshot(root, "faces").version
+    snap = delta.snapshot(root, "faces")
+    if snap is None:
+        raise RuntimeError(f"bench: no faces table under {root}")
+    version = snap.version
     delta.commit(root, "latents", latents_schema(18, 512), ["image_id", "face_index"], [], "bench-finished",
                  {"job": "invert"}, app_txn=(incremental.consumed_app_id("invert", root), version))
 
@@ -218,8 +221,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def _measure(args, work: str, spill: str, s3: S3Counting | None) -> list[dict]:
     """The runs, each size: a fresh run over the new faces, then the nightly run."""
     from jobs.cli import init_ray
+    from pipeline.sections import JobSettings
 
-    init_ray({"progress": False, "ray": {}})
+    init_ray(JobSettings(progress=False))
     import logging
 
     logging.basicConfig(level=logging.WARNING)

@@ -103,8 +103,8 @@ def jpeg_path(photo: np.ndarray, edit: np.ndarray, quad: np.ndarray, repeats: in
         data = storage.read_bytes(src)
         hashlib.sha256(data).hexdigest()
         d = decode_image(data, max_pixels=pb.max_pixels, min_side=1)
-        comp = paste_back(d.image, edit, quad, feather=pb.feather, radii=pb.radii)
-        composite_psnr(d.image, comp, [quad], settings)
+        comp = paste_back(d.rgb, edit, quad, feather=pb.feather, radii=pb.radii)
+        composite_psnr(d.rgb, comp, [quad], settings)
         storage.write_bytes(os.path.join(folder, "composite.jpg"), encode_composite(comp, settings, None))
         times.append(time.perf_counter() - t)
     return {"jpeg_bytes": len(buf.getvalue()), "jpeg_path_median_s": round(float(np.median(times)), 3),

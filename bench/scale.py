@@ -23,6 +23,8 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -127,13 +129,14 @@ def commit_codes_and_classifier(root: str, n: int, block: int = 10_000) -> None:
                                                            fit.run_id))}, {"in": 0})
 
 
-def measure(job: str, cfg: dict) -> dict:
+def measure(job: str, cfg: Any) -> dict:
+    """`cfg`: the settings object of `job`."""
     from jobs import evaluate, invert, score
 
-    run = {"invert": invert.run, "evaluate": evaluate.run, "score": score.run}[job]
+    runs: dict[str, Callable[[Any], dict]] = {"invert": invert.run, "evaluate": evaluate.run, "score": score.run}
     with PeakRSS() as m:
         t0 = time.time()
-        res = run(cfg)
+        res = runs[job](cfg)
         seconds = time.time() - t0
     return {"job": job, "counts": res["counts"], "seconds": round(seconds, 1),
             "rss_before_mb": round(m.start / 2**20, 1),
@@ -179,12 +182,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             continue
         write_crops(crops, n, seed=i)
         commit_faces_table(crops, out)
-        cfgs = {"invert": load_config(invert.SETTINGS, None, [f"input={out}", f"output={out}", *model,
-                                                              "invert.batch_size=64", "invert.load_batch_size=256"]),
-                "evaluate": load_config(evaluate.SETTINGS, None, [f"input={out}", *model,
-                                                                  "metric_weights.skip_missing=true",
-                                                                  "evaluate.batch_size=64",
-                                                                  "evaluate.load_batch_size=256"])}
+        cfgs: dict[str, Any] = {
+            "invert": load_config(invert.SETTINGS, None, [f"input={out}", f"output={out}", *model,
+                                                          "invert.batch_size=64", "invert.load_batch_size=256"]),
+            "evaluate": load_config(evaluate.SETTINGS, None, [
+                f"input={out}", *model, "metric_weights.skip_missing=true", "evaluate.batch_size=64",
+                "evaluate.load_batch_size=256"])}
         for job in ("invert", "evaluate"):
             if job not in args.jobs:
                 if job == "invert":

@@ -44,7 +44,6 @@ from jobs.settings import SETTINGS as JOB_SETTINGS
 from jobs.settings.demo import Settings
 from pipeline import delta, storage
 from pipeline.config import Section, SettingsError, parse
-from pipeline.errors import JobError
 from pipeline.schemas import nested_list_array
 from pipeline.status import STATUS_OK
 
@@ -178,22 +177,14 @@ def plant_copies(root: str, n: int, seed: int) -> list[tuple[str, str]]:
     return pairs
 
 
-def _committed(root: str, table: str, **kw) -> pa.Table:
-    """A small table the demo committed in an earlier step."""
-    t = delta.read_snapshot_arrow(root, table, **kw)
-    if t is None:
-        raise JobError(f"demo: no committed {table} table under {root} (an earlier step did not commit)")
-    return t
-
-
 def planted_found(root: str, pairs: list[tuple[str, str]]) -> tuple[int, int, int]:
     """(planted pairs whose two faces share a duplicate group, pairs of other faces grouped
     together, pairs of the astronaut's faces grouped together): read from the demo's small
     committed tables. The astronaut photos are transformed copies of one photo, so grouping
     them is right and counts apart."""
-    lat = _committed(root, "latents", columns=["image_id", "source_uri"])
+    lat = delta.read_committed_arrow(root, "latents", columns=["image_id", "source_uri"])
     ids = dict(zip(lat["source_uri"].to_pylist(), lat["image_id"].to_pylist()))
-    g = _committed(root, "duplicate_groups", columns=["image_id", "group_id", "group_size"])
+    g = delta.read_committed_arrow(root, "duplicate_groups", columns=["image_id", "group_id", "group_size"])
     group = dict(zip(g["image_id"].to_pylist(), g["group_id"].to_pylist()))
     truth = {frozenset((ids[a], ids[b])) for a, b in pairs if a in ids and b in ids}
     members: dict = {}
@@ -384,8 +375,9 @@ def edit_requests(root: str, synthetic_ids: list[str]) -> tuple[str, str]:
     import pyarrow.compute as pc
 
     # the aligned photo faces (the faces table) that have an ok code; the demo's tables are small
-    aligned = _committed(root, "faces", columns=["image_id"], filter_expr=pc.field("status") == STATUS_OK)
-    ok = _committed(root, "latents", columns=["image_id", "face_index"], filter_expr=(
+    aligned = delta.read_committed_arrow(root, "faces", columns=["image_id"],
+                                         filter_expr=pc.field("status") == STATUS_OK)
+    ok = delta.read_committed_arrow(root, "latents", columns=["image_id", "face_index"], filter_expr=(
         pc.field("status") == STATUS_OK) & pc.field("image_id").isin(pc.unique(aligned["image_id"]).to_pylist()))
     faces = sorted(ok.to_pylist(), key=lambda r: (r["image_id"], r["face_index"]))[:4]
     ref = synthetic_ids[-1]

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import storage
+from pipeline.errors import JobError
 from pipeline.redact import redact_table
 
 log = logging.getLogger("stbatch.delta")
@@ -251,6 +252,14 @@ def read_snapshot_arrow(output: str, table: str, columns: list[str] | None = Non
     if dt is None:
         return None
     return dt.to_pyarrow_dataset().to_table(columns=columns, filter=filter_expr)
+
+
+def read_committed_arrow(output: str, table: str, columns: list[str] | None = None, filter_expr=None) -> pa.Table:
+    """`read_snapshot_arrow` of a table an earlier step must have committed: JobError without it."""
+    t = read_snapshot_arrow(output, table, columns, filter_expr)
+    if t is None:
+        raise JobError(f"no committed {table} table under {output}")
+    return t
 
 
 # ---------------------------------------------------------------------------------------------
