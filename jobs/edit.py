@@ -73,7 +73,6 @@ Counts, one per request: in = ok + failed + skipped (skipped = done before, or r
 from __future__ import annotations
 
 import logging
-import math
 from functools import partial
 
 import pyarrow as pa
@@ -82,7 +81,7 @@ import pyarrow.compute as pc
 from jobs.cli import input_errors, main, model_errors
 from jobs.settings.edit import EditSection, Settings, SweepSection
 from pipeline import delta, model_registry, paste_stage
-from pipeline.compute import actor_stage
+from pipeline.compute import actor_stage, join_partitions
 from pipeline.directions import named_direction_sweep
 from pipeline.edit_requests import (
     REQUEST_FIELDS,
@@ -209,10 +208,10 @@ def build_requests(cfg: Settings, sweep: SweepSection, ctx: EditContext):
     return ray.data.from_arrow(table), keys, has_ref
 
 
-def join_partitions(c: EditSection, n_todo: int) -> int:
+def edit_partitions(c: EditSection, n_todo: int) -> int:
     parts = c.join_partitions
     if parts is None or parts == "auto":
-        return max(1, min(64, math.ceil(n_todo / 2000)))
+        return join_partitions(n_todo)
     return parts
 
 
@@ -238,7 +237,7 @@ def join_codes(todo, cfg: Settings, keys: list | None, has_ref: bool, n_todo: in
     in Ray Data, left outer (a request without a code is failed by the edit stage). The codes
     are read once; with reference edits they are materialised (in the object store) for the
     two joins."""
-    parts = join_partitions(cfg.edit, n_todo)
+    parts = edit_partitions(cfg.edit, n_todo)
     latents = read_latents(required(cfg.latents, "latents"),
                            ["image_id", "face_index", "status", "w_plus", "checkpoint_sha256"])
     codes = latents.map_batches(codes_for_join, batch_format="pyarrow", fn_kwargs={"keys_refs": keys})
@@ -367,7 +366,7 @@ def run(cfg: Settings, before_commit=None, actor: type[EditBatch] = EditBatch) -
                                     fn_constructor_kwargs={"section": c, "device": device, **actor_args}, **stage_kw)
         if pasting is not None:
             paste, faces_root = pasting
-            edited = paste_stage.paste(paste_stage.attach_faces(edited, faces_root, join_partitions(c, n)), paste)
+            edited = paste_stage.paste(paste_stage.attach_faces(edited, faces_root, edit_partitions(c, n)), paste)
         return edited.union(passed)
 
     res = WriteResult()

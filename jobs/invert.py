@@ -45,7 +45,7 @@ import pyarrow as pa
 from jobs.cli import input_errors, main, model_errors
 from jobs.settings.invert import InvertSection, Settings
 from pipeline import incremental, paste_stage, storage
-from pipeline.compute import actor_stage
+from pipeline.compute import actor_stage, join_partitions
 from pipeline.errors import JobError
 from pipeline.images import load_crops, read_crops
 from pipeline.inputs import refused_rows, split_by_size
@@ -154,7 +154,7 @@ def run(cfg: Settings, before_commit=None, actor: type[InvertBatch] = InvertBatc
     def stages(rows, batch_size=None):
         ds = build_dataset(rows, cfg, r.run_id, shapes, n_in, batch_size, actor)
         if paste is not None:
-            ds = paste_stage.paste(paste_stage.attach_faces(ds, faces, max(1, min(64, -(-n_in // 2000)))),
+            ds = paste_stage.paste(paste_stage.attach_faces(ds, faces, join_partitions(n_in)),
                                    dataclasses.replace(paste, schema=spec.schema))
         return ds
 

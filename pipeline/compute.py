@@ -1,6 +1,7 @@
 """How a job asks Ray for resources: actor pools, GPUs per actor, and Ray Train trainers."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pipeline.sections import ActorSection, TrainSection
@@ -113,6 +114,12 @@ def retry_args(section: ActorSection, n_rows: int) -> dict:
     if restarts == "auto":
         restarts = max(1, n_rows) * (retries + 1)
     return {"max_restarts": restarts, "max_task_retries": retries}
+
+
+def join_partitions(n_rows: int) -> int:
+    """Hash partitions of a join over `n_rows` rows: one per 2,000 rows, from 1 to 64 (enough
+    blocks to spread the join without many tiny ones)."""
+    return max(1, min(64, math.ceil(n_rows / 2000)))
 
 
 def device_for(device: str, num_gpus: float) -> str:
